@@ -1,0 +1,152 @@
+"""Coil-side preprocessing: ACS detection, ESPIRiT maps, coil compression, prewhitening.
+
+Arrays here are NumPy, k-space ``(coils, ky, kx)`` centred, masks ``(ky, kx)`` boolean.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+logger = logging.getLogger(__name__)
+
+
+class CalibrationError(ValueError):
+    """The data hold no usable calibration (ACS) region."""
+
+
+@dataclass(frozen=True)
+class CalibrationRegion:
+    """The fully sampled centre: half-open ranges along ``ky`` and ``kx``."""
+
+    ky: tuple[int, int]
+    kx: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(ky lines, kx samples)``."""
+        return (self.ky[1] - self.ky[0], self.kx[1] - self.kx[0])
+
+    def centred_square_width(self, shape: tuple[int, int]) -> int:
+        """The largest width ``w`` whose centred ``w x w`` window (sigpy's ``resize``
+        convention: starting at ``n // 2 - w // 2``) lies inside this region."""
+        width = min(self.shape)
+        while width > 0:
+            inside = all(
+                lo <= n // 2 - width // 2 and n // 2 - width // 2 + width <= hi
+                for (lo, hi), n in zip((self.ky, self.kx), shape)
+            )
+            if inside:
+                return width
+            width -= 1
+        return 0
+
+
+def _run_around(sampled: np.ndarray, centre: int) -> tuple[int, int]:
+    """The contiguous run of ``True`` in a 1D array that contains ``centre``."""
+    if not sampled[centre]:
+        return (centre, centre)
+    lo = centre
+    while lo > 0 and sampled[lo - 1]:
+        lo -= 1
+    hi = centre + 1
+    while hi < len(sampled) and sampled[hi]:
+        hi += 1
+    return (lo, hi)
+
+
+def find_calibration_region(mask: np.ndarray) -> CalibrationRegion:
+    """The fully sampled rectangle around the k-space centre of a ``(ky, kx)`` mask.
+
+    Raises :class:`CalibrationError` when the centre itself is not sampled.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    n_y, n_x = mask.shape
+    ky = _run_around(mask[:, n_x // 2], n_y // 2)
+    kx = _run_around(mask[n_y // 2, :], n_x // 2)
+    # shrink symmetrically until the rectangle is fully sampled (needed for 2D masks)
+    while ky[1] > ky[0] and kx[1] > kx[0] and not mask[ky[0]:ky[1], kx[0]:kx[1]].all():
+        if ky[1] - ky[0] >= kx[1] - kx[0]:
+            ky = (ky[0] + 1, ky[1] - 1) if ky[1] - ky[0] > 1 else (ky[0], ky[0])
+        else:
+            kx = (kx[0] + 1, kx[1] - 1) if kx[1] - kx[0] > 1 else (kx[0], kx[0])
+    region = CalibrationRegion(ky=ky, kx=kx)
+    if min(region.shape) == 0:
+        raise CalibrationError("the k-space centre is not sampled: no ACS region to estimate coil maps from")
+    return region
+
+
+def espirit_maps(
+    kspace: np.ndarray,
+    mask: np.ndarray,
+    *,
+    calib_width: int = 0,
+    kernel_width: int = 6,
+    thresh: float = 0.02,
+    crop: float = 0.8,
+    fill_holes: bool = True,
+) -> np.ndarray:
+    """ESPIRiT coil maps (sigpy's ``EspiritCalib``) from the ACS region.
+
+    Parameters
+    ----------
+    kspace
+        ``(coils, ky, kx)`` centred k-space, zero where not sampled.
+    mask
+        ``(ky, kx)`` sampling mask; the ACS region is found from it.
+    calib_width
+        Side of the square calibration window; 0 takes the largest that fits the ACS.
+    crop
+        Eigenvalue threshold below which the maps are zeroed (background). Holes inside
+        the support are filled, so that the maps never vanish inside the object.
+
+    Returns
+    -------
+    ``(coils, ky, kx)`` complex64 maps with ``sum |S|^2`` 1 inside the support, 0 outside.
+    """
+    import sigpy.mri
+
+    region = find_calibration_region(mask)
+    fitting = region.centred_square_width(mask.shape)
+    width = min(calib_width, fitting) if calib_width else fitting
+    if width <= kernel_width:
+        raise CalibrationError(
+            f"the ACS region ({region.shape[0]} x {region.shape[1]}) is too small for ESPIRiT "
+            f"with kernel width {kernel_width}; at least {kernel_width + 1} ACS lines are needed")
+    logger.debug("ESPIRiT: ACS %s, calibration width %d", region.shape, width)
+    maps, eigenvalues = sigpy.mri.app.EspiritCalib(
+        np.asarray(kspace, dtype=np.complex64), calib_width=width, thresh=thresh,
+        kernel_width=kernel_width, crop=0.0, output_eigenvalue=True, show_pbar=False,
+    ).run()
+    support = eigenvalues > crop
+    if fill_holes:
+        support = ndimage.binary_fill_holes(support)
+    return (maps * support).astype(np.complex64)
+
+
+def compress_coils(kspace: np.ndarray, n_virtual: int) -> np.ndarray:
+    """SVD coil compression of ``(coils, ky, kx)`` k-space to ``(n_virtual, ky, kx)``.
+
+    The compression matrix comes from the sampled data themselves (all non-zero columns).
+    """
+    n_coils = kspace.shape[0]
+    if not 0 < n_virtual <= n_coils:
+        raise ValueError(f"cannot compress {n_coils} coils to {n_virtual}")
+    samples = kspace.reshape(n_coils, -1)
+    samples = samples[:, np.abs(samples).sum(axis=0) > 0]
+    left, _, _ = np.linalg.svd(samples, full_matrices=False)
+    return np.einsum("vc,c...->v...", left[:, :n_virtual].conj().T, kspace).astype(kspace.dtype)
+
+
+def prewhitening_matrix(noise: np.ndarray) -> np.ndarray:
+    """The ``(coils, coils)`` matrix that whitens coil noise, from noise samples ``(coils, samples)``.
+
+    Applied as ``W @ data``, it gives data whose coil noise is uncorrelated with unit variance.
+    """
+    noise = np.asarray(noise).reshape(noise.shape[0], -1)
+    covariance = noise @ noise.conj().T / max(noise.shape[1] - 1, 1)
+    cholesky = np.linalg.cholesky(covariance)
+    return np.linalg.inv(cholesky).astype(np.complex64)

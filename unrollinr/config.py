@@ -1,0 +1,177 @@
+"""Reconstruction configuration: one frozen, validated dataclass.
+
+The same field names are used everywhere a user sets them: keyword arguments in Python,
+``<property name=... value=.../>`` entries in a Gadgetron chain, and the server's JSON
+parameters. :meth:`ReconConfig.from_strings` is the single mapping from text to fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+REGULARIZERS = ("inr", "pixel", "none")
+ENCODINGS = ("HashGrid", "DenseGrid")
+ENCODING_BACKENDS = ("auto", "torch", "tcnn")
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """Everything that decides an UnrollINR reconstruction.
+
+    Prior (``z``):
+        ``regularizer``: ``"inr"`` (grid encoding + MLP), ``"pixel"`` (a learnable pixel
+        image, the control) or ``"none"`` (no prior: CG-SENSE, the "w/o R" ablation).
+        ``encoding``: ``"HashGrid"`` (Instant-NGP) or ``"DenseGrid"`` (one dense level
+        at full resolution, a DINER-like table), with the tiny-cuda-nn grid settings
+        ``hash_*``. ``hash_finest_resolution`` 0 means the image size: the per-level
+        scale is chosen so that the finest level matches it.
+    Unrolled step:
+        ``data_consistency`` off gives the "w/o DC" ablation (the INR image is the
+        output). ``lam`` is the initial DC weight, ``lam_s`` the initial TV weight
+        (``tv`` off: "w/o TV"). TV is normalised by ``||x0||_1``.
+    Training:
+        Adam at ``lr`` for the prior and ``lr_lam``/``lr_lam_s`` for the log-weights,
+        at most ``iterations`` steps. With ``holdout_fraction`` > 0 a share of the
+        measured phase-encode lines outside the ACS is held out of training and the
+        iterate with the lowest held-out loss is kept; ``patience`` steps without
+        improvement stop training.
+    Coil maps:
+        ESPIRiT (sigpy) on the ACS, with ``espirit_*`` settings; ``espirit_crop`` zeroes
+        the background, and holes inside the support are filled. ``coil_compression``
+        > 0 compresses to that many virtual coils first.
+    """
+
+    regularizer: str = "inr"
+    encoding: str = "HashGrid"
+    encoding_backend: str = "auto"
+    hash_levels: int = 16
+    hash_features: int = 2
+    hash_log2_size: int = 14
+    hash_base_resolution: int = 16
+    hash_finest_resolution: int = 0
+    hidden_layers: int = 2
+    hidden_width: int = 64
+
+    data_consistency: bool = True
+    lam: float = 0.01
+    lam_s: float = 0.5
+    tv: bool = True
+    cg_iterations: int = 20
+    cg_tolerance: float = 0.0
+    cg_warm_start: bool = True
+
+    iterations: int = 300
+    lr: float = 1e-2
+    lr_lam: float = 1e-3
+    lr_lam_s: float = 1e-3
+    holdout_fraction: float = 0.0
+    patience: int = 100
+    seed: int = 0
+
+    espirit_calib_width: int = 0
+    espirit_kernel_width: int = 6
+    espirit_thresh: float = 0.02
+    espirit_crop: float = 0.8
+    coil_compression: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("regularizer", self.regularizer, REGULARIZERS)
+        _check_choice("encoding", self.encoding, ENCODINGS)
+        _check_choice("encoding_backend", self.encoding_backend, ENCODING_BACKENDS)
+        for name in ("hash_levels", "hash_features", "hash_log2_size", "hash_base_resolution",
+                     "hidden_width", "cg_iterations", "iterations", "patience",
+                     "espirit_kernel_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("hash_finest_resolution", "hidden_layers", "espirit_calib_width",
+                     "coil_compression", "cg_tolerance", "lr_lam", "lr_lam_s", "espirit_thresh"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("lam", "lam_s", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hash_features not in (1, 2, 4, 8):
+            raise ValueError(f"hash_features must be 1, 2, 4 or 8 (tiny-cuda-nn), got {self.hash_features}")
+        if not 0 <= self.holdout_fraction < 0.5:
+            raise ValueError(f"holdout_fraction must be in [0, 0.5), got {self.holdout_fraction}")
+        if not 0 <= self.espirit_crop < 1:
+            raise ValueError(f"espirit_crop must be in [0, 1), got {self.espirit_crop}")
+        if not self.data_consistency and self.regularizer == "none":
+            raise ValueError("regularizer 'none' needs data_consistency: nothing would be reconstructed")
+
+    @classmethod
+    def retrospective(cls, **overrides: Any) -> ReconConfig:
+        """The paper's retrospective preset (``lam`` 0.01, ``lam_s`` 0.5); the default."""
+        return cls(**overrides)
+
+    @classmethod
+    def prospective(cls, **overrides: Any) -> ReconConfig:
+        """The paper's prospective preset (``lam`` 0.05, ``lam_s`` 2.0)."""
+        return cls(**{"lam": 0.05, "lam_s": 2.0, **overrides})
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ReconConfig:
+        """A preset by name: ``"retrospective"`` or ``"prospective"``."""
+        presets = {"retrospective": cls.retrospective, "prospective": cls.prospective}
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
+        return presets[name](**overrides)
+
+    @classmethod
+    def from_strings(cls, values: Mapping[str, Any], *, base: ReconConfig | None = None) -> ReconConfig:
+        """Build a config from text (or already typed) values, e.g. chain properties.
+
+        A ``preset`` key picks the base preset. Unknown names and unparsable values raise
+        ``ValueError`` naming the offending key.
+        """
+        values = dict(values)
+        preset = values.pop("preset", None)
+        if base is None:
+            base = cls.preset(str(preset)) if preset is not None else cls()
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown reconstruction setting(s) {unknown}; known: {sorted(fields)}")
+        typed = {name: _parse(name, value, type(getattr(base, name))) for name, value in values.items()}
+        return dataclasses.replace(base, **typed)
+
+    def grid_config(self, image_size: int) -> dict[str, Any]:
+        """The tiny-cuda-nn encoding config for images whose larger side is ``image_size``."""
+        finest = self.hash_finest_resolution or image_size
+        if self.encoding == "DenseGrid":
+            return {"otype": "DenseGrid", "n_levels": 1, "n_features_per_level": self.hash_features,
+                    "base_resolution": finest, "per_level_scale": 1.0}
+        levels = self.hash_levels
+        scale = (finest / self.hash_base_resolution) ** (1 / (levels - 1)) if levels > 1 else 1.0
+        return {"otype": "HashGrid", "n_levels": levels, "n_features_per_level": self.hash_features,
+                "log2_hashmap_size": self.hash_log2_size, "base_resolution": self.hash_base_resolution,
+                "per_level_scale": max(scale, 1.0)}
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _parse(name: str, value: Any, kind: type) -> Any:
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    text = str(value).strip()
+    try:
+        if kind is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError(text)
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ValueError(f"setting {name!r} expects {kind.__name__}, got {value!r}") from None
+    return text

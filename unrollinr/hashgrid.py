@@ -1,0 +1,233 @@
+"""Multiresolution grid encodings (Instant-NGP) following tiny-cuda-nn's rules exactly.
+
+One config dict, in tiny-cuda-nn's own format, drives both implementations::
+
+    {"otype": "HashGrid", "n_levels": 16, "n_features_per_level": 2,
+     "log2_hashmap_size": 14, "base_resolution": 16, "per_level_scale": 1.2}
+
+The rules (tiny-cuda-nn ``encodings/grid.h``):
+
+- level ``l`` has ``scale = base_resolution * per_level_scale**l - 1`` and
+  ``resolution = ceil(scale) + 1``;
+- a coordinate ``u`` in [0, 1] maps to ``p = u * scale + 0.5``; the cell is ``floor(p)``
+  and the bilinear weights use ``p - floor(p)``;
+- a level holds ``min(next_multiple(resolution**2, 8), 2**log2_hashmap_size)`` entries
+  (``DenseGrid`` never caps); it is indexed densely, ``x + y * resolution``, when
+  ``resolution**2`` fits, otherwise by ``(x * 1) ^ (y * 2654435761)`` in uint32; either
+  index is taken modulo the level's size;
+- tables start uniform in [-1e-4, 1e-4].
+
+The pure-PyTorch :class:`GridEncoding` is the default (and the only choice on the CPU).
+For a fixed set of coordinates, as in image reconstruction, it precomputes the sparse
+interpolation matrix once, so each forward and backward pass is one sparse product.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+_HASH_PRIME_Y = 2654435761
+_UINT32 = 1 << 32
+_INIT_RANGE = 1e-4
+GRID_TYPES = ("HashGrid", "DenseGrid")
+
+
+@dataclass(frozen=True)
+class GridLevel:
+    """Geometry of one level: its ``scale``, ``resolution`` and table ``size`` (entries)."""
+
+    scale: float
+    resolution: int
+    size: int
+
+    @property
+    def dense(self) -> bool:
+        """Whether the level is indexed densely rather than hashed."""
+        return self.resolution**2 <= self.size
+
+
+def _next_multiple(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def grid_levels(config: dict[str, Any]) -> list[GridLevel]:
+    """The levels that a tiny-cuda-nn grid config describes (2D inputs)."""
+    otype = config.get("otype", "HashGrid")
+    if otype not in GRID_TYPES:
+        raise ValueError(f"unsupported encoding otype {otype!r}; expected one of {GRID_TYPES}")
+    log2_scale = math.log2(float(config.get("per_level_scale", 2.0)))
+    base = int(config.get("base_resolution", 16))
+    max_size = 1 << int(config.get("log2_hashmap_size", 19))
+    levels = []
+    for level in range(int(config.get("n_levels", 16))):
+        # float32 arithmetic, as on the GPU
+        scale = float(torch.tensor(2.0 ** (level * log2_scale), dtype=torch.float32) * base - 1.0)
+        resolution = math.ceil(scale) + 1
+        size = _next_multiple(resolution**2, 8)
+        if otype == "HashGrid":
+            size = min(size, max_size)
+        levels.append(GridLevel(scale=scale, resolution=resolution, size=size))
+    return levels
+
+
+def grid_index(level: GridLevel, cell: torch.Tensor) -> torch.Tensor:
+    """Table index of integer grid points ``cell`` ``(..., 2)`` (x, y) within one level."""
+    cell = cell.to(torch.int64) % _UINT32
+    x, y = cell[..., 0], cell[..., 1]
+    if level.dense:
+        index = x + y * level.resolution
+    else:
+        index = (x ^ ((y * _HASH_PRIME_Y) % _UINT32))
+    return index % level.size
+
+
+def interpolation_corners(level: GridLevel, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four corners of each coordinate's cell, as table indices and bilinear weights.
+
+    Parameters
+    ----------
+    coords
+        ``(points, 2)`` float coordinates ``(x, y)`` in [0, 1].
+
+    Returns
+    -------
+    ``indices`` int64 ``(points, 4)`` and ``weights`` ``(points, 4)``, corners ordered
+    ``(0,0), (1,0), (0,1), (1,1)`` in ``(x, y)``.
+    """
+    position = coords.to(torch.float32) * level.scale + 0.5
+    cell = torch.floor(position)
+    fraction = position - cell
+    cell = cell.to(torch.int64)
+    indices, weights = [], []
+    for corner in range(4):
+        offset = torch.tensor([corner & 1, (corner >> 1) & 1], dtype=torch.int64)
+        corner_weight = torch.where(offset.bool(), fraction, 1 - fraction).prod(dim=-1)
+        indices.append(grid_index(level, cell + offset))
+        weights.append(corner_weight)
+    return torch.stack(indices, dim=-1), torch.stack(weights, dim=-1)
+
+
+class _SparseProduct(torch.autograd.Function):
+    """``matrix @ table`` with a precomputed transpose for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, table, matrix, matrix_t):  # type: ignore[override]
+        ctx.matrix_t = matrix_t
+        return matrix @ table
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        return ctx.matrix_t @ grad_out.contiguous(), None, None
+
+
+class GridEncoding(nn.Module):
+    """Pure-PyTorch multiresolution hash (or dense) grid encoding for 2D coordinates.
+
+    ``forward(coords)`` maps ``(points, 2)`` coordinates in [0, 1] to features
+    ``(points, n_levels * n_features_per_level)``, level-major as in tiny-cuda-nn.
+    """
+
+    def __init__(self, config: dict[str, Any], *, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.config = dict(config)
+        self.levels = grid_levels(config)
+        self.n_features_per_level = int(config.get("n_features_per_level", 2))
+        offsets = [0]
+        for level in self.levels:
+            offsets.append(offsets[-1] + level.size)
+        self.offsets = offsets
+        table = torch.empty(offsets[-1], self.n_features_per_level)
+        table.uniform_(-_INIT_RANGE, _INIT_RANGE, generator=generator)
+        self.table = nn.Parameter(table)
+        self._plan_key: tuple[Any, ...] | None = None
+        self._plan: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def n_output_dims(self) -> int:
+        """Number of output features."""
+        return len(self.levels) * self.n_features_per_level
+
+    def interpolation_matrix(self, coords: torch.Tensor) -> torch.Tensor:
+        """Sparse ``(points * n_levels, table_entries)`` matrix whose rows hold the bilinear
+        weights of one point at one level; duplicate corners are summed."""
+        n_points, n_levels = coords.shape[0], len(self.levels)
+        rows, cols, vals = [], [], []
+        point_rows = torch.arange(n_points, dtype=torch.int64) * n_levels
+        for level_number, level in enumerate(self.levels):
+            indices, weights = interpolation_corners(level, coords.detach().cpu())
+            rows.append((point_rows + level_number).unsqueeze(1).expand(-1, 4).reshape(-1))
+            cols.append((indices + self.offsets[level_number]).reshape(-1))
+            vals.append(weights.reshape(-1))
+        matrix = torch.sparse_coo_tensor(
+            torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals),
+            size=(n_points * n_levels, self.offsets[-1]), check_invariants=True,
+        ).coalesce()
+        return matrix.to(self.table.device)
+
+    def _interpolation_plan(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (coords.data_ptr(), tuple(coords.shape), coords.device, coords._version)
+        if self._plan is None or key != self._plan_key:
+            matrix = self.interpolation_matrix(coords)
+            with warnings.catch_warnings():  # "CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                self._plan = (matrix.to_sparse_csr(), matrix.t().coalesce().to_sparse_csr())
+            self._plan_key = key
+        return self._plan
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        """Encode ``(points, 2)`` coordinates in [0, 1] to ``(points, n_output_dims)``."""
+        matrix, matrix_t = self._interpolation_plan(coords)
+        features = _SparseProduct.apply(self.table, matrix, matrix_t)
+        return features.reshape(coords.shape[0], self.n_output_dims)
+
+
+class TcnnGridEncoding(nn.Module):
+    """tiny-cuda-nn's fused CUDA grid encoding behind the same interface (fp16 output cast to float)."""
+
+    def __init__(self, config: dict[str, Any], *, seed: int = 0) -> None:
+        super().__init__()
+        import tinycudann as tcnn
+
+        self.config = dict(config)
+        self.encoding = tcnn.Encoding(n_input_dims=2, encoding_config=self.config, seed=seed)
+
+    @property
+    def n_output_dims(self) -> int:
+        """Number of output features."""
+        return int(self.encoding.n_output_dims)
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        """Encode ``(points, 2)`` coordinates in [0, 1] to ``(points, n_output_dims)``."""
+        return self.encoding(coords).float()
+
+
+def tcnn_available() -> bool:
+    """Whether the optional ``tinycudann`` extension imports."""
+    try:
+        import tinycudann  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_grid_encoding(config: dict[str, Any], device: torch.device, *, seed: int = 0,
+                       backend: str = "auto") -> nn.Module:
+    """The grid encoding for ``config``: tiny-cuda-nn on CUDA where it imports, else PyTorch.
+
+    ``backend`` is ``"auto"``, ``"torch"`` or ``"tcnn"``.
+    """
+    if backend not in ("auto", "torch", "tcnn"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'tcnn', got {backend!r}")
+    use_tcnn = backend == "tcnn" or (backend == "auto" and device.type == "cuda" and tcnn_available())
+    if use_tcnn:
+        if device.type != "cuda":
+            raise ValueError("the tcnn encoding backend needs a CUDA device")
+        return TcnnGridEncoding(config, seed=seed).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    return GridEncoding(config, generator=generator).to(device)

@@ -1,0 +1,109 @@
+"""The UnrollINR network: a prior image ``z`` followed by one CG data-consistency step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from unrollinr.cg import DataConsistency
+from unrollinr.config import ReconConfig
+from unrollinr.hashgrid import make_grid_encoding
+
+
+def pixel_coordinates(shape: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """Pixel centres of a ``(y, x)`` grid as ``(y * x, 2)`` coordinates ``(x, y)`` in (0, 1)."""
+    n_y, n_x = shape
+    ys = (torch.arange(n_y, dtype=torch.float32, device=device) + 0.5) / n_y
+    xs = (torch.arange(n_x, dtype=torch.float32, device=device) + 0.5) / n_x
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)
+
+
+def _mlp(n_inputs: int, hidden_layers: int, width: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    size = n_inputs
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(size, width), nn.ReLU()]
+        size = width
+    layers.append(nn.Linear(size, 2))
+    return nn.Sequential(*layers)
+
+
+class INRImage(nn.Module):
+    """``z = f_theta(phi(v))`` for one slice: grid encoding and MLP over the pixel centres.
+
+    ``forward()`` returns the complex image ``(y, x)``.
+    """
+
+    def __init__(self, shape: tuple[int, int], config: ReconConfig, device: torch.device, seed: int) -> None:
+        super().__init__()
+        self.shape = shape
+        self.encoding = make_grid_encoding(config.grid_config(max(shape)), device, seed=seed,
+                                           backend=config.encoding_backend)
+        torch.manual_seed(seed)
+        self.mlp = _mlp(self.encoding.n_output_dims, config.hidden_layers, config.hidden_width).to(device)
+        self.register_buffer("coords", pixel_coordinates(shape, device))
+
+    def forward(self) -> torch.Tensor:
+        """The prior image ``(y, x)``, complex64."""
+        out = self.mlp(self.encoding(self.coords))
+        return torch.complex(out[:, 0], out[:, 1]).reshape(self.shape)
+
+
+class PixelImage(nn.Module):
+    """A learnable pixel image, the control for what the INR adds. Starts at ``initial``."""
+
+    def __init__(self, initial: torch.Tensor) -> None:
+        super().__init__()
+        self.image = nn.Parameter(torch.view_as_real(initial.detach().clone()))
+
+    def forward(self) -> torch.Tensor:
+        """The prior image ``(y, x)``, complex."""
+        return torch.view_as_complex(self.image)
+
+
+class UnrollINR(nn.Module):
+    """One unrolled iteration per slice: prior ``z``, then ``x = DC(z, lambda)``.
+
+    Parameters
+    ----------
+    priors
+        One prior module per slice, each returning ``(y, x)``; ``None`` for no prior
+        (then ``z = 0`` and the DC step is CG-SENSE with Tikhonov weight ``lambda``).
+    dc
+        The data-consistency step, or ``None`` for the "w/o DC" ablation (``x = z``).
+    lam, lam_s
+        Initial positive weights, learned in log space, one per slice.
+    """
+
+    def __init__(self, priors: list[nn.Module] | None, dc: DataConsistency | None,
+                 n_slices: int, lam: float, lam_s: float) -> None:
+        super().__init__()
+        self.priors = nn.ModuleList(priors) if priors is not None else None
+        self.dc = dc
+        self.log_lam = nn.Parameter(torch.full((n_slices,), math.log(lam)))
+        self.log_lam_s = nn.Parameter(torch.full((n_slices,), math.log(lam_s)))
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """DC weights ``(slices,)``."""
+        return self.log_lam.exp()
+
+    @property
+    def lam_s(self) -> torch.Tensor:
+        """TV weights ``(slices,)``."""
+        return self.log_lam_s.exp()
+
+    def prior(self, like: torch.Tensor) -> torch.Tensor:
+        """The prior images ``z`` ``(slices, y, x)``; zeros without priors."""
+        if self.priors is None:
+            return torch.zeros_like(like)
+        return torch.stack([prior() for prior in self.priors])
+
+    def forward(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(x, z)``, both ``(slices, y, x)``; ``like`` gives shape and dtype of ``z``."""
+        z = self.prior(like).to(like.dtype)
+        x = self.dc(z, self.lam) if self.dc is not None else z
+        return x, z

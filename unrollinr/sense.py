@@ -1,0 +1,93 @@
+"""The multi-coil SENSE encoding operator ``E = M F C`` on native complex tensors.
+
+Dimension order, used throughout the package:
+
+- image ``x``: ``(slices, y, x)``
+- coil maps ``C`` and k-space ``y``: ``(slices, coils, ky, kx)``
+- sampling mask ``M``: ``(slices, ky, kx)`` boolean
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unrollinr.fft import centred_dft_matrix, fft2c, ifft2c
+
+
+def is_line_mask(mask: torch.Tensor) -> bool:
+    """True when every phase-encode row ``ky`` is either fully sampled or empty,
+    i.e. the mask ``(..., ky, kx)`` is constant along ``kx``."""
+    return bool((mask == mask[..., :1]).all())
+
+
+class SenseOp(nn.Module):
+    """``E = M F C`` with forward, adjoint and normal (``E^H E``) applications.
+
+    Parameters
+    ----------
+    maps
+        Coil sensitivities ``(slices, coils, y, x)``, complex.
+    mask
+        Sampling mask ``(slices, ky, kx)`` or ``(ky, kx)``, boolean.
+
+    For whole-line masks (1D undersampling along ``ky``) the normal operator needs no
+    FFT at all: ``F^H M F`` acts along ``y`` only, as ``P^H P`` where ``P`` holds the
+    sampled rows of the centred DFT matrix. That path is exact and much cheaper than
+    two 2D FFTs per coil, and is used automatically.
+    """
+
+    def __init__(self, maps: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__()
+        if maps.ndim != 4 or not maps.is_complex():
+            raise ValueError(f"maps must be complex (slices, coils, y, x), got {tuple(maps.shape)} {maps.dtype}")
+        if mask.ndim == 2:
+            mask = mask.expand(maps.shape[0], *mask.shape)
+        if mask.shape != (maps.shape[0], *maps.shape[-2:]):
+            raise ValueError(f"mask {tuple(mask.shape)} does not match maps {tuple(maps.shape)}")
+        self.register_buffer("maps", maps)
+        self.register_buffer("mask", mask.to(torch.bool))
+        self.line_mask = is_line_mask(self.mask)
+        if self.line_mask:
+            self.register_buffer("sampled_rows", self._sampled_dft_rows())
+
+    def _sampled_dft_rows(self) -> torch.Tensor:
+        """``P``: ``(slices, 1, K, y)``, the sampled rows of the centred DFT, zero-padded to
+        the largest number of sampled rows ``K`` over the slices."""
+        n_y = self.maps.shape[-2]
+        dft = centred_dft_matrix(n_y, dtype=self.maps.dtype, device=self.maps.device)
+        rows_per_slice = [torch.nonzero(m[:, 0]).flatten() for m in self.mask]
+        k_max = max(1, max(len(r) for r in rows_per_slice))
+        rows = torch.zeros(len(rows_per_slice), 1, k_max, n_y, dtype=dft.dtype, device=dft.device)
+        for s, r in enumerate(rows_per_slice):
+            rows[s, 0, : len(r)] = dft[r]
+        return rows
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(slices, y, x)``."""
+        s, _, y, x = self.maps.shape
+        return (s, y, x)
+
+    def coil_kspace(self, image: torch.Tensor) -> torch.Tensor:
+        """``F C x`` before masking: image ``(slices, y, x)`` to ``(slices, coils, ky, kx)``."""
+        return fft2c(self.maps * image.unsqueeze(1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``E x``: image ``(slices, y, x)`` to masked k-space ``(slices, coils, ky, kx)``."""
+        return self.coil_kspace(image) * self.mask.unsqueeze(1)
+
+    def adjoint(self, kspace: torch.Tensor) -> torch.Tensor:
+        """``E^H y``: k-space ``(slices, coils, ky, kx)`` to image ``(slices, y, x)``."""
+        coil_images = ifft2c(kspace * self.mask.unsqueeze(1))
+        return (self.maps.conj() * coil_images).sum(dim=1)
+
+    def normal(self, image: torch.Tensor) -> torch.Tensor:
+        """``E^H E x`` for an image ``(slices, y, x)``."""
+        coil_images = self.maps * image.unsqueeze(1)
+        if self.line_mask:
+            rows = self.sampled_rows
+            projected = rows.mH @ (rows @ coil_images)
+        else:
+            projected = ifft2c(fft2c(coil_images) * self.mask.unsqueeze(1))
+        return (self.maps.conj() * projected).sum(dim=1)

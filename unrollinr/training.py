@@ -1,0 +1,187 @@
+"""Scan-specific training of UnrollINR on one measurement, and the final inference pass."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from unrollinr.cg import DataConsistency
+from unrollinr.config import ReconConfig
+from unrollinr.loss import normalized_l1_l2, total_variation
+from unrollinr.model import INRImage, PixelImage, UnrollINR
+from unrollinr.sense import SenseOp
+
+logger = logging.getLogger(__name__)
+_MIN_RELATIVE_IMPROVEMENT = 1e-4
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    ``image`` and ``prior`` are ``(slices, y, x)`` complex, on the scale of the k-space
+    that was fitted. ``history`` holds one dict per iteration (``loss``, ``holdout``,
+    ``lam``, ``lam_s``).
+    """
+
+    image: torch.Tensor
+    prior: torch.Tensor
+    iterations: int
+    best_iteration: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def holdout_mask(mask: torch.Tensor, fraction: float, protected: torch.Tensor, seed: int) -> torch.Tensor:
+    """Choose measured samples to hold out of training, ZS-SSL style.
+
+    Whole ``ky`` lines are held out when the mask is made of lines (so training keeps the
+    fast line-mask path); single samples otherwise. ``protected`` ``(ky, kx)`` (the ACS
+    region) is never held out.
+
+    Parameters
+    ----------
+    mask
+        ``(slices, ky, kx)`` boolean sampling mask.
+
+    Returns
+    -------
+    ``(slices, ky, kx)`` boolean mask of the held-out samples.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    held = torch.zeros_like(mask)
+    lines = bool((mask == mask[..., :1]).all())
+    for s in range(mask.shape[0]):
+        if lines:
+            candidates = torch.nonzero(mask[s, :, 0] & ~protected[:, 0]).flatten()
+        else:
+            candidates = torch.nonzero((mask[s] & ~protected).flatten()).flatten()
+        count = int(round(fraction * len(candidates)))
+        chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+        if lines:
+            held[s, chosen.to(mask.device), :] = True
+        else:
+            held[s].view(-1)[chosen.to(mask.device)] = True
+    return held
+
+
+def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor) -> UnrollINR:
+    """The UnrollINR network for ``op`` and its measured ``kspace`` ``(slices, coils, ky, kx)``."""
+    n_slices, n_y, n_x = op.image_shape
+    device = kspace.device
+    dc = None
+    if config.data_consistency:
+        dc = DataConsistency(op, kspace, iterations=config.cg_iterations, tolerance=config.cg_tolerance,
+                             warm_start=config.cg_warm_start)
+    priors = None
+    if config.regularizer == "inr":
+        priors = [INRImage((n_y, n_x), config, device, seed=config.seed + s) for s in range(n_slices)]
+    elif config.regularizer == "pixel":
+        start = op.adjoint(kspace)
+        priors = [PixelImage(start[s]) for s in range(n_slices)]
+    return UnrollINR(priors, dc, n_slices, config.lam, config.lam_s).to(device)
+
+
+def _optimizer(model: UnrollINR, config: ReconConfig) -> torch.optim.Optimizer:
+    groups = [{"params": [model.log_lam], "lr": config.lr_lam}]
+    if config.tv:
+        groups.append({"params": [model.log_lam_s], "lr": config.lr_lam_s})
+    if model.priors is not None:
+        groups.append({"params": list(model.priors.parameters()), "lr": config.lr})
+    return torch.optim.Adam(groups)
+
+
+def _show_progress(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
+
+
+def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: bool | None = None,
+        protected: torch.Tensor | None = None) -> FitResult:
+    """Train UnrollINR on one measurement and return the final forward pass.
+
+    Parameters
+    ----------
+    op
+        SENSE operator with the full sampling mask.
+    kspace
+        Measured k-space ``(slices, coils, ky, kx)``, zero where not sampled, normalised
+        so that the zero-filled image is of order 1.
+    protected
+        ``(ky, kx)`` samples never held out (the ACS region); needed with a holdout.
+    progress
+        Show a progress bar; ``None`` shows one when stderr is a terminal.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    like = torch.zeros(op.image_shape, dtype=kspace.dtype, device=kspace.device)
+    if config.regularizer == "none":
+        return _final_pass(build_model(config, op, kspace), op, kspace, config, like, start, [], 0, 0)
+
+    held = torch.zeros_like(op.mask)
+    if config.holdout_fraction > 0:
+        if protected is None:
+            raise ValueError("a holdout needs the protected (ACS) region")
+        held = holdout_mask(op.mask, config.holdout_fraction, protected, config.seed)
+    train_op = SenseOp(op.maps, op.mask & ~held) if held.any() else op
+    train_kspace = kspace * train_op.mask.unsqueeze(1)
+    held_kspace = kspace * held.unsqueeze(1)
+
+    model = build_model(config, train_op, train_kspace)
+    optimizer = _optimizer(model, config)
+    tv_scale = op.adjoint(kspace).abs().sum(dim=(-2, -1))
+    best_score, best_iteration, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
+    history: list[dict[str, float]] = []
+    bar = tqdm(range(config.iterations), desc="UnrollINR", unit="it", disable=not _show_progress(progress),
+               leave=False)
+    iteration = 0
+    for iteration in bar:
+        optimizer.zero_grad(set_to_none=True)
+        x, _ = model(like)
+        predicted = train_op.coil_kspace(x)
+        loss = normalized_l1_l2(predicted * train_op.mask.unsqueeze(1), train_kspace)
+        if config.tv:
+            loss = loss + model.lam_s * total_variation(x) / tv_scale
+        loss.sum().backward()
+        optimizer.step()
+
+        record = {"loss": float(loss.detach().sum()), "lam": float(model.lam.detach().mean()),
+                  "lam_s": float(model.lam_s.detach().mean())}
+        if held.any():
+            with torch.no_grad():
+                record["holdout"] = float(normalized_l1_l2(predicted * held.unsqueeze(1), held_kspace).sum())
+            score = record["holdout"]
+        else:
+            score = record["loss"]
+        history.append(record)
+        if score < best_score * (1 - _MIN_RELATIVE_IMPROVEMENT):
+            best_score, best_iteration = score, iteration
+            best_state = copy.deepcopy(model.state_dict())
+        elif iteration - best_iteration >= config.patience:
+            logger.info("early stop at iteration %d (best %d)", iteration, best_iteration)
+            break
+        bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+    bar.close()
+    model.load_state_dict(best_state)
+    return _final_pass(model, op, kspace, config, like, start, history, iteration + 1, best_iteration)
+
+
+def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: ReconConfig,
+                like: torch.Tensor, start: float, history: list[dict[str, float]],
+                iterations: int, best_iteration: int) -> FitResult:
+    """Inference: one forward pass with every measured sample in the DC step."""
+    if config.data_consistency:
+        model.dc = DataConsistency(op, kspace, iterations=config.cg_iterations,
+                                   tolerance=config.cg_tolerance, warm_start=False)
+    with torch.no_grad():
+        x, z = model(like)
+    seconds = time.perf_counter() - start
+    logger.info("UnrollINR: %d iterations (best %d) in %.1f s, lambda %.4g, lambda_s %.4g",
+                iterations, best_iteration, seconds, float(model.lam.mean()), float(model.lam_s.mean()))
+    return FitResult(image=x, prior=z, iterations=iterations, best_iteration=best_iteration,
+                     seconds=seconds, history=history)
