@@ -182,6 +182,7 @@ def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: Rec
         x, z = model(like)
     seconds = time.perf_counter() - start
     logger.info("UnrollINR: %d iterations (best %d) in %.1f s, lambda %.4g, lambda_s %.4g",
-                iterations, best_iteration, seconds, float(model.lam.mean()), float(model.lam_s.mean()))
+                iterations, best_iteration, seconds, float(model.lam.detach().mean()),
+                float(model.lam_s.detach().mean()))
     return FitResult(image=x, prior=z, iterations=iterations, best_iteration=best_iteration,
                      seconds=seconds, history=history)

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import torch
+
+from unrollinr.masks import radial_mask, random_line_mask
+from unrollinr.sense import SenseOp, is_line_mask
+
+
+def _random_op(rng, mask: np.ndarray, slices: int = 2, coils: int = 4, device="cpu") -> SenseOp:
+    shape = (slices, coils, *mask.shape)
+    maps = torch.from_numpy(rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).to(device)
+    return SenseOp(maps, torch.from_numpy(mask).to(device))
+
+
+@pytest.mark.parametrize("kind", ["lines", "radial"])
+def test_adjointness_dot_product(rng, kind, device):
+    mask = random_line_mask((24, 20), 4, 4, seed=1) if kind == "lines" else radial_mask((24, 20), 3, acs=4)
+    op = _random_op(rng, mask, device=device)
+    assert op.line_mask == (kind == "lines")
+    x = torch.from_numpy(rng.standard_normal((2, 24, 20)) + 1j * rng.standard_normal((2, 24, 20))).to(device)
+    y = torch.from_numpy(rng.standard_normal((2, 4, 24, 20)) + 1j * rng.standard_normal((2, 4, 24, 20))).to(device)
+    forward = op(x)
+    adjoint = op.adjoint(y)
+    assert forward.shape == (2, 4, 24, 20) and adjoint.shape == (2, 24, 20)
+    lhs = torch.vdot(forward.flatten(), y.flatten())
+    rhs = torch.vdot(x.flatten(), adjoint.flatten())
+    assert torch.allclose(lhs, rhs, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["lines", "radial"])
+def test_normal_equals_adjoint_of_forward(rng, kind):
+    mask = random_line_mask((32, 16), 4, 6, seed=2) if kind == "lines" else radial_mask((32, 16), 3, acs=4)
+    op = _random_op(rng, mask)
+    x = torch.from_numpy(rng.standard_normal((2, 32, 16)) + 1j * rng.standard_normal((2, 32, 16)))
+    torch.testing.assert_close(op.normal(x), op.adjoint(op(x)), rtol=1e-10, atol=1e-10)
+
+
+def test_per_slice_masks_with_different_line_counts(rng):
+    masks = np.stack([random_line_mask((16, 8), 2, 4, seed=0), random_line_mask((16, 8), 4, 4, seed=0)])
+    maps = torch.from_numpy(rng.standard_normal((2, 3, 16, 8)) + 1j * rng.standard_normal((2, 3, 16, 8)))
+    op = SenseOp(maps, torch.from_numpy(masks))
+    x = torch.from_numpy(rng.standard_normal((2, 16, 8)) + 1j * rng.standard_normal((2, 16, 8)))
+    assert op.line_mask
+    torch.testing.assert_close(op.normal(x), op.adjoint(op(x)), rtol=1e-10, atol=1e-10)
+
+
+def test_line_mask_detection():
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[2] = True
+    assert is_line_mask(mask)
+    mask[3, 1] = True
+    assert not is_line_mask(mask)
+
+
+def test_bad_shapes_are_rejected(rng):
+    maps = torch.zeros(1, 2, 8, 8, dtype=torch.complex64)
+    with pytest.raises(ValueError, match="does not match"):
+        SenseOp(maps, torch.ones(8, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="complex"):
+        SenseOp(maps.real, torch.ones(8, 8, dtype=torch.bool))

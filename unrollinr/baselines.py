@@ -1,0 +1,94 @@
+"""Classic reconstructions to compare against: zero-filled, CG-SENSE, L1-wavelet ESPIRiT
+(sigpy) and BART ``pics`` when ``bart`` is on PATH.
+
+All take zero-filled k-space ``(coils, ky, kx)`` and a ``(ky, kx)`` mask and return a
+complex ``(ky, kx)`` image on the scale of the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unrollinr.cg import conjugate_gradient
+from unrollinr.fft import ifft2c
+from unrollinr.metrics import root_sum_of_squares
+from unrollinr.sense import SenseOp
+
+logger = logging.getLogger(__name__)
+
+
+def zero_filled(kspace: np.ndarray) -> np.ndarray:
+    """Root-sum-of-squares of the zero-filled coil images (real, ``(ky, kx)``)."""
+    coil_images = ifft2c(torch.from_numpy(np.ascontiguousarray(kspace))).numpy()
+    return root_sum_of_squares(coil_images).astype(np.complex64)
+
+
+def cg_sense(kspace: np.ndarray, mask: np.ndarray, maps: np.ndarray, *, iterations: int = 30,
+             lam: float = 0.0) -> np.ndarray:
+    """CG-SENSE: CG on ``(E^H E + lam I) x = E^H y`` from zero (early stopping regularises)."""
+    op = SenseOp(torch.from_numpy(maps)[None], torch.from_numpy(mask)[None])
+    rhs = op.adjoint(torch.from_numpy(kspace)[None])
+    image = conjugate_gradient(lambda x: op.normal(x) + lam * x, rhs, max_iterations=iterations)
+    return image[0].numpy()
+
+
+def l1_wavelet(kspace: np.ndarray, mask: np.ndarray, maps: np.ndarray, lam: float, *,
+               iterations: int = 100) -> np.ndarray:
+    """L1-wavelet ESPIRiT (sigpy ``L1WaveletRecon``) with weight ``lam`` on normalised data."""
+    import sigpy.mri
+
+    scale = np.abs(zero_filled(kspace)).max()
+    image = sigpy.mri.app.L1WaveletRecon(
+        kspace / scale, maps, lam, weights=mask.astype(np.float32), max_iter=iterations, show_pbar=False
+    ).run()
+    return (np.asarray(image) * scale).astype(np.complex64)
+
+
+def bart_available() -> bool:
+    """Whether the ``bart`` command is on PATH."""
+    return shutil.which("bart") is not None
+
+
+def _write_cfl(path: Path, array: np.ndarray) -> None:
+    dims = list(array.shape) + [1] * (16 - array.ndim)
+    path.with_suffix(".hdr").write_text("# Dimensions\n" + " ".join(map(str, dims)) + "\n")
+    np.asarray(array, dtype=np.complex64).T.tofile(path.with_suffix(".cfl"))
+
+
+def _read_cfl(path: Path) -> np.ndarray:
+    dims = [int(d) for d in path.with_suffix(".hdr").read_text().splitlines()[1].split()]
+    while len(dims) > 1 and dims[-1] == 1:
+        dims.pop()
+    data = np.fromfile(path.with_suffix(".cfl"), dtype=np.complex64)
+    return data.reshape(dims[::-1]).T
+
+
+def bart_maps(kspace: np.ndarray, *, crop: float = 0.8) -> np.ndarray:
+    """BART ``ecalib -m1`` maps ``(coils, ky, kx)``."""
+    with tempfile.TemporaryDirectory() as folder:
+        base = Path(folder)
+        _write_cfl(base / "ksp", kspace.transpose(2, 1, 0)[:, :, None, :])
+        subprocess.run(["bart", "ecalib", "-m1", "-c", str(crop), str(base / "ksp"), str(base / "maps")],
+                       check=True, capture_output=True)
+        return _read_cfl(base / "maps")[:, :, 0, :].transpose(2, 1, 0).astype(np.complex64)
+
+
+def bart_pics(kspace: np.ndarray, maps: np.ndarray, lam: float, *, iterations: int = 100) -> np.ndarray:
+    """BART ``pics -l1 -r lam`` (wavelet L1-ESPIRiT) on normalised data, ``(ky, kx)``."""
+    scale = np.abs(zero_filled(kspace)).max()
+    with tempfile.TemporaryDirectory() as folder:
+        base = Path(folder)
+        _write_cfl(base / "ksp", (kspace / scale).transpose(2, 1, 0)[:, :, None, :])
+        _write_cfl(base / "maps", maps.transpose(2, 1, 0)[:, :, None, :])
+        subprocess.run(["bart", "pics", "-S", "-l1", "-r", str(lam), "-i", str(iterations),
+                        str(base / "ksp"), str(base / "maps"), str(base / "out")],
+                       check=True, capture_output=True)
+        image = _read_cfl(base / "out")
+    return (image.reshape(image.shape[0], image.shape[1]).T * scale).astype(np.complex64)
