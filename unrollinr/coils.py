@@ -9,9 +9,16 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import ndimage
 
+from unrollinr.espirit import espirit
+
 logger = logging.getLogger(__name__)
+
+
+# Calibration extent per side used by default (BART's default calibration size is 24).
+MAX_CALIBRATION = 32
 
 
 class CalibrationError(ValueError):
@@ -88,8 +95,9 @@ def espirit_maps(
     thresh: float = 0.02,
     crop: float = 0.8,
     fill_holes: bool = True,
+    method: str = "rectangular",
 ) -> np.ndarray:
-    """ESPIRiT coil maps (sigpy's ``EspiritCalib``) from the ACS region.
+    """ESPIRiT coil maps from the ACS region.
 
     Parameters
     ----------
@@ -98,33 +106,71 @@ def espirit_maps(
     mask
         ``(ky, kx)`` sampling mask; the ACS region is found from it.
     calib_width
-        Side of the square calibration window; 0 takes the largest that fits the ACS.
+        Largest calibration extent per side; 0 means :data:`MAX_CALIBRATION` for the
+        rectangular method and the largest centred square for sigpy's.
     crop
         Eigenvalue threshold below which the maps are zeroed (background). Holes inside
         the support are filled, so that the maps never vanish inside the object.
+    method
+        ``"rectangular"`` (:func:`unrollinr.espirit.espirit` on the whole ACS rectangle) or
+        ``"sigpy"`` (sigpy's ``EspiritCalib`` on the largest centred square).
 
     Returns
     -------
     ``(coils, ky, kx)`` complex64 maps with ``sum |S|^2`` 1 inside the support, 0 outside.
     """
-    import sigpy.mri
-
     region = find_calibration_region(mask)
-    fitting = region.centred_square_width(mask.shape)
-    width = min(calib_width, fitting) if calib_width else fitting
-    if width <= kernel_width:
+    if min(region.shape) <= kernel_width:
         raise CalibrationError(
             f"the ACS region ({region.shape[0]} x {region.shape[1]}) is too small for ESPIRiT "
             f"with kernel width {kernel_width}; at least {kernel_width + 1} ACS lines are needed")
-    logger.debug("ESPIRiT: ACS %s, calibration width %d", region.shape, width)
-    maps, eigenvalues = sigpy.mri.app.EspiritCalib(
-        np.asarray(kspace, dtype=np.complex64), calib_width=width, thresh=thresh,
-        kernel_width=kernel_width, crop=0.0, output_eigenvalue=True, show_pbar=False,
-    ).run()
+    kspace = np.asarray(kspace, dtype=np.complex64)
+    if method == "rectangular":
+        maps, eigenvalues = _rectangular_espirit(kspace, region, calib_width or MAX_CALIBRATION, kernel_width, thresh)
+    elif method == "sigpy":
+        maps, eigenvalues = _sigpy_espirit(kspace, region, calib_width, kernel_width, thresh)
+    else:
+        raise ValueError(f"unknown ESPIRiT method {method!r}; expected 'rectangular' or 'sigpy'")
     support = eigenvalues > crop
     if fill_holes:
         support = ndimage.binary_fill_holes(support)
     return (maps * support).astype(np.complex64)
+
+
+def _centred_subrange(bounds: tuple[int, int], centre: int, width: int) -> slice:
+    """At most ``width`` samples of ``bounds``, as centred on ``centre`` as the bounds allow."""
+    lo, hi = bounds
+    if hi - lo <= width:
+        return slice(lo, hi)
+    start = min(max(centre - width // 2, lo), hi - width)
+    return slice(start, start + width)
+
+
+def _rectangular_espirit(kspace: np.ndarray, region: CalibrationRegion, max_side: int, kernel_width: int,
+                         thresh: float) -> tuple[np.ndarray, np.ndarray]:
+    _, n_y, n_x = kspace.shape
+    rows = _centred_subrange(region.ky, n_y // 2, max_side)
+    cols = _centred_subrange(region.kx, n_x // 2, max_side)
+    logger.debug("ESPIRiT: ACS %s, calibrating on %d x %d", region.shape, rows.stop - rows.start,
+                 cols.stop - cols.start)
+    calib = torch.from_numpy(np.ascontiguousarray(kspace[:, rows, cols]))
+    maps, eigenvalues = espirit(calib, (n_y, n_x), kernel_width=kernel_width, thresh=thresh)
+    return maps.numpy(), eigenvalues.numpy()
+
+
+def _sigpy_espirit(kspace: np.ndarray, region: CalibrationRegion, calib_width: int, kernel_width: int,
+                   thresh: float) -> tuple[np.ndarray, np.ndarray]:
+    import sigpy.mri
+
+    fitting = region.centred_square_width(kspace.shape[1:])
+    width = min(calib_width, fitting) if calib_width else fitting
+    if width <= kernel_width:
+        raise CalibrationError(f"no centred square calibration window wider than the kernel ({kernel_width}) "
+                               f"fits the ACS region {region.shape}")
+    maps, eigenvalues = sigpy.mri.app.EspiritCalib(
+        kspace, calib_width=width, thresh=thresh, kernel_width=kernel_width, crop=0.0,
+        output_eigenvalue=True, show_pbar=False).run()
+    return np.asarray(maps), np.asarray(eigenvalues)
 
 
 def compress_coils(kspace: np.ndarray, n_virtual: int) -> np.ndarray:

@@ -73,7 +73,7 @@ class ReconConfig:
     seed: int = 0
 
     espirit_calib_width: int = 0
-    espirit_kernel_width: int = 5
+    espirit_kernel_width: int = 6
     espirit_thresh: float = 0.02
     espirit_crop: float = 0.8
     coil_compression: int = 0

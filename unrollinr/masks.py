@@ -10,18 +10,21 @@ import numpy as np
 
 # Table I of the paper: ACS lines at 368 phase-encode lines, per acceleration.
 PAPER_ACS_LINES_AT_368 = {6: 18, 8: 16, 10: 12}
+# ESPIRiT needs a calibration window wider than its kernel: never scale below this.
+MIN_ACS_LINES = 8
 MASK_KINDS = ("random", "uniform", "radial", "spiral")
 
 
 def paper_acs_lines(acceleration: float, n_ky: int) -> int:
     """ACS lines for ``acceleration`` following Table I, scaled from 368 to ``n_ky`` lines.
 
-    Accelerations between the table's entries are interpolated linearly.
+    Accelerations between the table's entries are interpolated linearly; small matrices
+    get at least :data:`MIN_ACS_LINES` lines.
     """
     table = sorted(PAPER_ACS_LINES_AT_368.items())
     rates = [r for r, _ in table]
     lines_368 = float(np.interp(acceleration, rates, [a for _, a in table]))
-    return max(2, round(lines_368 * n_ky / 368))
+    return max(MIN_ACS_LINES, round(lines_368 * n_ky / 368))
 
 
 def _centre_range(n: int, width: int) -> slice:
@@ -75,14 +78,15 @@ def _radial(shape: tuple[int, int], n_spokes: int) -> np.ndarray:
     return _rasterise(ys, xs, shape)
 
 
-def _spiral(shape: tuple[int, int], n_interleaves: int) -> np.ndarray:
+def _spiral(shape: tuple[int, int], total_turns: int, interleaves: int = 8) -> np.ndarray:
+    """``interleaves`` Archimedean arms sharing ``total_turns`` turns between them."""
     max_radius = max(shape) / 2 * np.sqrt(2)
-    turns = max(shape) / (2 * n_interleaves)
-    theta = np.linspace(0, 2 * np.pi * turns, int(40 * turns * max(shape)))
+    turns = total_turns / interleaves
+    theta = np.linspace(0, 2 * np.pi * turns, int(8 * max_radius * max(turns, 1) * 2 * np.pi))
     radius = max_radius * theta / theta[-1]
     ys, xs = [], []
-    for arm in range(n_interleaves):
-        phase = theta + 2 * np.pi * arm / n_interleaves
+    for arm in range(interleaves):
+        phase = theta + 2 * np.pi * arm / interleaves
         ys.append(radius * np.sin(phase))
         xs.append(radius * np.cos(phase))
     return _rasterise(np.concatenate(ys), np.concatenate(xs), shape)
@@ -108,7 +112,7 @@ def radial_mask(shape: tuple[int, int], acceleration: float, acs: int = 16) -> n
 
 
 def spiral_mask(shape: tuple[int, int], acceleration: float = 10, acs: int = 16) -> np.ndarray:
-    """Archimedean spiral interleaves rasterised to the grid, with a centred ACS square."""
+    """Eight Archimedean spiral interleaves rasterised to the grid, with a centred ACS square."""
     target = 1 / acceleration
     return _closest_count(lambda n: _with_acs_square(_spiral(shape, n), acs), target, max(shape))
 

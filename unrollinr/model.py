@@ -74,15 +74,20 @@ class UnrollINR(nn.Module):
         (then ``z = 0`` and the DC step is CG-SENSE with Tikhonov weight ``lambda``).
     dc
         The data-consistency step, or ``None`` for the "w/o DC" ablation (``x = z``).
+    support
+        ``(slices, y, x)`` boolean: where the coil maps are non-zero. Outside it no data
+        constrain the image, so ``z`` is zeroed there.
     lam, lam_s
         Initial positive weights, learned in log space, one per slice.
     """
 
     def __init__(self, priors: list[nn.Module] | None, dc: DataConsistency | None,
-                 n_slices: int, lam: float, lam_s: float) -> None:
+                 support: torch.Tensor, lam: float, lam_s: float) -> None:
         super().__init__()
+        n_slices = support.shape[0]
         self.priors = nn.ModuleList(priors) if priors is not None else None
         self.dc = dc
+        self.register_buffer("support", support)
         self.log_lam = nn.Parameter(torch.full((n_slices,), math.log(lam)))
         self.log_lam_s = nn.Parameter(torch.full((n_slices,), math.log(lam_s)))
 
@@ -97,10 +102,10 @@ class UnrollINR(nn.Module):
         return self.log_lam_s.exp()
 
     def prior(self, like: torch.Tensor) -> torch.Tensor:
-        """The prior images ``z`` ``(slices, y, x)``; zeros without priors."""
+        """The prior images ``z`` ``(slices, y, x)``, zero outside the support; zeros without priors."""
         if self.priors is None:
             return torch.zeros_like(like)
-        return torch.stack([prior() for prior in self.priors])
+        return torch.stack([prior() for prior in self.priors]) * self.support
 
     def forward(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(x, z)``, both ``(slices, y, x)``; ``like`` gives shape and dtype of ``z``."""

@@ -62,7 +62,7 @@ def holdout_mask(mask: torch.Tensor, fraction: float, protected: torch.Tensor, s
             candidates = torch.nonzero(mask[s, :, 0] & ~protected[:, 0]).flatten()
         else:
             candidates = torch.nonzero((mask[s] & ~protected).flatten()).flatten()
-        count = int(round(fraction * len(candidates)))
+        count = min(len(candidates), max(1, round(fraction * len(candidates))))
         chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
         if lines:
             held[s, chosen.to(mask.device), :] = True
@@ -85,7 +85,8 @@ def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor) -> Unrol
     elif config.regularizer == "pixel":
         start = op.adjoint(kspace)
         priors = [PixelImage(start[s]) for s in range(n_slices)]
-    return UnrollINR(priors, dc, n_slices, config.lam, config.lam_s).to(device)
+    support = op.maps.abs().sum(dim=1) > 0
+    return UnrollINR(priors, dc, support, config.lam, config.lam_s).to(device)
 
 
 def _optimizer(model: UnrollINR, config: ReconConfig) -> torch.optim.Optimizer:

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+
+from unrollinr.coils import (CalibrationError, compress_coils, espirit_maps, find_calibration_region,
+                             prewhitening_matrix)
+from unrollinr.masks import random_line_mask
+from unrollinr.phantoms import birdcage_maps, phantom_image
+
+
+def test_calibration_region_of_a_line_mask():
+    mask = random_line_mask((64, 40), 4, acs_lines=10, seed=0)
+    region = find_calibration_region(mask)
+    assert region.ky[0] <= 27 and region.ky[1] >= 37 and region.kx == (0, 40)
+
+
+def test_calibration_region_of_a_2d_mask_is_fully_sampled():
+    mask = np.zeros((32, 32), dtype=bool)
+    mask[12:20, 10:22] = True
+    mask[16, :] = True  # a line through the centre does not widen the region
+    region = find_calibration_region(mask)
+    assert mask[region.ky[0]:region.ky[1], region.kx[0]:region.kx[1]].all()
+    assert region.shape == (8, 12)
+
+
+def test_missing_centre_is_a_calibration_error():
+    mask = np.zeros((32, 32), dtype=bool)
+    mask[::4] = True
+    mask[16] = False
+    with pytest.raises(CalibrationError, match="centre is not sampled"):
+        find_calibration_region(mask)
+
+
+def test_too_few_acs_lines_is_a_calibration_error(phantom_48):
+    mask = random_line_mask((48, 48), 4, acs_lines=4, seed=0)
+    with pytest.raises(CalibrationError, match="too small"):
+        espirit_maps(phantom_48 * mask, mask)
+
+
+@pytest.mark.parametrize("method", ["rectangular", "sigpy"])
+def test_espirit_maps_have_no_holes_in_the_object_and_match_the_truth(method):
+    size, coils = 64, 8
+    image = phantom_image(size)
+    true_maps = birdcage_maps(size, coils)
+    kspace = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(true_maps * image, axes=(-2, -1)), norm="ortho"),
+                             axes=(-2, -1)).astype(np.complex64)
+    mask = random_line_mask((size, size), 3, acs_lines=16, seed=0)
+    maps = espirit_maps(kspace * mask, mask, crop=0.8, method=method)
+    inside = np.abs(image) > 0.05
+    energy = np.sum(np.abs(maps) ** 2, axis=0)
+    assert (energy[inside] > 0.99).all()
+    # maps equal the truth up to one phase per pixel
+    correlation = np.abs(np.sum(maps.conj() * true_maps, axis=0))
+    assert np.median(correlation[inside]) > 0.98
+
+
+def test_coil_compression_keeps_the_signal(phantom_48):
+    compressed = compress_coils(phantom_48, 4)
+    assert compressed.shape == (4, 48, 48)
+    energy = np.linalg.norm(compressed) / np.linalg.norm(phantom_48)
+    assert energy > 0.95
+    with pytest.raises(ValueError, match="cannot compress"):
+        compress_coils(phantom_48, 9)
+
+
+def test_prewhitening_decorrelates_noise(rng):
+    mixing = np.array([[1.0, 0.0], [0.8, 0.3]]) + 1j * np.array([[0.0, 0.0], [0.1, 0.0]])
+    white = (rng.standard_normal((2, 20000)) + 1j * rng.standard_normal((2, 20000))) / np.sqrt(2)
+    noise = mixing @ white
+    whitened = prewhitening_matrix(noise) @ noise
+    covariance = whitened @ whitened.conj().T / whitened.shape[1]
+    np.testing.assert_allclose(covariance, np.eye(2), atol=0.03)
+
+
+def test_espirit_rejects_a_kernel_wider_than_the_calibration():
+    from unrollinr.espirit import espirit
+
+    with pytest.raises(ValueError, match="must exceed"):
+        espirit(torch.zeros(2, 5, 40, dtype=torch.complex64), (40, 40), kernel_width=6)

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from unrollinr.config import ReconConfig
+from unrollinr.masks import (acceleration_of, make_mask, paper_acs_lines, radial_mask, random_line_mask,
+                             spiral_mask, uniform_line_mask)
+from unrollinr.metrics import nrmse, psnr, ssim
+
+
+def test_ssim_matches_scikit_image(rng):
+    metrics = pytest.importorskip("skimage.metrics")
+    reference = rng.random((40, 50))
+    estimate = np.abs(reference + 0.1 * rng.standard_normal((40, 50)))  # metrics compare magnitudes
+    expected = metrics.structural_similarity(reference, estimate, data_range=reference.max())
+    assert ssim(reference, estimate) == pytest.approx(expected, rel=1e-6)
+
+
+def test_psnr_and_nrmse_by_hand():
+    reference = np.zeros((4, 4))
+    reference[0, 0] = 2.0
+    estimate = reference.copy()
+    estimate[1, 1] = 0.5  # mse = 0.25 / 16
+    assert psnr(reference, estimate) == pytest.approx(10 * np.log10(4 / (0.25 / 16)))
+    assert nrmse(reference, estimate) == pytest.approx(0.5 / 2.0)
+    assert psnr(reference, reference) == float("inf")
+    with pytest.raises(ValueError, match="shapes differ"):
+        psnr(reference, estimate[:2])
+
+
+@pytest.mark.parametrize("acceleration,acs_368", [(6, 18), (8, 16), (10, 12)])
+def test_random_line_masks_follow_table_one(acceleration, acs_368):
+    mask = random_line_mask((368, 100), acceleration, seed=3)
+    rows = mask[:, 0]
+    assert (mask == mask[:, :1]).all()
+    assert rows.sum() == round(368 / acceleration)
+    assert rows[184 - acs_368 // 2: 184 - acs_368 // 2 + acs_368].all()
+    assert paper_acs_lines(acceleration, 368) == acs_368
+    assert paper_acs_lines(acceleration, 256) == round(acs_368 * 256 / 368)
+
+
+def test_masks_are_seeded():
+    assert (random_line_mask((64, 8), 4, seed=1) == random_line_mask((64, 8), 4, seed=1)).all()
+    assert not (random_line_mask((64, 8), 4, seed=1) == random_line_mask((64, 8), 4, seed=2)).all()
+
+
+def test_uniform_mask_is_equispaced():
+    rows = uniform_line_mask((64, 4), 4, acs_lines=4)[:, 0]
+    assert rows[32::4].all() and rows[30:34].all()
+
+
+@pytest.mark.parametrize("builder", [radial_mask, spiral_mask])
+def test_2d_masks_reach_about_the_requested_acceleration(builder):
+    mask = builder((128, 128), 10)
+    assert 8 <= acceleration_of(mask) <= 12
+    assert mask[56:72, 56:72].all()  # ACS square
+    assert not (mask == mask[:, :1]).all()
+
+
+def test_make_mask_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="unknown mask kind"):
+        make_mask("poisson", (16, 16), 4)
+
+
+def test_config_from_strings_parses_and_validates():
+    config = ReconConfig.from_strings({"iterations": "50", "lam": "0.02", "tv": "false", "preset": "prospective"})
+    assert config.iterations == 50 and config.lam == 0.02 and config.tv is False and config.lam_s == 2.0
+    with pytest.raises(ValueError, match="unknown reconstruction setting"):
+        ReconConfig.from_strings({"iteration": "5"})
+    with pytest.raises(ValueError, match="'iterations' expects int"):
+        ReconConfig.from_strings({"iterations": "many"})
+    with pytest.raises(ValueError, match="lam must be positive"):
+        ReconConfig.from_strings({"lam": "-1"})
+    with pytest.raises(ValueError, match="unknown preset"):
+        ReconConfig.preset("fast")
+
+
+def test_grid_config_reaches_the_image_size():
+    grid = ReconConfig().grid_config(256)
+    assert grid["otype"] == "HashGrid"
+    finest = grid["base_resolution"] * grid["per_level_scale"] ** (grid["n_levels"] - 1)
+    assert finest == pytest.approx(256)
+    dense = ReconConfig(encoding="DenseGrid").grid_config(64)
+    assert dense["n_levels"] == 1 and dense["base_resolution"] == 64
