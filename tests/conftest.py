@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -32,3 +34,17 @@ def rng() -> np.random.Generator:
 def phantom_48() -> np.ndarray:
     """Fully sampled ``(8, 48, 48)`` phantom k-space."""
     return phantom_kspace(48, 8, noise=0.002, seed=0)
+
+
+@pytest.fixture(scope="session")
+def raw_phantom(tmp_path_factory) -> "Path":
+    """A two-slice ISMRMRD raw file: noise scan, 2x readout oversampling, embedded ACS."""
+    from unrollinr.masks import random_line_mask
+    from unrollinr_gadget.rawdata import simulate_raw
+
+    kspace = np.stack([phantom_kspace(48, 4, seed=0), phantom_kspace(48, 4, seed=1)[:, ::-1].copy()])
+    mask = random_line_mask((48, 48), 3, acs_lines=12, seed=0)
+    return simulate_raw(kspace, mask, tmp_path_factory.mktemp("raw") / "phantom.h5", oversampling=2)
+
+
+FAST_PROPERTIES = {"iterations": "12", "cg_iterations": "5", "seed": "0"}

@@ -64,6 +64,8 @@ def test_make_mask_rejects_unknown_kind():
 def test_config_from_strings_parses_and_validates():
     config = ReconConfig.from_strings({"iterations": "50", "lam": "0.02", "tv": "false", "preset": "prospective"})
     assert config.iterations == 50 and config.lam == 0.02 and config.tv is False and config.lam_s == 2.0
+    on_top = ReconConfig.from_strings({"preset": "prospective"}, base=ReconConfig(iterations=7))
+    assert (on_top.iterations, on_top.lam, on_top.lam_s) == (7, 0.05, 2.0)
     with pytest.raises(ValueError, match="unknown reconstruction setting"):
         ReconConfig.from_strings({"iteration": "5"})
     with pytest.raises(ValueError, match="'iterations' expects int"):

@@ -173,10 +173,10 @@ def _sigpy_espirit(kspace: np.ndarray, region: CalibrationRegion, calib_width: i
     return np.asarray(maps), np.asarray(eigenvalues)
 
 
-def compress_coils(kspace: np.ndarray, n_virtual: int) -> np.ndarray:
-    """SVD coil compression of ``(coils, ky, kx)`` k-space to ``(n_virtual, ky, kx)``.
+def coil_compression_matrix(kspace: np.ndarray, n_virtual: int) -> np.ndarray:
+    """The ``(n_virtual, coils)`` SVD coil-compression matrix of ``(coils, ...)`` k-space.
 
-    The compression matrix comes from the sampled data themselves (all non-zero columns).
+    It comes from the sampled data themselves (all non-zero samples).
     """
     n_coils = kspace.shape[0]
     if not 0 < n_virtual <= n_coils:
@@ -184,7 +184,17 @@ def compress_coils(kspace: np.ndarray, n_virtual: int) -> np.ndarray:
     samples = kspace.reshape(n_coils, -1)
     samples = samples[:, np.abs(samples).sum(axis=0) > 0]
     left, _, _ = np.linalg.svd(samples, full_matrices=False)
-    return np.einsum("vc,c...->v...", left[:, :n_virtual].conj().T, kspace).astype(kspace.dtype)
+    return left[:, :n_virtual].conj().T.astype(np.complex64)
+
+
+def apply_coil_matrix(matrix: np.ndarray, kspace: np.ndarray) -> np.ndarray:
+    """``matrix @ kspace`` over the coil axis: ``(v, c)`` and ``(c, ...)`` to ``(v, ...)``."""
+    return np.einsum("vc,c...->v...", matrix, kspace).astype(np.complex64)
+
+
+def compress_coils(kspace: np.ndarray, n_virtual: int) -> np.ndarray:
+    """SVD coil compression of ``(coils, ky, kx)`` k-space to ``(n_virtual, ky, kx)``."""
+    return apply_coil_matrix(coil_compression_matrix(kspace, n_virtual), kspace)
 
 
 def prewhitening_matrix(noise: np.ndarray) -> np.ndarray:

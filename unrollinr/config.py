@@ -125,13 +125,16 @@ class ReconConfig:
     def from_strings(cls, values: Mapping[str, Any], *, base: ReconConfig | None = None) -> ReconConfig:
         """Build a config from text (or already typed) values, e.g. chain properties.
 
-        A ``preset`` key picks the base preset. Unknown names and unparsable values raise
-        ``ValueError`` naming the offending key.
+        A ``preset`` key sets the preset's initial weights (``lam``, ``lam_s``) on top of
+        ``base`` (default: the default config); explicit values win over both. Unknown
+        names and unparsable values raise ``ValueError`` naming the offending key.
         """
         values = dict(values)
         preset = values.pop("preset", None)
-        if base is None:
-            base = cls.preset(str(preset)) if preset is not None else cls()
+        base = cls() if base is None else base
+        if preset is not None:
+            weights = cls.preset(str(preset))
+            base = dataclasses.replace(base, lam=weights.lam, lam_s=weights.lam_s)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:

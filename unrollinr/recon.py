@@ -7,7 +7,8 @@ import logging
 import numpy as np
 import torch
 
-from unrollinr.coils import compress_coils, espirit_maps, find_calibration_region
+from unrollinr.coils import (CalibrationError, apply_coil_matrix, coil_compression_matrix, espirit_maps,
+                             find_calibration_region)
 from unrollinr.config import ReconConfig
 from unrollinr.sense import SenseOp
 from unrollinr.training import FitResult, fit
@@ -45,34 +46,60 @@ def _validate(kspace: np.ndarray, mask: np.ndarray | None, csm: np.ndarray | Non
     return (kspace * mask).astype(np.complex64), mask
 
 
-def prepare_maps(kspace: np.ndarray, mask: np.ndarray, csm: np.ndarray | None,
-                 config: ReconConfig) -> tuple[np.ndarray, np.ndarray]:
+def prepare_maps(kspace: np.ndarray, mask: np.ndarray, csm: np.ndarray | None, config: ReconConfig, *,
+                 calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Coil compression (if configured) and ESPIRiT maps (unless given).
 
-    Returns ``(kspace, maps)``, both ``(coils, ky, kx)`` complex64 after compression.
+    Parameters
+    ----------
+    kspace, mask
+        The imaging data ``(coils, ky, kx)`` and its ``(ky, kx)`` mask.
+    calibration
+        Optional separate calibration data ``(coils, ky, kx)`` and mask, e.g. separate ACS
+        lines; by default the ACS region of ``kspace`` itself.
+
+    Returns
+    -------
+    ``(kspace, maps)``, both ``(coils, ky, kx)`` complex64 after compression.
     """
+    calib_kspace, calib_mask = (kspace, mask) if calibration is None else calibration
     if config.coil_compression and config.coil_compression < kspace.shape[0]:
         if csm is not None:
             raise ValueError("coil_compression cannot be combined with given coil maps")
-        kspace = compress_coils(kspace, config.coil_compression)
+        matrix = coil_compression_matrix(calib_kspace, config.coil_compression)
+        kspace, calib_kspace = apply_coil_matrix(matrix, kspace), apply_coil_matrix(matrix, calib_kspace)
     if csm is None:
-        csm = espirit_maps(kspace, mask, calib_width=config.espirit_calib_width,
+        csm = espirit_maps(calib_kspace, calib_mask, calib_width=config.espirit_calib_width,
                            kernel_width=config.espirit_kernel_width, thresh=config.espirit_thresh,
                            crop=config.espirit_crop)
     return kspace, np.asarray(csm, dtype=np.complex64)
 
 
+def _protected_rows(mask: np.ndarray) -> np.ndarray:
+    """``(ky, kx)``: the ACS rows of ``mask``, never held out; empty when there is no ACS."""
+    protected = np.zeros_like(mask)
+    try:
+        region = find_calibration_region(mask)
+    except CalibrationError:
+        return protected
+    protected[region.ky[0]:region.ky[1], :] = True
+    return protected
+
+
 def reconstruct_with_details(kspace: np.ndarray, mask: np.ndarray | None = None, *, csm: np.ndarray | None = None,
                              config: ReconConfig | None = None, device: str | torch.device | None = None,
-                             progress: bool | None = None) -> tuple[np.ndarray, FitResult]:
-    """:func:`reconstruct`, also returning the :class:`FitResult` (history, timings, prior image)."""
+                             progress: bool | None = None,
+                             calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, FitResult]:
+    """:func:`reconstruct`, also returning the :class:`FitResult` (history, timings, prior image).
+
+    ``calibration`` optionally gives separate ACS data ``(coils, ky, kx)`` and its mask
+    for the coil maps (see :func:`prepare_maps`).
+    """
     config = ReconConfig() if config is None else config
     kspace, mask = _validate(kspace, mask, csm)
     device = default_device() if device is None else torch.device(device)
-    kspace, maps = prepare_maps(kspace, mask, csm, config)
-    region = find_calibration_region(mask)
-    protected = np.zeros_like(mask)
-    protected[region.ky[0]:region.ky[1], :] = True
+    kspace, maps = prepare_maps(kspace, mask, csm, config, calibration=calibration)
+    protected = _protected_rows(mask)
 
     maps_t = torch.from_numpy(maps).unsqueeze(0).to(device)
     mask_t = torch.from_numpy(mask).unsqueeze(0).to(device)

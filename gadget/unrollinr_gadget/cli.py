@@ -9,28 +9,35 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from unrollinr.config import ReconConfig
+from unrollinr_gadget.settings import GadgetSettings
 
 logger = logging.getLogger("unrollinr")
 
 
-def config_from_args(args: argparse.Namespace) -> ReconConfig:
-    """The reconstruction config from ``--preset`` and repeated ``--set name=value``."""
-    values: dict[str, str] = {}
+def settings_from_args(args: argparse.Namespace) -> GadgetSettings:
+    """Settings from ``--preset``, ``--output``, ``--device`` and repeated ``--set name=value``:
+    the same names as a chain's properties."""
+    values: dict[str, str] = {"preset": args.preset}
+    for name in ("output", "device"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
     for item in args.set or []:
         name, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects name=value, got {item!r}")
         values[name.strip()] = value.strip()
-    return ReconConfig.from_strings(values, base=ReconConfig.preset(args.preset))
+    return GadgetSettings.from_properties(values)
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, *, images: bool = False) -> None:
     parser.add_argument("--preset", default="retrospective", choices=["retrospective", "prospective"],
-                        help="initial lambda/lambda_s preset (default: %(default)s)")
+                        help="initial lambda/lambda_s preset")
     parser.add_argument("--set", action="append", metavar="NAME=VALUE",
-                        help="override one ReconConfig field, e.g. --set iterations=100 (repeatable)")
+                        help="override one setting (any ReconConfig field), e.g. --set iterations=100; repeatable")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    if images:
+        parser.add_argument("--output", default=None, choices=["uint16", "float", "complex"],
+                            help="image type sent back (default: uint16)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -39,13 +46,104 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from unrollinr.evaluate import evaluate, reference_image, write_figure, write_tables
 
     kspace = load_kspace(args.data)
-    config = config_from_args(args)
-    results = evaluate(kspace, args.R, config=config, mask_kind=args.mask, seed=args.seed,
-                       use_bart=False if args.no_bart else None, device=args.device)
+    settings = settings_from_args(args)
+    results = evaluate(kspace, args.R, config=settings.recon, mask_kind=args.mask, seed=args.seed,
+                       use_bart=False if args.no_bart else None, device=settings.device)
     md_path, csv_path = write_tables(results, args.out)
     figure = write_figure(results, reference_image(kspace), args.out / "figure.png")
     print(md_path.read_text(), end="")
     print(f"wrote {md_path}, {csv_path} and {figure}")
+    return 0
+
+
+def _save(images, args: argparse.Namespace) -> None:
+    from unrollinr_gadget.outputs import write_images, write_pngs
+
+    if args.out.exists():
+        args.out.unlink()
+    count = write_images(images, args.out)
+    print(f"wrote {count} images to {args.out}")
+    if args.png is not None:
+        print(f"wrote {len(write_pngs(images, args.png))} PNGs to {args.png}")
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Reconstruct a raw ISMRMRD file in-process and save the images."""
+    from tqdm.auto import tqdm
+
+    from unrollinr_gadget.pipeline import ReconPipeline, SliceFailure
+    from unrollinr_gadget.rawdata import RawFile
+
+    raw = RawFile(args.raw)
+    settings = settings_from_args(args)
+    pipeline = ReconPipeline(raw.header(), settings.recon, output=settings.output, device=settings.device,
+                             series_index=settings.series_index)
+    acquisitions = tqdm(raw.acquisitions(), total=len(raw), desc="replay", unit="acq", disable=not sys.stderr.isatty())
+    outcomes = list(pipeline.process(acquisitions))
+    failures = [o for o in outcomes if isinstance(o, SliceFailure)]
+    for failure in failures:
+        logger.error("%s", failure)
+    _save([o for o in outcomes if not isinstance(o, SliceFailure)], args)
+    return 1 if failures else 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Stream a raw ISMRMRD file to an MRD server (ours or Gadgetron) and save the images."""
+    from tqdm.auto import tqdm
+
+    from unrollinr_gadget.client import stream_to_server
+    from unrollinr_gadget.rawdata import RawFile
+
+    raw = RawFile(args.raw)
+    config_text = args.config_file.read_text() if args.config_file else None
+    progress = (lambda items: tqdm(items, total=len(raw), desc="send", unit="acq")) if sys.stderr.isatty() else None
+    replies = stream_to_server(raw, args.host, args.port, args.config, config_text=config_text,
+                               parameters=args.parameters, progress=progress)
+    _save(replies.images, args)
+    for text in replies.texts + replies.errors:
+        print(f"server: {text}", file=sys.stderr)
+    return 1 if replies.errors or replies.texts else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the MRD stream protocol for scanner-side clients."""
+    from unrollinr_gadget.server import DEFAULT_CHAINS, ConfigResolver, UnrollINRServer
+
+    resolver = ConfigResolver(args.chains or DEFAULT_CHAINS, base=settings_from_args(args))
+    with UnrollINRServer((args.host, args.port), resolver) as server:
+        logger.info("serving on %s:%d; configs %s", args.host, server.port, resolver.names())
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            logger.info("stopped")
+    return 0
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    """Run the gadget for a Gadgetron chain in connect mode (<connect port=.../>)."""
+    from gadgetron.external import listen
+
+    from unrollinr_gadget.gadget import handle
+
+    while True:
+        logger.info("waiting for Gadgetron on port %d", args.port)
+        listen(args.port, handle)
+        if args.once:
+            return 0
+
+
+def cmd_simulate_raw(args: argparse.Namespace) -> int:
+    """Undersample fully sampled k-space into an ISMRMRD raw file (a stand-in prospective scan)."""
+    from unrollinr.data import load_kspace
+    from unrollinr.masks import make_mask
+    from unrollinr_gadget.rawdata import simulate_raw
+
+    kspace = load_kspace(args.data)
+    if args.mask not in ("random", "uniform"):
+        raise ValueError("raw files hold whole phase-encode lines: use --mask random or uniform")
+    mask = make_mask(args.mask, kspace.shape[1:], args.R, seed=args.seed)
+    simulate_raw(kspace, mask, args.out, oversampling=args.oversampling, seed=args.seed)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -66,6 +164,50 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-bart", action="store_true", help="skip BART even if it is installed")
     _add_config_options(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
+
+    def image_outputs(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("-o", "--out", type=Path, required=True, help="ISMRMRD file for the images")
+        parser.add_argument("--png", type=Path, default=None, help="also write PNGs to this folder")
+
+    replay = commands.add_parser("replay", help=cmd_replay.__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    replay.add_argument("raw", type=Path, help="raw ISMRMRD .h5")
+    image_outputs(replay)
+    _add_config_options(replay, images=True)
+    replay.set_defaults(run=cmd_replay)
+
+    send = commands.add_parser("send", help=cmd_send.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    send.add_argument("raw", type=Path, help="raw ISMRMRD .h5")
+    send.add_argument("--host", default="localhost")
+    send.add_argument("--port", type=int, default=9002)
+    send.add_argument("--config", default="unrollinr", help="config name the server resolves (id 1)")
+    send.add_argument("--config-file", type=Path, default=None, help="send this chain XML as config text (id 2)")
+    send.add_argument("--parameters", default=None, help="JSON sent as TEXT after the header")
+    image_outputs(send)
+    send.set_defaults(run=cmd_send)
+
+    serve = commands.add_parser("serve", help=cmd_serve.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for the scanner network)")
+    serve.add_argument("--port", type=int, default=9002)
+    serve.add_argument("--chains", type=Path, default=None, help="folder of chain XMLs clients may name")
+    _add_config_options(serve, images=True)
+    serve.set_defaults(run=cmd_serve)
+
+    listen = commands.add_parser("listen", help=cmd_listen.__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    listen.add_argument("--port", type=int, default=18000)
+    listen.add_argument("--once", action="store_true", help="exit after one Gadgetron connection")
+    listen.set_defaults(run=cmd_listen)
+
+    simulate = commands.add_parser("simulate-raw", help=cmd_simulate_raw.__doc__,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    simulate.add_argument("data", type=Path, help=".npz with fully sampled 'kspace' (coils, ky, kx)")
+    simulate.add_argument("--R", type=float, default=8, help="acceleration")
+    simulate.add_argument("--mask", default="random", choices=["random", "uniform"])
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--oversampling", type=int, default=2, help="readout oversampling written to the file")
+    simulate.add_argument("-o", "--out", type=Path, required=True)
+    simulate.set_defaults(run=cmd_simulate_raw)
     return parser
 
 

@@ -1,0 +1,216 @@
+"""Turning a stream of ISMRMRD acquisitions into per-slice k-space, as it arrives.
+
+Noise scans give the prewhitening matrix and are never imaged; navigator, phase
+correction and other non-imaging lines are skipped; readout oversampling is removed;
+each line is placed by its ``kspace_encode_step_1`` relative to the encoding centre.
+Separate and embedded ACS lines are collected for the coil maps. Slices, contrasts,
+repetitions, sets, phases and averages are kept apart, and a slice is handed out as
+soon as its ``ACQ_LAST_IN_SLICE`` line arrives (or at the end of the stream).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import ismrmrd
+import ismrmrd.xsd as xsd
+import numpy as np
+
+from unrollinr.coils import prewhitening_matrix
+
+logger = logging.getLogger(__name__)
+
+SKIPPED_FLAGS = {
+    ismrmrd.ACQ_IS_NAVIGATION_DATA: "navigator",
+    ismrmrd.ACQ_IS_PHASECORR_DATA: "phase correction",
+    ismrmrd.ACQ_IS_RTFEEDBACK_DATA: "real-time feedback",
+    ismrmrd.ACQ_IS_HPFEEDBACK_DATA: "high-priority feedback",
+    ismrmrd.ACQ_IS_DUMMYSCAN_DATA: "dummy scan",
+    ismrmrd.ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA: "surface coil correction",
+    ismrmrd.ACQ_IS_PHASE_STABILIZATION_REFERENCE: "phase stabilisation reference",
+    ismrmrd.ACQ_IS_PHASE_STABILIZATION: "phase stabilisation",
+}
+
+
+@dataclass(frozen=True, order=True)
+class SliceKey:
+    """The counters that keep images apart."""
+
+    slice: int = 0
+    contrast: int = 0
+    repetition: int = 0
+    set: int = 0
+    phase: int = 0
+    average: int = 0
+
+    @classmethod
+    def of(cls, head: ismrmrd.AcquisitionHeader) -> SliceKey:
+        """The key of an acquisition header."""
+        idx = head.idx
+        return cls(idx.slice, idx.contrast, idx.repetition, idx.set, idx.phase, idx.average)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {value}" for name, value in vars(self).items() if value) or "slice 0"
+
+
+@dataclass
+class SliceData:
+    """One complete slice: imaging k-space and mask, calibration k-space and mask, all
+    ``(coils, ky, kx)`` / ``(ky, kx)`` in the recon readout size, and a reference header."""
+
+    key: SliceKey
+    kspace: np.ndarray
+    mask: np.ndarray
+    calibration: np.ndarray
+    calibration_mask: np.ndarray
+    reference: ismrmrd.AcquisitionHeader
+
+
+@dataclass(frozen=True)
+class EncodingGeometry:
+    """The parts of the ISMRMRD header that place samples on the grid."""
+
+    encoded_x: int
+    n_ky: int
+    recon_x: int
+    recon_y: int
+    ky_centre: int
+    recon_fov: tuple[float, float, float]
+
+    @classmethod
+    def from_header(cls, header: xsd.ismrmrdHeader) -> EncodingGeometry:
+        """Read the first encoding of an ISMRMRD header; 2D Cartesian only."""
+        if not header.encoding:
+            raise ValueError("the ISMRMRD header has no encoding")
+        encoding = header.encoding[0]
+        trajectory = getattr(encoding.trajectory, "value", encoding.trajectory)
+        if trajectory not in ("cartesian", None):
+            raise ValueError(f"only Cartesian data can be reconstructed, got trajectory {trajectory!r}")
+        encoded, recon = encoding.encodedSpace.matrixSize, encoding.reconSpace.matrixSize
+        if (encoded.z or 1) > 1:
+            raise ValueError(f"3D encodings are not supported (encoded z = {encoded.z})")
+        limits = encoding.encodingLimits.kspace_encoding_step_1 if encoding.encodingLimits else None
+        centre = limits.center if limits is not None and limits.center is not None else encoded.y // 2
+        fov = encoding.reconSpace.fieldOfView_mm
+        return cls(encoded_x=int(encoded.x), n_ky=int(encoded.y), recon_x=int(recon.x), recon_y=int(recon.y),
+                   ky_centre=int(centre), recon_fov=(float(fov.x), float(fov.y), float(fov.z)))
+
+    def line(self, head: ismrmrd.AcquisitionHeader) -> int:
+        """Row of the k-space buffer for an acquisition (the encoding centre at ``n_ky // 2``)."""
+        return int(head.idx.kspace_encode_step_1) - self.ky_centre + self.n_ky // 2
+
+    def readout(self, data: np.ndarray, head: ismrmrd.AcquisitionHeader) -> np.ndarray:
+        """``(coils, samples)`` to ``(coils, recon_x)``: asymmetric echoes are zero-padded
+        about the centre sample, and oversampling is cropped in image space."""
+        n_coils, n_samples = data.shape
+        full = max(self.encoded_x, n_samples)
+        line = np.zeros((n_coils, full), dtype=np.complex64)
+        offset = full // 2 - int(head.center_sample)
+        if offset < 0 or offset + n_samples > full:
+            raise ValueError(f"centre sample {head.center_sample} does not fit {n_samples} samples in {full}")
+        line[:, offset:offset + n_samples] = data
+        if full == self.recon_x:
+            return line
+        profile = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(line, axes=-1), axis=-1, norm="ortho"), axes=-1)
+        start = full // 2 - self.recon_x // 2
+        cropped = profile[:, start:start + self.recon_x]
+        return np.fft.fftshift(np.fft.fft(np.fft.ifftshift(cropped, axes=-1), axis=-1, norm="ortho"),
+                               axes=-1).astype(np.complex64)
+
+
+@dataclass
+class _Buffer:
+    kspace: np.ndarray
+    mask: np.ndarray
+    calibration: np.ndarray
+    calibration_mask: np.ndarray
+    reference: ismrmrd.AcquisitionHeader | None = None
+    lines: int = 0
+
+    @classmethod
+    def empty(cls, n_coils: int, geometry: EncodingGeometry) -> _Buffer:
+        shape = (n_coils, geometry.n_ky, geometry.recon_x)
+        return cls(np.zeros(shape, np.complex64), np.zeros(shape[1:], bool),
+                   np.zeros(shape, np.complex64), np.zeros(shape[1:], bool))
+
+
+@dataclass
+class SliceAssembler:
+    """Collects acquisitions into :class:`SliceData`; :meth:`add` returns completed slices."""
+
+    header: xsd.ismrmrdHeader
+    geometry: EncodingGeometry = field(init=False)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.geometry = EncodingGeometry.from_header(self.header)
+        self._noise: list[np.ndarray] = []
+        self._whitening: np.ndarray | None = None
+        self._buffers: dict[SliceKey, _Buffer] = {}
+        self._last_calibration: dict[int, _Buffer] = {}
+
+    def add(self, acquisition: ismrmrd.Acquisition) -> list[SliceData]:
+        """Take one acquisition; return the slices it completes (usually none)."""
+        head = acquisition.getHead()
+        if acquisition.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            self._noise.append(np.array(acquisition.data, dtype=np.complex64))
+            return []
+        for flag, name in SKIPPED_FLAGS.items():
+            if acquisition.is_flag_set(flag):
+                self.skipped[name] = self.skipped.get(name, 0) + 1
+                return []
+        data = self._whiten(np.asarray(acquisition.data, dtype=np.complex64))
+        row = self.geometry.line(head)
+        if not 0 <= row < self.geometry.n_ky:
+            raise ValueError(f"kspace_encode_step_1 {head.idx.kspace_encode_step_1} lies outside the encoded "
+                             f"matrix ({self.geometry.n_ky} lines, centre {self.geometry.ky_centre})")
+        key = SliceKey.of(head)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = _Buffer.empty(data.shape[0], self.geometry)
+        if data.shape[0] != buffer.kspace.shape[0]:
+            raise ValueError(f"{key}: {data.shape[0]} channels after {buffer.kspace.shape[0]}")
+        line = self.geometry.readout(data, head)
+        calibration = acquisition.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+        embedded = acquisition.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+        if calibration or embedded:
+            buffer.calibration[:, row] = line
+            buffer.calibration_mask[row] = True
+        if calibration and not embedded:
+            return []
+        buffer.kspace[:, row] = line
+        buffer.mask[row] = True
+        buffer.lines += 1
+        if buffer.reference is None or row == self.geometry.n_ky // 2:
+            buffer.reference = head
+        if acquisition.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
+            return [self._complete(key)]
+        return []
+
+    def finish(self) -> list[SliceData]:
+        """End of stream: every slice still open, in key order."""
+        return [self._complete(key) for key in sorted(self._buffers) if self._buffers[key].lines]
+
+    def _whiten(self, data: np.ndarray) -> np.ndarray:
+        if self._noise and self._whitening is None:
+            noise = np.concatenate(self._noise, axis=1)
+            if noise.shape[0] == data.shape[0]:
+                self._whitening = prewhitening_matrix(noise)
+                logger.info("prewhitening from %d noise samples on %d channels", noise.shape[1], noise.shape[0])
+            else:
+                logger.warning("noise scans have %d channels, data %d: no prewhitening", noise.shape[0], data.shape[0])
+            self._noise = []
+        return data if self._whitening is None else self._whitening @ data
+
+    def _complete(self, key: SliceKey) -> SliceData:
+        buffer = self._buffers.pop(key)
+        if buffer.calibration_mask.any():
+            self._last_calibration[key.slice] = buffer
+        source = buffer if buffer.calibration_mask.any() else self._last_calibration.get(key.slice, buffer)
+        # ESPIRiT sees every calibration line plus the imaging lines.
+        calibration = np.where(source.calibration_mask[None, :, :], source.calibration, buffer.kspace)
+        calibration_mask = source.calibration_mask | buffer.mask
+        logger.info("%s complete: %d lines", key, buffer.lines)
+        return SliceData(key=key, kspace=buffer.kspace, mask=buffer.mask, calibration=calibration,
+                         calibration_mask=calibration_mask, reference=buffer.reference)

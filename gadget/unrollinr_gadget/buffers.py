@@ -1,0 +1,66 @@
+"""Gadgetron's buffered recon data (message 1023, after ``BucketToBuffer``) as slices."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unrollinr_gadget.assembly import EncodingGeometry, SliceData, SliceKey
+
+
+def _centred_rows(data: np.ndarray, centre: int, n_ky: int) -> np.ndarray:
+    """Roll ``(coils, E1, RO)`` so that the encoding centre sits at row ``n_ky // 2``."""
+    if data.shape[1] != n_ky:
+        raise ValueError(f"buffer has {data.shape[1]} phase-encode lines, the header encodes {n_ky}")
+    return np.roll(data, n_ky // 2 - centre, axis=1)
+
+
+def _readouts(data: np.ndarray, geometry: EncodingGeometry, reference) -> np.ndarray:
+    """Remove readout oversampling from every line of ``(coils, E1, RO)``."""
+    if data.shape[2] == geometry.recon_x:
+        return data
+    n_coils, n_lines, n_samples = data.shape
+    head = type(reference).from_buffer_copy(reference)
+    head.center_sample = n_samples // 2
+    lines = geometry.readout(data.reshape(n_coils * n_lines, n_samples), head)
+    return lines.reshape(n_coils, n_lines, geometry.recon_x)
+
+
+def _buffer_kspace(buffer, geometry: EncodingGeometry, n: int, s: int, loc: int) -> tuple[np.ndarray, object]:
+    data = np.asarray(buffer.data)[:, :, 0, :, n, s, loc].transpose(2, 1, 0)  # (CHA, E1, RO)
+    headers = buffer.headers[:, 0, n, s, loc]
+    sampled = np.flatnonzero(np.abs(data).sum(axis=(0, 2)) > 0)
+    if len(sampled) == 0:
+        raise ValueError("the buffer holds no samples")
+    centre = int(buffer.sampling.sampling_limits[1].center)
+    reference = headers[sampled[np.argmin(np.abs(sampled - centre))]]
+    kspace = _centred_rows(_readouts(data.astype(np.complex64), geometry, reference), centre, geometry.n_ky)
+    return kspace, reference
+
+
+def slices_from_recon_data(recon_data, geometry: EncodingGeometry) -> list[SliceData]:
+    """Every ``(N, S, LOC)`` image of every bit of a ``gadgetron.types.ReconData``.
+
+    The buffer's array is ``(RO, E1, E2, CHA, N, S, LOC)``; the optional reference buffer
+    holds the ACS lines.
+    """
+    slices = []
+    for bit in recon_data.bits:
+        _, _, _, _, n_n, n_s, n_loc = np.asarray(bit.data.data).shape
+        for loc in range(n_loc):
+            for s in range(n_s):
+                for n in range(n_n):
+                    kspace, reference = _buffer_kspace(bit.data, geometry, n, s, loc)
+                    mask = np.abs(kspace).sum(axis=0) > 0
+                    if bit.ref is not None:
+                        calibration, _ = _buffer_kspace(bit.ref, geometry, min(n, bit.ref.data.shape[4] - 1),
+                                                        min(s, bit.ref.data.shape[5] - 1),
+                                                        min(loc, bit.ref.data.shape[6] - 1))
+                        calibration_mask = np.abs(calibration).sum(axis=0) > 0
+                        calibration = np.where(calibration_mask[None], calibration, kspace)
+                        calibration_mask = calibration_mask | mask
+                    else:
+                        calibration, calibration_mask = kspace, mask
+                    slices.append(SliceData(key=SliceKey.of(reference), kspace=kspace, mask=mask,
+                                            calibration=calibration, calibration_mask=calibration_mask,
+                                            reference=reference))
+    return slices

@@ -1,0 +1,91 @@
+"""The Gadgetron external Python gadget.
+
+In a chain (see ``chains/``)::
+
+    <external>
+      <execute name="unrollinr_gadget.gadget" target="handle" type="python"/>
+      <configuration><property name="iterations" value="300"/></configuration>
+    </external>
+
+Gadgetron runs ``python3 -m gadgetron <port> unrollinr_gadget.gadget handle``; in connect
+mode (``<connect port="18000"/>``) run ``unrollinr listen --port 18000`` instead.
+
+The gadget works around the upstream client package's gaps: failures are sent back as
+ERROR (id 8) before CLOSE, so Gadgetron reports them; a TEXT message no longer ends the
+stream; nothing is printed to stdout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ismrmrd
+from gadgetron.external import constants
+from gadgetron.external.readers import read_byte_string
+from gadgetron.types.recon_data import ReconData
+
+from unrollinr_gadget.pipeline import Outcome, ReconPipeline, SliceFailure
+from unrollinr_gadget.protocol import MessageWriter
+from unrollinr_gadget.settings import GadgetSettings, chain_properties
+
+logger = logging.getLogger(__name__)
+
+
+class _Text(str):
+    """A TEXT message read from Gadgetron (ignored, but must not end the stream)."""
+
+
+def _read_text(source) -> _Text:
+    return _Text(read_byte_string(source).decode("utf-8", errors="replace"))
+
+
+def send_error(connection, message: str) -> None:
+    """Send ERROR (id 8) to Gadgetron, which raises it as a RemoteError at CLOSE."""
+    MessageWriter(connection.socket).error(message)
+
+
+def _send(connection, outcomes: list[Outcome], failures: list[str]) -> None:
+    for outcome in outcomes:
+        if isinstance(outcome, SliceFailure):
+            failures.append(str(outcome))
+            send_error(connection, str(outcome))
+        else:
+            connection.send(outcome)
+
+
+def handle(connection) -> None:
+    """Reconstruct every slice of the stream and send its image as soon as it is done."""
+    start = time.perf_counter()
+    connection.add_reader(constants.GADGET_MESSAGE_TEXT, _read_text)
+    try:
+        settings = GadgetSettings.from_properties(chain_properties(connection.config))
+        pipeline = ReconPipeline(connection.header, settings.recon, output=settings.output,
+                                 device=settings.device, series_index=settings.series_index)
+    except (ValueError, AttributeError) as error:
+        logger.error("invalid configuration: %s", error)
+        send_error(connection, f"unrollinr: invalid configuration: {error}")
+        return
+    failures: list[str] = []
+    images = 0
+    try:
+        for item in connection:
+            if isinstance(item, ismrmrd.Acquisition):
+                outcomes = pipeline.add(item)
+            elif isinstance(item, ReconData):
+                outcomes = pipeline.add_buffers(item)
+            elif isinstance(item, (ismrmrd.Waveform, _Text)):
+                continue
+            else:  # images and other items pass through untouched
+                connection.send(item)
+                continue
+            images += sum(not isinstance(o, SliceFailure) for o in outcomes)
+            _send(connection, outcomes, failures)
+        outcomes = pipeline.finish()
+        images += sum(not isinstance(o, SliceFailure) for o in outcomes)
+        _send(connection, outcomes, failures)
+    except Exception as error:  # noqa: BLE001 - report anything to Gadgetron rather than vanish
+        logger.exception("gadget failed")
+        send_error(connection, f"unrollinr: {type(error).__name__}: {error}")
+        return
+    logger.info("sent %d images, %d failures, in %.1f s", images, len(failures), time.perf_counter() - start)

@@ -1,0 +1,74 @@
+"""Building ISMRMRD images from reconstructions, with headers taken from the acquisitions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ismrmrd
+import numpy as np
+
+from unrollinr_gadget.assembly import EncodingGeometry, SliceData
+
+OUTPUT_TYPES = ("uint16", "float", "complex")
+_UINT16_TARGET = 4095.0
+
+
+@dataclass
+class ImageFactory:
+    """Numbers images within one series and fixes the uint16 scale on the first image,
+    so that all slices of an exam share one intensity scale."""
+
+    geometry: EncodingGeometry
+    output: str = "uint16"
+    series_index: int = 1
+    comment: str = "UnrollINR"
+    _next_index: int = field(default=1, init=False)
+    _uint16_scale: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUT_TYPES:
+            raise ValueError(f"output must be one of {OUTPUT_TYPES}, got {self.output!r}")
+
+    def _crop(self, image: np.ndarray) -> np.ndarray:
+        """Crop phase-encode oversampling: ``(ky, x)`` to ``(recon_y, recon_x)``."""
+        n_y = image.shape[0]
+        start = n_y // 2 - self.geometry.recon_y // 2
+        return image[start:start + self.geometry.recon_y] if n_y > self.geometry.recon_y else image
+
+    def _pixels(self, image: np.ndarray) -> tuple[np.ndarray, int, float]:
+        magnitude = np.abs(image)
+        if self.output == "complex":
+            return image.astype(np.complex64), ismrmrd.IMTYPE_COMPLEX, 1.0
+        if self.output == "float":
+            return magnitude.astype(np.float32), ismrmrd.IMTYPE_MAGNITUDE, 1.0
+        if self._uint16_scale is None:
+            peak = float(magnitude.max())
+            self._uint16_scale = _UINT16_TARGET / peak if peak > 0 else 1.0
+        scaled = np.clip(np.round(magnitude * self._uint16_scale), 0, np.iinfo(np.uint16).max)
+        return scaled.astype(np.uint16), ismrmrd.IMTYPE_MAGNITUDE, self._uint16_scale
+
+    def make(self, image: np.ndarray, data: SliceData, *, details: dict[str, str] | None = None) -> ismrmrd.Image:
+        """An ``ismrmrd.Image`` for a reconstructed ``(ky, kx)`` complex slice."""
+        pixels, image_type, scale = self._pixels(self._crop(image))
+        result = ismrmrd.Image.from_array(pixels, acquisition=data.reference)
+        head = result.getHead()
+        head.image_type = image_type
+        head.field_of_view[:] = self.geometry.recon_fov
+        head.image_index = self._next_index
+        head.image_series_index = self.series_index
+        result.setHead(head)
+        self._next_index += 1
+
+        magnitude = np.abs(pixels).astype(np.float64)
+        low, high = np.percentile(magnitude, [1, 99.5])
+        meta = ismrmrd.Meta()
+        meta["DataRole"] = "Image"
+        meta["ImageComment"] = self.comment
+        meta["ImageProcessingHistory"] = ["UNROLLINR"]
+        meta["WindowCenter"] = str(int(round((low + high) / 2)))
+        meta["WindowWidth"] = str(max(1, int(round(high - low))))
+        meta["ImageScaleFactor"] = f"{scale:.6g}"
+        for name, value in (details or {}).items():
+            meta[name] = value
+        result.meta = meta
+        return result

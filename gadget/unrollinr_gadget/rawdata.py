@@ -1,0 +1,202 @@
+"""ISMRMRD raw files: reading them, and simulating a prospective acquisition from fully
+sampled k-space (``unrollinr simulate-raw``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import ismrmrd
+import ismrmrd.xsd as xsd
+import numpy as np
+import torch
+
+from unrollinr.coils import CalibrationError, find_calibration_region
+from unrollinr.fft import fft2c, ifft2c
+
+logger = logging.getLogger(__name__)
+DATASET = "dataset"
+
+
+@dataclass
+class RawFile:
+    """An ISMRMRD raw dataset: its XML header and acquisitions, read lazily."""
+
+    path: Path
+    dataset: str = DATASET
+
+    def __post_init__(self) -> None:
+        if not Path(self.path).exists():
+            raise FileNotFoundError(f"no such raw file: {self.path}")
+
+    def _open(self) -> ismrmrd.Dataset:
+        return ismrmrd.Dataset(str(self.path), self.dataset, create_if_needed=False)
+
+    def header(self) -> xsd.ismrmrdHeader:
+        """The parsed ISMRMRD XML header."""
+        dataset = self._open()
+        try:
+            return xsd.CreateFromDocument(dataset.read_xml_header())
+        finally:
+            dataset.close()
+
+    def __len__(self) -> int:
+        dataset = self._open()
+        try:
+            return dataset.number_of_acquisitions()
+        finally:
+            dataset.close()
+
+    def acquisitions(self) -> Iterator[ismrmrd.Acquisition]:
+        """Every acquisition in file order."""
+        dataset = self._open()
+        try:
+            for index in range(dataset.number_of_acquisitions()):
+                yield dataset.read_acquisition(index)
+        finally:
+            dataset.close()
+
+
+def _matrix(x: int, y: int, z: int = 1) -> xsd.matrixSizeType:
+    return xsd.matrixSizeType(x=x, y=y, z=z)
+
+
+def _fov(x: float, y: float, z: float) -> xsd.fieldOfViewMm:
+    return xsd.fieldOfViewMm(x=x, y=y, z=z)
+
+
+def make_header(*, n_coils: int, n_ky: int, n_kx: int, n_slices: int, oversampling: int,
+                fov_mm: tuple[float, float, float], acceleration: float, calibration_mode: str) -> xsd.ismrmrdHeader:
+    """A Cartesian 2D multi-slice ISMRMRD header with readout oversampling."""
+    limits = xsd.encodingLimitsType(
+        kspace_encoding_step_1=xsd.limitType(minimum=0, maximum=n_ky - 1, center=n_ky // 2),
+        slice=xsd.limitType(minimum=0, maximum=n_slices - 1, center=0))
+    encoding = xsd.encodingType(
+        trajectory=xsd.trajectoryType("cartesian"),
+        encodedSpace=xsd.encodingSpaceType(matrixSize=_matrix(n_kx * oversampling, n_ky),
+                                           fieldOfView_mm=_fov(fov_mm[0] * oversampling, fov_mm[1], fov_mm[2])),
+        reconSpace=xsd.encodingSpaceType(matrixSize=_matrix(n_kx, n_ky), fieldOfView_mm=_fov(*fov_mm)),
+        encodingLimits=limits,
+        parallelImaging=xsd.parallelImagingType(
+            accelerationFactor=xsd.accelerationFactorType(kspace_encoding_step_1=max(1, round(acceleration)),
+                                                          kspace_encoding_step_2=1),
+            calibrationMode=xsd.calibrationModeType(calibration_mode)),
+    )
+    header = xsd.ismrmrdHeader(
+        experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=123_200_000),
+        acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
+            receiverChannels=n_coils, systemVendor="unrollinr simulate-raw", relativeReceiverNoiseBandwidth=0.793),
+        encoding=[encoding],
+    )
+    return header
+
+
+def _oversample_readout(kspace: np.ndarray, factor: int) -> np.ndarray:
+    """Embed ``(..., ky, kx)`` k-space in a ``factor``-times wider readout FOV (zero image outside)."""
+    if factor == 1:
+        return kspace
+    images = ifft2c(torch.from_numpy(kspace)).numpy()
+    n_x = images.shape[-1]
+    padded = np.zeros(images.shape[:-1] + (n_x * factor,), dtype=images.dtype)
+    start = (n_x * factor) // 2 - n_x // 2
+    padded[..., start:start + n_x] = images
+    return fft2c(torch.from_numpy(padded)).numpy()
+
+
+def simulate_raw(kspace: np.ndarray, mask: np.ndarray, path: str | Path, *, oversampling: int = 2,
+                 noise_scans: int = 1, noise_std: float | None = None, fov_mm: tuple[float, float, float] = (220.0, 220.0, 5.0),
+                 seed: int = 0) -> Path:
+    """Write an undersampled ISMRMRD raw file from fully sampled k-space.
+
+    Parameters
+    ----------
+    kspace
+        Fully sampled, centred k-space ``(coils, ky, kx)`` or ``(slices, coils, ky, kx)``.
+    mask
+        ``(ky, kx)`` line mask (whole ``ky`` lines); its centred fully sampled block, if
+        any, is flagged as embedded ACS (``ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING``).
+    oversampling
+        Readout oversampling factor of the file (the encoded space is this much wider).
+    noise_scans
+        Number of noise-only acquisitions written first (``ACQ_IS_NOISE_MEASUREMENT``).
+    noise_std
+        Standard deviation of the complex noise in those scans; by default estimated from
+        the k-space corners.
+    """
+    kspace = np.asarray(kspace, dtype=np.complex64)
+    if kspace.ndim == 3:
+        kspace = kspace[None]
+    if kspace.ndim != 4:
+        raise ValueError(f"kspace must be (coils, ky, kx) or (slices, coils, ky, kx), got {kspace.shape}")
+    n_slices, n_coils, n_ky, n_kx = kspace.shape
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (n_ky, n_kx) or not (mask == mask[:, :1]).all():
+        raise ValueError("simulate_raw needs a (ky, kx) mask of whole ky lines")
+    rows = np.flatnonzero(mask[:, 0])
+    try:
+        acs = find_calibration_region(mask).ky
+    except CalibrationError:
+        acs = (0, 0)  # no ACS block: a file that must fail to reconstruct, for tests
+    oversampled = _oversample_readout(kspace, oversampling)
+    rng = np.random.default_rng(seed)
+    if noise_std is None:
+        corner = kspace[..., : max(1, n_ky // 16), : max(1, n_kx // 16)]
+        noise_std = float(np.std(corner)) or 1e-6
+
+    path = Path(path)
+    if path.exists():
+        path.unlink()
+    header = make_header(n_coils=n_coils, n_ky=n_ky, n_kx=n_kx, n_slices=n_slices, oversampling=oversampling,
+                         fov_mm=fov_mm, acceleration=n_ky / len(rows), calibration_mode="embedded")
+    dataset = ismrmrd.Dataset(str(path), DATASET, create_if_needed=True)
+    try:
+        dataset.write_xml_header(header.toXML("utf-8"))
+        stamp = 0
+        for _ in range(noise_scans):
+            noise = noise_std * (rng.standard_normal((n_coils, n_kx * oversampling))
+                                 + 1j * rng.standard_normal((n_coils, n_kx * oversampling))) / np.sqrt(2)
+            acquisition = _acquisition(noise.astype(np.complex64), stamp, ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+            dataset.append_acquisition(acquisition)
+            stamp += 1
+        for s in range(n_slices):
+            for number, ky in enumerate(rows):
+                flags = []
+                if number == 0:
+                    flags.append(ismrmrd.ACQ_FIRST_IN_SLICE)
+                if number == len(rows) - 1:
+                    flags.append(ismrmrd.ACQ_LAST_IN_SLICE)
+                    if s == n_slices - 1:
+                        flags.append(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
+                if acs[0] <= ky < acs[1]:
+                    flags.append(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+                acquisition = _acquisition(oversampled[s, :, ky, :], stamp, *flags)
+                head = acquisition.getHead()
+                head.idx.kspace_encode_step_1 = int(ky)
+                head.idx.slice = s
+                head.position[:] = [0.0, 0.0, (s - (n_slices - 1) / 2) * fov_mm[2]]
+                acquisition.setHead(head)
+                dataset.append_acquisition(acquisition)
+                stamp += 1
+    finally:
+        dataset.close()
+    logger.info("wrote %s: %d slices, %d lines each, %d coils, readout oversampling %d", path, n_slices,
+                len(rows), n_coils, oversampling)
+    return path
+
+
+def _acquisition(data: np.ndarray, stamp: int, *flags: int) -> ismrmrd.Acquisition:
+    acquisition = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data, dtype=np.complex64))
+    head = acquisition.getHead()
+    head.center_sample = data.shape[1] // 2
+    head.sample_time_us = 5.0
+    head.acquisition_time_stamp = stamp
+    head.read_dir[:] = [1.0, 0.0, 0.0]
+    head.phase_dir[:] = [0.0, 1.0, 0.0]
+    head.slice_dir[:] = [0.0, 0.0, 1.0]
+    head.patient_table_position[:] = [0.0, 0.0, 0.0]
+    acquisition.setHead(head)
+    for flag in flags:
+        acquisition.set_flag(flag)
+    return acquisition

@@ -1,0 +1,102 @@
+"""Gadget settings: the reconstruction config plus how images are sent back.
+
+One mapping from ``name -> text`` serves every front end: Gadgetron chain properties,
+the server's config names and JSON parameters, and the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from unrollinr.config import ReconConfig
+from unrollinr_gadget.images import OUTPUT_TYPES
+
+GADGET_FIELDS = ("output", "device", "series_index")
+
+
+@dataclass(frozen=True)
+class GadgetSettings:
+    """``recon`` settings, the image ``output`` type, torch ``device`` and ``series_index``."""
+
+    recon: ReconConfig = field(default_factory=ReconConfig)
+    output: str = "uint16"
+    device: str | None = None
+    series_index: int = 1
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUT_TYPES:
+            raise ValueError(f"output must be one of {OUTPUT_TYPES}, got {self.output!r}")
+        if self.series_index < 0:
+            raise ValueError(f"series_index must not be negative, got {self.series_index}")
+
+    @classmethod
+    def from_properties(cls, properties: Mapping[str, Any], *, base: GadgetSettings | None = None) -> GadgetSettings:
+        """Settings from ``name -> value`` pairs: gadget fields plus any :class:`ReconConfig`
+        field (and ``preset``). Unknown names and bad values raise ``ValueError``."""
+        base = base or cls()
+        values = dict(properties)
+        gadget = {name: values.pop(name) for name in GADGET_FIELDS if name in values}
+        recon = ReconConfig.from_strings(values, base=base.recon) if values else base.recon
+        if "series_index" in gadget:
+            try:
+                gadget["series_index"] = int(gadget["series_index"])
+            except ValueError:
+                raise ValueError(f"setting 'series_index' expects int, got {gadget['series_index']!r}") from None
+        if "device" in gadget:
+            gadget["device"] = str(gadget["device"]) or None
+            if gadget["device"] == "auto":
+                gadget["device"] = None
+        return dataclasses.replace(base, recon=recon, **gadget)
+
+    @classmethod
+    def known_names(cls) -> set[str]:
+        """Every property name that :meth:`from_properties` accepts."""
+        return set(GADGET_FIELDS) | {f.name for f in dataclasses.fields(ReconConfig)} | {"preset"}
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def gadget_configuration(chain: ElementTree.Element) -> ElementTree.Element:
+    """Our ``<configuration>`` within a whole chain: that of its ``<external>`` node. An
+    element that holds no ``<external>`` is taken to be the gadget's configuration itself."""
+    externals = [e for e in chain.iter() if _local(e.tag) == "external"]
+    if not externals:
+        return chain
+    if len(externals) > 1:
+        ours = [e for e in externals for x in e if _local(x.tag) == "execute"
+                and (x.get("name") or "").startswith("unrollinr_gadget")]
+        externals = ours or externals
+    for child in externals[0]:
+        if _local(child.tag) == "configuration":
+            return child
+    return ElementTree.Element("configuration")
+
+
+def chain_properties(element: ElementTree.Element | None) -> dict[str, str]:
+    """The ``<property name=... value=.../>`` pairs of a gadget ``<configuration>``."""
+    if element is None:
+        return {}
+    properties: dict[str, str] = {}
+    for prop in element.iter():
+        if _local(prop.tag) != "property":
+            continue
+        name, value = prop.get("name"), prop.get("value")
+        if name is None or value is None:  # Gadgetron 3 style: <property><name/><value/></property>
+            name = _child_text(prop, "name")
+            value = _child_text(prop, "value")
+        if name is None:
+            raise ValueError("a <property> without a name")
+        properties[name] = value if value is not None else ""
+    return properties
+
+
+def _child_text(element: ElementTree.Element, tag: str) -> str | None:
+    for child in element:
+        if _local(child.tag) == tag:
+            return (child.text or "").strip()
+    return None

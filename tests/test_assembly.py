@@ -1,0 +1,109 @@
+import ismrmrd
+import numpy as np
+import pytest
+
+from unrollinr.masks import random_line_mask
+from unrollinr.phantoms import phantom_kspace
+from unrollinr_gadget.assembly import EncodingGeometry, SliceAssembler, SliceKey
+from unrollinr_gadget.rawdata import RawFile, simulate_raw
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    kspace = phantom_kspace(32, 3, seed=2)
+    mask = random_line_mask((32, 32), 2, acs_lines=10, seed=1)
+    path = simulate_raw(kspace, mask, tmp_path_factory.mktemp("a") / "raw.h5", oversampling=2, noise_scans=0)
+    return kspace, mask, RawFile(path)
+
+
+def test_lines_are_placed_and_oversampling_removed_exactly(single):
+    kspace, mask, raw = single
+    assembler = SliceAssembler(raw.header())
+    completed = [s for a in raw.acquisitions() for s in assembler.add(a)]
+    assert len(completed) == 1 and assembler.finish() == []
+    data = completed[0]
+    assert data.kspace.shape == (3, 32, 32)
+    np.testing.assert_array_equal(data.mask, mask)
+    np.testing.assert_allclose(data.kspace, kspace * mask, atol=1e-4 * np.abs(kspace).max())
+    assert data.calibration_mask[11:21].all()
+
+
+def test_noise_scans_prewhiten_and_are_never_imaged(tmp_path):
+    kspace = phantom_kspace(32, 3, seed=2)
+    mask = random_line_mask((32, 32), 2, acs_lines=10, seed=1)
+    raw = RawFile(simulate_raw(kspace, mask, tmp_path / "raw.h5", noise_scans=3, noise_std=0.5))
+    assembler = SliceAssembler(raw.header())
+    acquisitions = list(raw.acquisitions())
+    assert sum(a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) for a in acquisitions) == 3
+    (data,) = [s for a in acquisitions for s in assembler.add(a)]
+    noise = np.concatenate([a.data for a in acquisitions[:3]], axis=1)
+    from unrollinr.coils import prewhitening_matrix
+
+    whitened = np.einsum("dc,cyx->dyx", prewhitening_matrix(noise), kspace * mask)
+    np.testing.assert_allclose(data.kspace, whitened, atol=1e-3 * np.abs(whitened).max())
+
+
+def _acquisition(ky, n_samples=16, coils=2, flags=(), **idx):
+    acquisition = ismrmrd.Acquisition.from_array(np.ones((coils, n_samples), np.complex64) * (ky + 1))
+    head = acquisition.getHead()
+    head.idx.kspace_encode_step_1 = ky
+    head.center_sample = n_samples // 2
+    for name, value in idx.items():
+        setattr(head.idx, name, value)
+    acquisition.setHead(head)
+    for flag in flags:
+        acquisition.set_flag(flag)
+    return acquisition
+
+
+@pytest.fixture
+def header(tmp_path):
+    path = simulate_raw(phantom_kspace(16, 2), random_line_mask((16, 16), 2, acs_lines=8), tmp_path / "h.h5",
+                        oversampling=1, noise_scans=0)
+    return RawFile(path).header()
+
+
+def test_counters_are_kept_apart_and_slices_complete_on_their_last_line(header):
+    assembler = SliceAssembler(header)
+    assert assembler.add(_acquisition(8, slice=0)) == []
+    assert assembler.add(_acquisition(8, slice=1)) == []
+    assert assembler.add(_acquisition(8, repetition=1)) == []
+    done = assembler.add(_acquisition(9, slice=1, flags=[ismrmrd.ACQ_LAST_IN_SLICE]))
+    assert [d.key for d in done] == [SliceKey(slice=1)]
+    assert done[0].mask[:, 0].sum() == 2
+    rest = assembler.finish()
+    assert [d.key for d in rest] == [SliceKey(), SliceKey(repetition=1)]
+
+
+def test_navigators_and_phase_correction_are_skipped_and_separate_acs_is_not_imaged(header):
+    assembler = SliceAssembler(header)
+    assembler.add(_acquisition(3, flags=[ismrmrd.ACQ_IS_NAVIGATION_DATA]))
+    assembler.add(_acquisition(4, flags=[ismrmrd.ACQ_IS_PHASECORR_DATA]))
+    assembler.add(_acquisition(7, flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION]))
+    assembler.add(_acquisition(8, flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING]))
+    (data,) = assembler.finish()
+    assert np.flatnonzero(data.mask[:, 0]).tolist() == [8]
+    assert np.flatnonzero(data.calibration_mask[:, 0]).tolist() == [7, 8]
+    assert assembler.skipped == {"navigator": 1, "phase correction": 1}
+
+
+def test_asymmetric_echo_is_placed_by_its_centre_sample(header):
+    assembler = SliceAssembler(header)
+    acquisition = _acquisition(8, n_samples=12)
+    head = acquisition.getHead()
+    head.center_sample = 4  # 4 samples before the echo centre, 8 after
+    acquisition.setHead(head)
+    assembler.add(acquisition)
+    (data,) = assembler.finish()
+    row = np.abs(data.kspace[0, 8])
+    assert np.flatnonzero(row).tolist() == list(range(4, 16))
+
+
+def test_lines_outside_the_encoding_are_an_error(header):
+    with pytest.raises(ValueError, match="outside the encoded matrix"):
+        SliceAssembler(header).add(_acquisition(40))
+
+
+def test_geometry_reads_the_recon_space(header):
+    geometry = EncodingGeometry.from_header(header)
+    assert (geometry.encoded_x, geometry.n_ky, geometry.recon_x, geometry.ky_centre) == (16, 16, 16, 8)

@@ -1,0 +1,43 @@
+"""Every chain parses and names modules and targets that import and exist."""
+
+import importlib
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+from unrollinr_gadget.settings import GadgetSettings, chain_properties, gadget_configuration
+
+CHAINS = sorted((Path(__file__).resolve().parents[1] / "chains").glob("*.xml"))
+
+
+def test_there_are_three_chains():
+    names = {p.name for p in CHAINS}
+    assert {"unrollinr.xml", "unrollinr_prospective_connect.xml", "unrollinr_buffered.xml"} <= names
+
+
+@pytest.mark.parametrize("chain", CHAINS, ids=lambda p: p.name)
+def test_chain_is_valid(chain):
+    root = ElementTree.parse(chain).getroot()
+    assert root.tag == "configuration" and root.findtext("version") == "2"
+    external = root.find("stream/external")
+    assert external is not None
+    execute, connect = external.find("execute"), external.find("connect")
+    assert (execute is None) != (connect is None)
+    if execute is not None:
+        assert execute.get("type") == "python"
+        module = importlib.import_module(execute.get("name"))
+        assert callable(getattr(module, execute.get("target")))
+    else:
+        assert int(connect.get("port")) > 0
+    settings = GadgetSettings.from_properties(chain_properties(gadget_configuration(root)))
+    assert settings.recon.iterations > 0
+    for gadget in root.findall("stream/gadget"):
+        assert gadget.findtext("dll") and gadget.findtext("classname")
+
+
+def test_buffered_chain_runs_buffering_before_our_gadget():
+    root = ElementTree.parse(next(p for p in CHAINS if p.name == "unrollinr_buffered.xml")).getroot()
+    steps = [child.findtext("classname") or child.tag for child in root.find("stream")]
+    assert steps.index("AcquisitionAccumulateTriggerGadget") < steps.index("BucketToBufferGadget") < steps.index(
+        "external")

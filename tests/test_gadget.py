@@ -1,0 +1,147 @@
+"""The gadget driven exactly as Gadgetron drives it, over loopback sockets."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import ismrmrd
+import numpy as np
+import pytest
+from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription, write_recon_data
+from ismrmrd.serialization import ConfigText
+
+from peers import connect_with_retry, properties_xml, read_replies, send_stream
+from conftest import FAST_PROPERTIES
+from unrollinr.masks import random_line_mask
+from unrollinr.phantoms import phantom_kspace
+from unrollinr_gadget.assembly import SliceAssembler
+from unrollinr_gadget.rawdata import RawFile, simulate_raw
+
+
+def _gadget_env() -> dict:
+    env = dict(os.environ, GADGETRON_EXTERNAL_LOG_LEVEL="INFO")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_execute_mode(properties: dict, header, items, timeout: float = 300, extra=None):
+    """Gadgetron's <execute> mode: bind a port, start `python -m gadgetron PORT MODULE TARGET`,
+    accept its connection, send CONFIG (id 2), HEADER, the items and CLOSE."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(timeout)
+        port = listener.getsockname()[1]
+        process = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), "unrollinr_gadget.gadget", "handle"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_gadget_env())
+        try:
+            connection, _ = listener.accept()
+            with connection:
+                connection.settimeout(timeout)
+                send_stream(connection, ConfigText(properties_xml(properties)), header, items, extra=extra)
+                replies = read_replies(connection)
+            stdout, stderr = process.communicate(timeout=timeout)
+        finally:
+            process.kill()
+    return replies, stdout, stderr
+
+
+def check_images(images, raw: RawFile, output_dtype=np.uint16):
+    acquisitions = [a for a in raw.acquisitions() if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    assert len(images) == 2
+    for number, image in enumerate(images):
+        head = image.getHead()
+        assert image.data.dtype == output_dtype
+        assert tuple(head.matrix_size) == (48, 48, 1)
+        assert tuple(head.field_of_view) == pytest.approx((220.0, 220.0, 5.0))
+        assert head.image_index == number + 1 and head.image_series_index == 1
+        assert head.slice == number
+        source = next(a.getHead() for a in acquisitions if a.getHead().idx.slice == number)
+        assert tuple(head.position) == pytest.approx(tuple(source.position))
+        assert tuple(head.read_dir) == pytest.approx(tuple(source.read_dir))
+        assert tuple(head.slice_dir) == pytest.approx(tuple(source.slice_dir))
+        meta = image.meta
+        assert meta["DataRole"] == "Image"
+        assert meta["ImageComment"] == "UnrollINR"
+        assert meta["ImageProcessingHistory"] == "UNROLLINR"
+        assert int(meta["WindowWidth"]) > 0 and int(meta["WindowCenter"]) > 0
+        assert image.data.max() > 0
+
+
+def test_execute_mode_reconstructs_every_slice(raw_phantom):
+    raw = RawFile(raw_phantom)
+    replies, stdout, stderr = run_execute_mode(FAST_PROPERTIES, raw.header(), raw.acquisitions())
+    assert replies.closed and replies.errors == [], stderr.decode()[-2000:]
+    check_images(replies.images, raw)
+    assert stdout == b""  # stdout is the stream in some setups: never print
+
+
+def test_a_failing_slice_reaches_gadgetron_as_an_error(tmp_path):
+    mask = random_line_mask((48, 48), 3, acs_lines=12, seed=0)
+    mask[20:28] = False  # no ACS, no k-space centre
+    raw = RawFile(simulate_raw(phantom_kspace(48, 4), mask, tmp_path / "noacs.h5"))
+    replies, stdout, _ = run_execute_mode(FAST_PROPERTIES, raw.header(), raw.acquisitions())
+    assert replies.closed and replies.images == []
+    assert len(replies.errors) == 1 and "centre is not sampled" in replies.errors[0]
+    assert stdout == b""
+
+
+def test_invalid_properties_are_reported(raw_phantom):
+    raw = RawFile(raw_phantom)
+    replies, _, _ = run_execute_mode({"iteration": "5"}, raw.header(), [])
+    assert replies.closed and replies.images == []
+    assert "unknown reconstruction setting" in replies.errors[0]
+
+
+def test_connect_mode_with_unrollinr_listen(raw_phantom):
+    raw = RawFile(raw_phantom)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "unrollinr_gadget.cli", "listen", "--port", str(port), "--once"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_gadget_env())
+    try:
+        with connect_with_retry(port) as connection:
+            send_stream(connection, ConfigText(properties_xml({**FAST_PROPERTIES, "output": "float"})),
+                        raw.header(), raw.acquisitions())
+            replies = read_replies(connection)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert replies.closed and replies.errors == [], stderr.decode()[-2000:]
+    check_images(replies.images, raw, output_dtype=np.float32)
+    assert stdout == b""
+
+
+def _recon_data(raw: RawFile) -> ReconData:
+    """What BucketToBuffer sends: (RO, E1, E2, CHA, N, S, LOC) data with headers, one bit per slice."""
+    header = raw.header()
+    assembler = SliceAssembler(header)
+    slices = [s for a in raw.acquisitions() for s in assembler.add(a)]
+    bits = []
+    for data in slices:
+        n_coils, n_ky, n_kx = data.kspace.shape
+        buffer = np.ascontiguousarray(data.kspace.transpose(2, 1, 0))[:, :, None, :, None, None, None]
+        headers = np.empty((n_ky, 1, 1, 1, 1), dtype=object)
+        for row in range(n_ky):
+            head = ismrmrd.AcquisitionHeader.from_buffer_copy(data.reference)
+            head.idx.kspace_encode_step_1 = row
+            headers[row, 0, 0, 0, 0] = head
+        sampling = SamplingDescription()
+        sampling.encoded_matrix[:] = (n_kx, n_ky, 1)
+        sampling.recon_matrix[:] = (n_kx, n_ky, 1)
+        sampling.encoded_FOV[:] = (220.0, 220.0, 5.0)
+        sampling.recon_FOV[:] = (220.0, 220.0, 5.0)
+        sampling.sampling_limits[1].min, sampling.sampling_limits[1].center, sampling.sampling_limits[1].max = (
+            0, n_ky // 2, n_ky - 1)
+        bits.append(ReconBit(ReconBuffer(buffer.astype(np.complex64), None, None, headers, sampling)))
+    return ReconData(bits)
+
+
+def test_buffered_recon_data_after_bucket_to_buffer(raw_phantom):
+    raw = RawFile(raw_phantom)
+    recon_data = _recon_data(raw)
+    replies, stdout, stderr = run_execute_mode(FAST_PROPERTIES, raw.header(), [],
+                                               extra=lambda stream: write_recon_data(stream, recon_data))
+    assert replies.closed and replies.errors == [], stderr.decode()[-2000:]
+    check_images(replies.images, raw)
+    assert stdout == b""
