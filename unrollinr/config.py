@@ -39,10 +39,12 @@ class ReconConfig:
         measured phase-encode lines outside the ACS is held out of training and the
         iterate with the lowest held-out loss is kept; ``patience`` steps without
         improvement stop training.
+        ``zero_outside_maps`` zeroes ``z`` where the coil maps vanish (no data constrain
+        the image there); off, the prior fills those pixels smoothly.
     Coil maps:
-        ESPIRiT (sigpy) on the ACS, with ``espirit_*`` settings; ``espirit_crop`` zeroes
-        the background, and holes inside the support are filled. ``coil_compression``
-        > 0 compresses to that many virtual coils first.
+        ESPIRiT on the whole ACS rectangle, with ``espirit_*`` settings; ``espirit_crop``
+        zeroes the maps in the background, and holes inside the support are filled.
+        ``coil_compression`` > 0 compresses to that many virtual coils first.
     """
 
     regularizer: str = "inr"
@@ -63,6 +65,7 @@ class ReconConfig:
     cg_iterations: int = 20
     cg_tolerance: float = 0.0
     cg_warm_start: bool = True
+    zero_outside_maps: bool = True
 
     iterations: int = 300
     lr: float = 1e-2

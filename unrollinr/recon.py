@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 import torch
@@ -89,11 +90,13 @@ def _protected_rows(mask: np.ndarray) -> np.ndarray:
 def reconstruct_with_details(kspace: np.ndarray, mask: np.ndarray | None = None, *, csm: np.ndarray | None = None,
                              config: ReconConfig | None = None, device: str | torch.device | None = None,
                              progress: bool | None = None,
-                             calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, FitResult]:
+                             calibration: tuple[np.ndarray, np.ndarray] | None = None,
+                             callback: Callable[[int, np.ndarray], None] | None = None) -> tuple[np.ndarray, FitResult]:
     """:func:`reconstruct`, also returning the :class:`FitResult` (history, timings, prior image).
 
     ``calibration`` optionally gives separate ACS data ``(coils, ky, kx)`` and its mask
-    for the coil maps (see :func:`prepare_maps`).
+    for the coil maps (see :func:`prepare_maps`). ``callback(iteration, image)`` sees the
+    ``(ky, kx)`` image of each training iteration on the scale of the data.
     """
     config = ReconConfig() if config is None else config
     kspace, mask = _validate(kspace, mask, csm)
@@ -108,8 +111,12 @@ def reconstruct_with_details(kspace: np.ndarray, mask: np.ndarray | None = None,
     scale = float(op.adjoint(kspace_t).abs().max())
     if scale == 0:
         raise ValueError("the coil maps and data give an all-zero image: check the maps' support")
+    on_iteration = None
+    if callback is not None:
+        def on_iteration(iteration: int, x: torch.Tensor) -> None:
+            callback(iteration, (x[0] * scale).cpu().numpy())
     result = fit(op, kspace_t / scale, config, progress=progress,
-                 protected=torch.from_numpy(protected).to(device))
+                 protected=torch.from_numpy(protected).to(device), callback=on_iteration)
     image = (result.image[0] * scale).cpu().numpy().astype(np.complex64)
     return image, result
 

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -85,7 +86,7 @@ def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor) -> Unrol
     elif config.regularizer == "pixel":
         start = op.adjoint(kspace)
         priors = [PixelImage(start[s]) for s in range(n_slices)]
-    support = op.maps.abs().sum(dim=1) > 0
+    support = op.maps.abs().sum(dim=1) > 0 if config.zero_outside_maps else torch.ones_like(op.mask)
     return UnrollINR(priors, dc, support, config.lam, config.lam_s).to(device)
 
 
@@ -103,7 +104,8 @@ def _show_progress(progress: bool | None) -> bool:
 
 
 def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: bool | None = None,
-        protected: torch.Tensor | None = None) -> FitResult:
+        protected: torch.Tensor | None = None,
+        callback: Callable[[int, torch.Tensor], None] | None = None) -> FitResult:
     """Train UnrollINR on one measurement and return the final forward pass.
 
     Parameters
@@ -117,6 +119,9 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         ``(ky, kx)`` samples never held out (the ACS region); needed with a holdout.
     progress
         Show a progress bar; ``None`` shows one when stderr is a terminal.
+    callback
+        Called after each iteration with its number and the current image ``x``
+        ``(slices, y, x)`` (detached), e.g. to track quality in benchmarks.
     """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -160,6 +165,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         else:
             score = record["loss"]
         history.append(record)
+        if callback is not None:
+            callback(iteration, x.detach())
         if score < best_score * (1 - _MIN_RELATIVE_IMPROVEMENT):
             best_score, best_iteration = score, iteration
             best_state = copy.deepcopy(model.state_dict())

@@ -1,0 +1,182 @@
+"""Speed benchmark on one slice (default: brain_8ch_256, R = 8, random lines).
+
+Prints, in one run on one machine:
+- seconds per training iteration (median) with the default configuration;
+- the floor: the ``2 x (CG iterations + 1)`` SENSE normal-operator applications that one
+  iteration must do, timed on the same operator, and the ratio of the two;
+- the time UnrollINR needs to come within 0.3 dB of the best PSNR it reaches, against
+  the wall time of BART ``ecalib`` + ``pics -l1`` (best lambda of a grid) when installed;
+- peak memory with 10 and with 40 CG iterations (separate processes).
+
+The last line is machine-readable:
+
+    floor_ratio=<a> time_to_quality_vs_bart=<b> peak_mem_ratio_40_10=<c>
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import base_parser, device_name, overrides, setup  # noqa: E402
+
+from unrollinr import baselines  # noqa: E402
+from unrollinr.config import ReconConfig  # noqa: E402
+from unrollinr.data import load_kspace  # noqa: E402
+from unrollinr.evaluate import L1_LAMBDAS, reference_image  # noqa: E402
+from unrollinr.masks import random_line_mask  # noqa: E402
+from unrollinr.metrics import psnr  # noqa: E402
+from unrollinr.recon import default_device, prepare_maps, reconstruct_with_details  # noqa: E402
+from unrollinr.sense import SenseOp  # noqa: E402
+
+QUALITY_TOLERANCE_DB = 0.3
+
+
+def _problem(args, config: ReconConfig):
+    kspace = load_kspace(args.data)
+    mask = random_line_mask(kspace.shape[1:], args.R, seed=0)
+    measured = (kspace * mask).astype(np.complex64)
+    return kspace, mask, measured
+
+
+def seconds_per_iteration(measured, mask, maps, config, device, iterations: int) -> float:
+    stamps: list[float] = []
+    config = ReconConfig.from_strings({"iterations": iterations, "patience": iterations}, base=config)
+    reconstruct_with_details(measured, mask, csm=maps, config=config, device=device, progress=False,
+                             callback=lambda i, x: stamps.append(time.perf_counter()))
+    steps = np.diff(stamps)[2:]  # the first iterations warm up caches and allocators
+    return float(np.median(steps))
+
+
+def floor_seconds(maps, mask, config, device, repeats: int = 7) -> float:
+    """Median time of the normal-operator applications of one training iteration."""
+    op = SenseOp(torch.from_numpy(maps)[None].to(device), torch.from_numpy(mask)[None].to(device))
+    image = torch.randn(op.image_shape, dtype=torch.complex64, device=device)
+    applications = 2 * (config.cg_iterations + 1)
+    timings = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        x = image
+        for _ in range(applications):
+            x = op.normal(x) * 1e-3 + image
+        _sync(device)
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_to_quality(measured, mask, reference, config, device) -> tuple[float, float, float]:
+    """(seconds to within 0.3 dB of the best PSNR, best PSNR, final PSNR), maps included."""
+    trace: list[tuple[float, float]] = []
+    overhead = 0.0
+    start = time.perf_counter()
+
+    def track(_: int, image: np.ndarray) -> None:
+        nonlocal overhead
+        tick = time.perf_counter()
+        trace.append((tick - start - overhead, psnr(reference, image)))
+        overhead += time.perf_counter() - tick
+
+    image, _ = reconstruct_with_details(measured, mask, config=config, device=device, progress=False, callback=track)
+    best = max(p for _, p in trace)
+    reached = next(t for t, p in trace if p >= best - QUALITY_TOLERANCE_DB)
+    return reached, best, psnr(reference, image)
+
+
+def bart_time(measured, reference) -> tuple[float, float, float]:
+    """(seconds of ecalib + pics at the best lambda, that lambda, its PSNR)."""
+    maps = baselines.bart_maps(measured)
+    scores = {lam: psnr(reference, baselines.bart_pics(measured, maps, lam)) for lam in L1_LAMBDAS}
+    best = max(scores, key=scores.get)
+    start = time.perf_counter()
+    baselines.bart_pics(measured, baselines.bart_maps(measured), best)
+    return time.perf_counter() - start, best, scores[best]
+
+
+def peak_memory(args, cg_iterations: int) -> float:
+    """Peak memory (MiB) of a separate process training 5 iterations."""
+    command = [sys.executable, __file__, "--measure-memory", str(cg_iterations), "--data", str(args.data),
+               "--R", str(args.R), "--threads", str(args.threads)]
+    if args.device:
+        command += ["--device", args.device]
+    for item in args.set:
+        command += ["--set", item]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])["peak_mib"]
+
+
+def measure_memory(args, config: ReconConfig) -> None:
+    _, mask, measured = _problem(args, config)
+    device = torch.device(args.device) if args.device else default_device()
+    config = ReconConfig.from_strings({"iterations": 5, "cg_iterations": args.measure_memory}, base=config)
+    reconstruct_with_details(measured, mask, config=config, device=device, progress=False)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mib": peak}))
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--R", type=float, default=8)
+    parser.add_argument("--timing-iterations", type=int, default=25)
+    parser.add_argument("--measure-memory", type=int, default=None, help=argparse_hidden())
+    args = parser.parse_args()
+    setup(args)
+    config = ReconConfig.from_strings(overrides(args))
+    if args.measure_memory is not None:
+        measure_memory(args, config)
+        return
+    device = torch.device(args.device) if args.device else default_device()
+    kspace, mask, measured = _problem(args, config)
+    reference = reference_image(kspace)
+    print(f"data {args.data.name} {kspace.shape}, R={args.R:g}, device {device_name(args.device)}")
+    _, maps = prepare_maps(measured, mask, None, config)
+
+    iteration = seconds_per_iteration(measured, mask, maps, config, device, args.timing_iterations)
+    floor = floor_seconds(maps, mask, config, device)
+    print(f"training iteration: {iteration * 1e3:.1f} ms (median); floor, {2 * (config.cg_iterations + 1)} "
+          f"normal-operator applications: {floor * 1e3:.1f} ms; ratio {iteration / floor:.2f}")
+
+    reached, best, final = time_to_quality(measured, mask, reference, config, device)
+    print(f"UnrollINR: within {QUALITY_TOLERANCE_DB} dB of its best PSNR ({best:.2f} dB) after {reached:.1f} s; "
+          f"final image {final:.2f} dB")
+    if baselines.bart_available():
+        bart_seconds, lam, bart_psnr = bart_time(measured, reference)
+        ratio = reached / bart_seconds
+        print(f"BART ecalib + pics -l1 -r {lam:g}: {bart_seconds:.1f} s, {bart_psnr:.2f} dB; "
+              f"time-to-quality ratio {ratio:.1f}")
+    else:
+        ratio = float("nan")
+        print("BART is not installed: no time-to-quality ratio")
+
+    peak_10, peak_40 = peak_memory(args, 10), peak_memory(args, 40)
+    print(f"peak memory: {peak_10:.0f} MiB with 10 CG iterations, {peak_40:.0f} MiB with 40")
+    print(f"floor_ratio={iteration / floor:.2f} time_to_quality_vs_bart={ratio:.2f} "
+          f"peak_mem_ratio_40_10={peak_40 / peak_10:.3f}")
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()
