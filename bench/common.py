@@ -42,3 +42,12 @@ def device_name(device: str | None) -> str:
     if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         return torch.cuda.get_device_name()
     return f"CPU, {torch.get_num_threads()} torch threads"
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -36,7 +36,7 @@ def main() -> None:
     if not args.no_ablations and 8 in args.R:
         results += evaluate_ablations(kspace, 8, config=config, device=args.device)
 
-    print(f"\n| R | method | PSNR dB | SSIM | NRMSE | seconds | tuning |\n|---|---|---|---|---|---|---|")
+    print("\n| R | method | PSNR dB | SSIM | NRMSE | seconds | tuning |\n|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r.acceleration:g} | {r.method} | {r.psnr:.2f} | {r.ssim:.4f} | {r.nrmse:.4f} | "
               f"{r.seconds:.1f} | {r.setting} |")

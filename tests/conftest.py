@@ -37,10 +37,11 @@ def phantom_48() -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def raw_phantom(tmp_path_factory) -> "Path":
+def raw_phantom(tmp_path_factory) -> Path:
     """A two-slice ISMRMRD raw file: noise scan, 2x readout oversampling, embedded ACS."""
-    from unrollinr.masks import random_line_mask
     from unrollinr_gadget.rawdata import simulate_raw
+
+    from unrollinr.masks import random_line_mask
 
     kspace = np.stack([phantom_kspace(48, 4, seed=0), phantom_kspace(48, 4, seed=1)[:, ::-1].copy()])
     mask = random_line_mask((48, 48), 3, acs_lines=12, seed=0)

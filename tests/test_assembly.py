@@ -1,11 +1,11 @@
 import ismrmrd
 import numpy as np
 import pytest
+from unrollinr_gadget.assembly import EncodingGeometry, SliceAssembler, SliceKey
+from unrollinr_gadget.rawdata import RawFile, simulate_raw
 
 from unrollinr.masks import random_line_mask
 from unrollinr.phantoms import phantom_kspace
-from unrollinr_gadget.assembly import EncodingGeometry, SliceAssembler, SliceKey
-from unrollinr_gadget.rawdata import RawFile, simulate_raw
 
 
 @pytest.fixture(scope="module")

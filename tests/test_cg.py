@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 
@@ -9,7 +8,8 @@ from unrollinr.sense import SenseOp
 
 def _small_problem(rng, slices=2, shape=(8, 6), coils=3):
     mask = torch.from_numpy(random_line_mask(shape, 2, 2, seed=3))
-    maps = torch.from_numpy(rng.standard_normal((slices, coils, *shape)) + 1j * rng.standard_normal((slices, coils, *shape)))
+    shape_c = (slices, coils, *shape)
+    maps = torch.from_numpy(rng.standard_normal(shape_c) + 1j * rng.standard_normal(shape_c))
     op = SenseOp(maps, mask)
     kspace = op(torch.from_numpy(rng.standard_normal((slices, *shape)) + 1j * rng.standard_normal((slices, *shape))))
     return op, kspace

@@ -5,7 +5,6 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
-
 from unrollinr_gadget.settings import GadgetSettings, chain_properties, gadget_configuration
 
 CHAINS = sorted((Path(__file__).resolve().parents[1] / "chains").glob("*.xml"))

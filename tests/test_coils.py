@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from unrollinr.coils import (CalibrationError, compress_coils, espirit_maps, find_calibration_region,
-                             prewhitening_matrix)
+from unrollinr.coils import CalibrationError, compress_coils, espirit_maps, find_calibration_region, prewhitening_matrix
 from unrollinr.masks import random_line_mask
 from unrollinr.phantoms import birdcage_maps, phantom_image
 

@@ -8,15 +8,15 @@ import sys
 import ismrmrd
 import numpy as np
 import pytest
+from conftest import FAST_PROPERTIES
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription, write_recon_data
 from ismrmrd.serialization import ConfigText
-
 from peers import connect_with_retry, properties_xml, read_replies, send_stream
-from conftest import FAST_PROPERTIES
-from unrollinr.masks import random_line_mask
-from unrollinr.phantoms import phantom_kspace
 from unrollinr_gadget.assembly import SliceAssembler
 from unrollinr_gadget.rawdata import RawFile, simulate_raw
+
+from unrollinr.masks import random_line_mask
+from unrollinr.phantoms import phantom_kspace
 
 
 def _gadget_env() -> dict:

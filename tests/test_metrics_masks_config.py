@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 
 from unrollinr.config import ReconConfig
-from unrollinr.masks import (acceleration_of, make_mask, paper_acs_lines, radial_mask, random_line_mask,
-                             spiral_mask, uniform_line_mask)
+from unrollinr.masks import (
+    acceleration_of,
+    make_mask,
+    paper_acs_lines,
+    radial_mask,
+    random_line_mask,
+    spiral_mask,
+    uniform_line_mask,
+)
 from unrollinr.metrics import nrmse, psnr, ssim
 
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import ismrmrd
 import numpy as np
 import pytest
-from ismrmrd.serialization import ConfigText
-
 from conftest import FAST_PROPERTIES
+from ismrmrd.serialization import ConfigText
 from peers import properties_xml
 from test_gadget import run_execute_mode
 from unrollinr_gadget.cli import main
@@ -72,7 +71,7 @@ def test_same_images_from_replay_serve_and_gadget(raw_phantom, tmp_path):
     gadget = replies.images
 
     assert len(replayed) == len(sent) == len(gadget) == 2
-    for a, b, c in zip(replayed, sent, gadget):
+    for a, b, c in zip(replayed, sent, gadget, strict=True):
         reference = a.data.astype(np.float64)
         assert a.data.max() > 1000
         np.testing.assert_allclose(b.data.astype(np.float64), reference, atol=1)

@@ -5,16 +5,16 @@ import threading
 
 import numpy as np
 import pytest
-from ismrmrd.serialization import ConfigFile, ConfigText
-
 from conftest import FAST_PROPERTIES
+from ismrmrd.serialization import ConfigFile, ConfigText
 from peers import connect_with_retry, read_replies, send_stream
 from test_gadget import check_images
-from unrollinr.masks import random_line_mask
-from unrollinr.phantoms import phantom_kspace
 from unrollinr_gadget.rawdata import RawFile, simulate_raw
 from unrollinr_gadget.server import ConfigResolver, UnrollINRServer, json_parameters
 from unrollinr_gadget.settings import GadgetSettings
+
+from unrollinr.masks import random_line_mask
+from unrollinr.phantoms import phantom_kspace
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ not grow with the number of CG iterations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -63,11 +63,12 @@ def conjugate_gradient(
         a_direction = apply_a(direction)
         curvature = _slice_dot(direction, a_direction)
         # Converged slices have zero residual and curvature: leave them unchanged.
-        step = torch.where(curvature > 0, residual_norm2 / curvature.clamp_min(torch.finfo(curvature.dtype).tiny), 0.0)
+        tiny = torch.finfo(curvature.dtype).tiny
+        step = torch.where(curvature > 0, residual_norm2 / curvature.clamp_min(tiny), 0.0)
         x = x + step[:, None, None] * direction
         residual = residual - step[:, None, None] * a_direction
         new_norm2 = _slice_dot(residual, residual)
-        beta = torch.where(residual_norm2 > 0, new_norm2 / residual_norm2.clamp_min(torch.finfo(curvature.dtype).tiny), 0.0)
+        beta = torch.where(residual_norm2 > 0, new_norm2 / residual_norm2.clamp_min(tiny), 0.0)
         direction = residual + beta[:, None, None] * direction
         residual_norm2 = new_norm2
     return x

@@ -44,7 +44,7 @@ class CalibrationRegion:
         while width > 0:
             inside = all(
                 lo <= n // 2 - width // 2 and n // 2 - width // 2 + width <= hi
-                for (lo, hi), n in zip((self.ky, self.kx), shape)
+                for (lo, hi), n in zip((self.ky, self.kx), shape, strict=True)
             )
             if inside:
                 return width

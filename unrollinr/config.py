@@ -8,8 +8,9 @@ parameters. :meth:`ReconConfig.from_strings` is the single mapping from text to 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 REGULARIZERS = ("inr", "pixel", "none")
 ENCODINGS = ("HashGrid", "DenseGrid")
@@ -32,7 +33,8 @@ class ReconConfig:
     Unrolled step:
         ``data_consistency`` off gives the "w/o DC" ablation (the INR image is the
         output). ``lam`` is the initial DC weight, ``lam_s`` the initial TV weight
-        (``tv`` off: "w/o TV"). TV is normalised by ``||x0||_1``.
+        (``tv`` off: "w/o TV"). TV is normalised by ``||x0||_1``; anisotropic unless
+        ``tv_isotropic``.
     Training:
         Adam at ``lr`` for the prior and ``lr_lam``/``lr_lam_s`` for the log-weights,
         at most ``iterations`` steps. With ``holdout_fraction`` > 0 a share of the
@@ -62,10 +64,11 @@ class ReconConfig:
     lam: float = 0.01
     lam_s: float = 0.5
     tv: bool = True
+    tv_isotropic: bool = False
     cg_iterations: int = 20
     cg_tolerance: float = 0.0
     cg_warm_start: bool = True
-    zero_outside_maps: bool = True
+    zero_outside_maps: bool = False
 
     iterations: int = 300
     lr: float = 1e-2
@@ -75,9 +78,9 @@ class ReconConfig:
     patience: int = 100
     seed: int = 0
 
-    espirit_calib_width: int = 0
+    espirit_calib_width: int = 24
     espirit_kernel_width: int = 6
-    espirit_thresh: float = 0.02
+    espirit_thresh: float = 0.03
     espirit_crop: float = 0.8
     coil_compression: int = 0
 

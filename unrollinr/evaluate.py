@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ from unrollinr.metrics import all_metrics, root_sum_of_squares
 from unrollinr.recon import prepare_maps, reconstruct
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 L1_LAMBDAS = (0.0003, 0.001, 0.003, 0.01, 0.03)
 # The paper's ablations, plus the pixel-image control that shows what the INR itself adds.
@@ -58,10 +61,10 @@ def reference_image(kspace: np.ndarray) -> np.ndarray:
     return root_sum_of_squares(ifft2c(torch.from_numpy(np.ascontiguousarray(kspace))).numpy())
 
 
-def _timed(run: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
+def _timed(run: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
     start = time.perf_counter()
-    image = run()
-    return image, time.perf_counter() - start
+    result = run(*args, **kwargs)
+    return result, time.perf_counter() - start
 
 
 def _score(method: str, acceleration: float, reference: np.ndarray, image: np.ndarray, seconds: float,
@@ -77,7 +80,7 @@ def _best_over(method: str, acceleration: float, reference: np.ndarray, lambdas:
     """Oracle tuning: the lambda with the highest PSNR against the reference."""
     candidates = []
     for lam in lambdas:
-        image, seconds = _timed(lambda: run(lam))
+        image, seconds = _timed(run, lam)
         candidates.append(_score(method, acceleration, reference, image, seconds, f"lambda={lam:g}"))
     return max(candidates, key=lambda r: r.psnr)
 
@@ -101,19 +104,19 @@ def evaluate(
     for acceleration in accelerations:
         mask = make_mask(mask_kind, kspace.shape[1:], acceleration, seed=seed)
         measured = (kspace * mask).astype(np.complex64)
-        (measured_cc, maps), map_seconds = _timed(lambda: prepare_maps(measured, mask, None, config))
-        results.append(_score("zero-filled", acceleration, reference, *_timed(lambda: baselines.zero_filled(measured))))
-        image, seconds = _timed(lambda: baselines.cg_sense(measured_cc, mask, maps, iterations=10))
+        (measured_cc, maps), map_seconds = _timed(prepare_maps, measured, mask, None, config)
+        results.append(_score("zero-filled", acceleration, reference, *_timed(baselines.zero_filled, measured)))
+        image, seconds = _timed(baselines.cg_sense, measured_cc, mask, maps, iterations=10)
         results.append(_score("CG-SENSE", acceleration, reference, image, seconds + map_seconds))
         results.append(_best_over("L1-ESPIRiT", acceleration, reference, l1_lambdas,
-                                  lambda lam: baselines.l1_wavelet(measured_cc, mask, maps, lam)))
+                                  functools.partial(baselines.l1_wavelet, measured_cc, mask, maps)))
         if use_bart:
-            bart_maps, bart_map_seconds = _timed(lambda: baselines.bart_maps(measured))
+            bart_maps, bart_map_seconds = _timed(baselines.bart_maps, measured)
             best = _best_over("BART L1-ESPIRiT", acceleration, reference, l1_lambdas,
-                              lambda lam: baselines.bart_pics(measured, bart_maps, lam))
+                              functools.partial(baselines.bart_pics, measured, bart_maps))
             best.seconds += bart_map_seconds
             results.append(best)
-        image, seconds = _timed(lambda: reconstruct(measured_cc, mask, csm=maps, config=config, device=device))
+        image, seconds = _timed(reconstruct, measured_cc, mask, csm=maps, config=config, device=device)
         results.append(_score("UnrollINR", acceleration, reference, image, seconds + map_seconds))
     return results
 
@@ -130,7 +133,7 @@ def evaluate_ablations(kspace: np.ndarray, acceleration: float, *, config: Recon
     results = []
     for name, overrides in variants.items():
         variant = dataclasses.replace(config, **overrides)
-        image, seconds = _timed(lambda: reconstruct(measured, mask, csm=maps, config=variant, device=device))
+        image, seconds = _timed(reconstruct, measured, mask, csm=maps, config=variant, device=device)
         results.append(_score(name, acceleration, reference, image, seconds))
     return results
 

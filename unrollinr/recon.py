@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from unrollinr.coils import (CalibrationError, apply_coil_matrix, coil_compression_matrix, espirit_maps,
-                             find_calibration_region)
+from unrollinr.coils import (
+    CalibrationError,
+    apply_coil_matrix,
+    coil_compression_matrix,
+    espirit_maps,
+    find_calibration_region,
+)
 from unrollinr.config import ReconConfig
 from unrollinr.sense import SenseOp
 from unrollinr.training import FitResult, fit

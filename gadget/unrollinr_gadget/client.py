@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import ismrmrd
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolSerializer

@@ -80,7 +80,7 @@ def _figure(reference: np.ndarray, baseline: np.ndarray, image: np.ndarray, path
     panels = [("fully sampled", reference), ("zero-filled", baseline), ("UnrollINR", image),
               ("|error| x5", 5 * np.abs(image - reference))]
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
-    for axis, (title, picture) in zip(axes, panels):
+    for axis, (title, picture) in zip(axes, panels, strict=True):
         axis.imshow(picture, cmap="gray", vmin=0, vmax=top)
         axis.set_title(title)
         axis.axis("off")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import ismrmrd
 import ismrmrd.xsd as xsd

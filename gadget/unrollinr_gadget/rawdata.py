@@ -4,9 +4,9 @@ sampled k-space (``unrollinr simulate-raw``)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import ismrmrd
 import ismrmrd.xsd as xsd
@@ -106,7 +106,8 @@ def _oversample_readout(kspace: np.ndarray, factor: int) -> np.ndarray:
 
 
 def simulate_raw(kspace: np.ndarray, mask: np.ndarray, path: str | Path, *, oversampling: int = 2,
-                 noise_scans: int = 1, noise_std: float | None = None, fov_mm: tuple[float, float, float] = (220.0, 220.0, 5.0),
+                 noise_scans: int = 1, noise_std: float | None = None,
+                 fov_mm: tuple[float, float, float] = (220.0, 220.0, 5.0),
                  seed: int = 0) -> Path:
     """Write an undersampled ISMRMRD raw file from fully sampled k-space.
 

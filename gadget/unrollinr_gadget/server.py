@@ -15,11 +15,23 @@ import socketserver
 import threading
 import time
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
 from pathlib import Path
 
 from unrollinr_gadget.pipeline import ReconPipeline, SliceFailure
-from unrollinr_gadget.protocol import (ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, HEADER, IMAGE, TEXT,
-                                       WAVEFORM, MessageReader, MessageWriter, ProtocolError)
+from unrollinr_gadget.protocol import (
+    ACQUISITION,
+    CLOSE,
+    CONFIG_FILE,
+    CONFIG_TEXT,
+    HEADER,
+    IMAGE,
+    TEXT,
+    WAVEFORM,
+    MessageReader,
+    MessageWriter,
+    ProtocolError,
+)
 from unrollinr_gadget.settings import GadgetSettings, chain_properties, gadget_configuration
 
 logger = logging.getLogger(__name__)
@@ -44,7 +56,9 @@ class ConfigResolver:
 
     def names(self) -> list[str]:
         """Every config name this server accepts."""
-        chains = sorted(p.name for p in self.chains_dir.glob("*.xml")) if self.chains_dir and self.chains_dir.is_dir() else []
+        if self.chains_dir is None or not self.chains_dir.is_dir():
+            return sorted(NAMED_CONFIGS)
+        chains = sorted(p.name for p in self.chains_dir.glob("*.xml"))
         return sorted(NAMED_CONFIGS) + chains
 
     def by_name(self, name: str) -> GadgetSettings:
@@ -164,21 +178,22 @@ class _Handler(socketserver.StreamRequestHandler):
             session.run()
         except (ValueError, EOFError) as error:
             logger.error("%s: %s", peer, error)
-            self._try(lambda: writer.text(f"unrollinr: {error}"))
+            self._try(writer.text, f"unrollinr: {error}")
         except OSError as error:
             logger.error("%s: connection lost: %s", peer, error)
             return
         except Exception as error:  # noqa: BLE001 - the server must outlive any one client
             logger.exception("%s: failed", peer)
-            self._try(lambda: writer.text(f"unrollinr: {type(error).__name__}: {error}"))
+            self._try(writer.text, f"unrollinr: {type(error).__name__}: {error}")
         self._try(writer.close)
         logger.info("%s: done, %d images, %d failures, %.1f s", peer, session.images, session.failures,
                     time.perf_counter() - start)
 
     @staticmethod
-    def _try(action) -> None:
+    def _try(action: Callable[..., None], *args: object) -> None:
+        """Best effort: the client may already be gone."""
         try:
-            action()
+            action(*args)
         except OSError:
             pass
 

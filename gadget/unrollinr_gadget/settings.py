@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from unrollinr.config import ReconConfig
 from unrollinr_gadget.images import OUTPUT_TYPES
