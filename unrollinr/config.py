@@ -33,8 +33,7 @@ class ReconConfig:
     Unrolled step:
         ``data_consistency`` off gives the "w/o DC" ablation (the INR image is the
         output). ``lam`` is the initial DC weight, ``lam_s`` the initial TV weight
-        (``tv`` off: "w/o TV"). TV is normalised by ``||x0||_1``; anisotropic unless
-        ``tv_isotropic``.
+        (``tv`` off: "w/o TV"). TV is normalised by ``||x0||_1``.
     Training:
         Adam at ``lr`` for the prior and ``lr_lam``/``lr_lam_s`` for the log-weights,
         at most ``iterations`` steps. With ``holdout_fraction`` > 0 a share of the
@@ -64,13 +63,12 @@ class ReconConfig:
     lam: float = 0.01
     lam_s: float = 0.5
     tv: bool = True
-    tv_isotropic: bool = False
     cg_iterations: int = 20
     cg_tolerance: float = 0.0
     cg_warm_start: bool = True
     zero_outside_maps: bool = False
 
-    iterations: int = 300
+    iterations: int = 200
     lr: float = 1e-2
     lr_lam: float = 1e-3
     lr_lam_s: float = 1e-3

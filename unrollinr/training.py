@@ -152,7 +152,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         predicted = train_op.coil_kspace(x)
         loss = normalized_l1_l2(predicted * train_op.mask.unsqueeze(1), train_kspace)
         if config.tv:
-            loss = loss + model.lam_s * total_variation(x, isotropic=config.tv_isotropic) / tv_scale
+            loss = loss + model.lam_s * total_variation(x) / tv_scale
         loss.sum().backward()
         optimizer.step()
 
