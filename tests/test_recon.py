@@ -92,3 +92,16 @@ def test_nan_input_is_rejected():
     kspace[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         reconstruct(kspace)
+
+
+def test_mlp_precision_choice():
+    import torch
+
+    from unrollinr.model import mlp_dtype
+
+    cpu = torch.device("cpu")
+    assert mlp_dtype(ReconConfig(mlp_precision="float32"), cpu) == torch.float32
+    assert mlp_dtype(ReconConfig(mlp_precision="bfloat16"), cpu) == torch.bfloat16
+    assert mlp_dtype(ReconConfig(), cpu) in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="mlp_precision"):
+        ReconConfig(mlp_precision="half")

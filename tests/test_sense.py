@@ -58,3 +58,19 @@ def test_bad_shapes_are_rejected(rng):
         SenseOp(maps, torch.ones(8, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match="complex"):
         SenseOp(maps.real, torch.ones(8, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kind", ["lines", "radial"])
+def test_measure_gives_the_measured_samples_of_the_forward_model(rng, kind):
+    masks = [random_line_mask((16, 12), 2, 4, seed=0), random_line_mask((16, 12), 4, 4, seed=1)]
+    if kind == "radial":
+        masks = [radial_mask((16, 12), 2, acs=4)] * 2
+    maps = torch.from_numpy(rng.standard_normal((2, 3, 16, 12)) + 1j * rng.standard_normal((2, 3, 16, 12)))
+    op = SenseOp(maps, torch.from_numpy(np.stack(masks)))
+    x = torch.from_numpy(rng.standard_normal((2, 16, 12)) + 1j * rng.standard_normal((2, 16, 12)))
+    measured = op.measure(x)
+    torch.testing.assert_close(measured, op.samples(op(x)), rtol=1e-10, atol=1e-10)
+    # the same samples as the masked k-space: equal norms, and nothing else
+    for s in range(2):
+        assert torch.linalg.vector_norm(measured[s]) == pytest.approx(float(torch.linalg.vector_norm(op(x)[s])))
+        assert torch.count_nonzero(measured[s]) == torch.count_nonzero(op(x)[s])

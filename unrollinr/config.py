@@ -15,6 +15,7 @@ from typing import Any
 REGULARIZERS = ("inr", "pixel", "none")
 ENCODINGS = ("HashGrid", "DenseGrid")
 ENCODING_BACKENDS = ("auto", "torch", "tcnn")
+MLP_PRECISIONS = ("auto", "float32", "bfloat16")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -29,7 +30,9 @@ class ReconConfig:
         ``encoding``: ``"HashGrid"`` (Instant-NGP) or ``"DenseGrid"`` (one dense level
         at full resolution, a DINER-like table), with the tiny-cuda-nn grid settings
         ``hash_*``. ``hash_finest_resolution`` 0 means the image size: the per-level
-        scale is chosen so that the finest level matches it.
+        scale is chosen so that the finest level matches it. ``mlp_precision`` ``"auto"``
+        runs the MLP in bfloat16 where that is native (CUDA, CPUs with AVX512-BF16), else
+        float32.
     Unrolled step:
         ``data_consistency`` off gives the "w/o DC" ablation (the INR image is the
         output). ``lam`` is the initial DC weight, ``lam_s`` the initial TV weight
@@ -58,6 +61,7 @@ class ReconConfig:
     hash_finest_resolution: int = 0
     hidden_layers: int = 2
     hidden_width: int = 64
+    mlp_precision: str = "auto"
 
     data_consistency: bool = True
     lam: float = 0.01
@@ -86,6 +90,7 @@ class ReconConfig:
         _check_choice("regularizer", self.regularizer, REGULARIZERS)
         _check_choice("encoding", self.encoding, ENCODINGS)
         _check_choice("encoding_backend", self.encoding_backend, ENCODING_BACKENDS)
+        _check_choice("mlp_precision", self.mlp_precision, MLP_PRECISIONS)
         for name in ("hash_levels", "hash_features", "hash_log2_size", "hash_base_resolution",
                      "hidden_width", "cg_iterations", "iterations", "patience",
                      "espirit_kernel_width"):

@@ -31,15 +31,33 @@ def _mlp(n_inputs: int, hidden_layers: int, width: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def bfloat16_is_fast(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run natively: CUDA, or a CPU with AVX512-BF16/AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def mlp_dtype(config: ReconConfig, device: torch.device) -> torch.dtype:
+    """The MLP's compute precision for ``config.mlp_precision`` on ``device``."""
+    if config.mlp_precision == "float32":
+        return torch.float32
+    if config.mlp_precision == "bfloat16" or bfloat16_is_fast(device):
+        return torch.bfloat16
+    return torch.float32
+
+
 class INRImage(nn.Module):
     """``z = f_theta(phi(v))`` for one slice: grid encoding and MLP over the pixel centres.
 
-    ``forward()`` returns the complex image ``(y, x)``.
+    ``forward()`` returns the complex image ``(y, x)``. The MLP runs under autocast in
+    ``compute_dtype`` (weights, the encoding and the output stay float32).
     """
 
     def __init__(self, shape: tuple[int, int], config: ReconConfig, device: torch.device, seed: int) -> None:
         super().__init__()
         self.shape = shape
+        self.compute_dtype = mlp_dtype(config, device)
         self.encoding = make_grid_encoding(config.grid_config(max(shape)), device, seed=seed,
                                            backend=config.encoding_backend)
         torch.manual_seed(seed)
@@ -48,7 +66,11 @@ class INRImage(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The prior image ``(y, x)``, complex64."""
-        out = self.mlp(self.encoding(self.coords))
+        features = self.encoding(self.coords)
+        with torch.autocast(self.coords.device.type, dtype=self.compute_dtype,
+                            enabled=self.compute_dtype != torch.float32):
+            out = self.mlp(features)
+        out = out.float()
         return torch.complex(out[:, 0], out[:, 1]).reshape(self.shape)
 
 

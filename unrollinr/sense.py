@@ -21,6 +21,12 @@ def is_line_mask(mask: torch.Tensor) -> bool:
     return bool((mask == mask[..., :1]).all())
 
 
+def _fft_x(rows: torch.Tensor) -> torch.Tensor:
+    """Centred orthonormal FFT along the last dimension."""
+    shifted = torch.fft.ifftshift(rows, dim=-1)
+    return torch.fft.fftshift(torch.fft.fft(shifted, dim=-1, norm="ortho"), dim=-1)
+
+
 class SenseOp(nn.Module):
     """``E = M F C`` with forward, adjoint and normal (``E^H E``) applications.
 
@@ -33,8 +39,9 @@ class SenseOp(nn.Module):
 
     For whole-line masks (1D undersampling along ``ky``) the normal operator needs no
     FFT at all: ``F^H M F`` acts along ``y`` only, as ``P^H P`` where ``P`` holds the
-    sampled rows of the centred DFT matrix. That path is exact and much cheaper than
-    two 2D FFTs per coil, and is used automatically.
+    sampled rows of the centred DFT matrix. That path is exact, much cheaper than two 2D
+    FFTs per coil, and used automatically; the coil images are then laid out
+    ``(slices, y, coils, x)`` so that each product is a single matrix multiply.
     """
 
     def __init__(self, maps: torch.Tensor, mask: torch.Tensor) -> None:
@@ -49,19 +56,27 @@ class SenseOp(nn.Module):
         self.register_buffer("mask", mask.to(torch.bool))
         self.line_mask = is_line_mask(self.mask)
         if self.line_mask:
-            self.register_buffer("sampled_rows", self._sampled_dft_rows())
+            rows, indices = self._sampled_dft_rows()
+            self.register_buffer("rows", rows)
+            self.register_buffer("rows_h", rows.mH.resolve_conj().contiguous())
+            self.register_buffer("row_indices", indices)
+            self.register_buffer("maps_yc", maps.permute(0, 2, 1, 3).contiguous())
+            self.register_buffer("maps_yc_conj", self.maps_yc.conj().resolve_conj())
 
-    def _sampled_dft_rows(self) -> torch.Tensor:
-        """``P``: ``(slices, 1, K, y)``, the sampled rows of the centred DFT, zero-padded to
-        the largest number of sampled rows ``K`` over the slices."""
+    def _sampled_dft_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P`` ``(slices, K, y)``: the sampled rows of the centred DFT, zero-padded to the
+        largest number of sampled rows ``K`` over the slices; and their indices
+        ``(slices, K)`` (padding points at row 0, whose ``P`` row is zero)."""
         n_y = self.maps.shape[-2]
         dft = centred_dft_matrix(n_y, dtype=self.maps.dtype, device=self.maps.device)
         rows_per_slice = [torch.nonzero(m[:, 0]).flatten() for m in self.mask]
         k_max = max(1, max(len(r) for r in rows_per_slice))
-        rows = torch.zeros(len(rows_per_slice), 1, k_max, n_y, dtype=dft.dtype, device=dft.device)
+        rows = torch.zeros(len(rows_per_slice), k_max, n_y, dtype=dft.dtype, device=dft.device)
+        indices = torch.zeros(len(rows_per_slice), k_max, dtype=torch.int64, device=dft.device)
         for s, r in enumerate(rows_per_slice):
-            rows[s, 0, : len(r)] = dft[r]
-        return rows
+            rows[s, : len(r)] = dft[r]
+            indices[s, : len(r)] = r
+        return rows, indices
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -84,10 +99,32 @@ class SenseOp(nn.Module):
 
     def normal(self, image: torch.Tensor) -> torch.Tensor:
         """``E^H E x`` for an image ``(slices, y, x)``."""
-        coil_images = self.maps * image.unsqueeze(1)
-        if self.line_mask:
-            rows = self.sampled_rows
-            projected = rows.mH @ (rows @ coil_images)
-        else:
-            projected = ifft2c(fft2c(coil_images) * self.mask.unsqueeze(1))
-        return (self.maps.conj() * projected).sum(dim=1)
+        if not self.line_mask:
+            projected = ifft2c(fft2c(self.maps * image.unsqueeze(1)) * self.mask.unsqueeze(1))
+            return (self.maps.conj() * projected).sum(dim=1)
+        n_slices, n_y, n_x = image.shape
+        coil_images = (self.maps_yc * image.unsqueeze(2)).reshape(n_slices, n_y, -1)  # (S, y, C*x)
+        projected = (self.rows_h @ (self.rows @ coil_images)).reshape(self.maps_yc.shape)
+        return (self.maps_yc_conj * projected).sum(dim=2)
+
+    def measure(self, image: torch.Tensor) -> torch.Tensor:
+        """The measured samples of ``E x``, in the layout of :meth:`samples`.
+
+        Line masks give the sampled rows ``(slices, K, coils, kx)`` (computed from the
+        rows alone, without 2D FFTs); other masks the masked k-space.
+        """
+        if not self.line_mask:
+            return self.forward(image)
+        n_slices, n_y, n_x = image.shape
+        coil_images = (self.maps_yc * image.unsqueeze(2)).reshape(n_slices, n_y, -1)
+        rows = (self.rows @ coil_images).reshape(n_slices, -1, self.maps.shape[1], n_x)
+        return _fft_x(rows)
+
+    def samples(self, kspace: torch.Tensor) -> torch.Tensor:
+        """The measured samples of k-space ``(slices, coils, ky, kx)``, as :meth:`measure`
+        lays them out (padding rows are zero)."""
+        if not self.line_mask:
+            return kspace * self.mask.unsqueeze(1)
+        gathered = kspace.gather(2, self.row_indices[:, None, :, None].expand(-1, kspace.shape[1], -1, kspace.shape[3]))
+        valid = (self.rows.abs().sum(dim=-1) > 0)[:, :, None, None]  # (S, K, 1, 1)
+        return gathered.permute(0, 2, 1, 3) * valid

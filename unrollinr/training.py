@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import sys
 import time
@@ -135,13 +134,15 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
             raise ValueError("a holdout needs the protected (ACS) region")
         held = holdout_mask(op.mask, config.holdout_fraction, protected, config.seed)
     train_op = SenseOp(op.maps, op.mask & ~held) if held.any() else op
+    held_op = SenseOp(op.maps, held) if held.any() else None
     train_kspace = kspace * train_op.mask.unsqueeze(1)
-    held_kspace = kspace * held.unsqueeze(1)
+    train_samples = train_op.samples(kspace)
+    held_samples = held_op.samples(kspace) if held_op is not None else None
 
     model = build_model(config, train_op, train_kspace)
     optimizer = _optimizer(model, config)
     tv_scale = op.adjoint(kspace).abs().sum(dim=(-2, -1))
-    best_score, best_iteration, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
+    best_score, best_iteration, best_state = float("inf"), 0, _parameters(model)
     history: list[dict[str, float]] = []
     bar = tqdm(range(config.iterations), desc="UnrollINR", unit="it", disable=not _show_progress(progress),
                leave=False)
@@ -149,8 +150,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     for iteration in bar:
         optimizer.zero_grad(set_to_none=True)
         x, _ = model(like)
-        predicted = train_op.coil_kspace(x)
-        loss = normalized_l1_l2(predicted * train_op.mask.unsqueeze(1), train_kspace)
+        loss = normalized_l1_l2(train_op.measure(x), train_samples)
         if config.tv:
             loss = loss + model.lam_s * total_variation(x) / tv_scale
         loss.sum().backward()
@@ -158,9 +158,9 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
 
         record = {"loss": float(loss.detach().sum()), "lam": float(model.lam.detach().mean()),
                   "lam_s": float(model.lam_s.detach().mean())}
-        if held.any():
+        if held_op is not None:
             with torch.no_grad():
-                record["holdout"] = float(normalized_l1_l2(predicted * held.unsqueeze(1), held_kspace).sum())
+                record["holdout"] = float(normalized_l1_l2(held_op.measure(x), held_samples).sum())
             score = record["holdout"]
         else:
             score = record["loss"]
@@ -169,14 +169,19 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
             callback(iteration, x.detach())
         if score < best_score * (1 - _MIN_RELATIVE_IMPROVEMENT):
             best_score, best_iteration = score, iteration
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = _parameters(model)
         elif iteration - best_iteration >= config.patience:
             logger.info("early stop at iteration %d (best %d)", iteration, best_iteration)
             break
         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
     bar.close()
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state, strict=False)
     return _final_pass(model, op, kspace, config, like, start, history, iteration + 1, best_iteration)
+
+
+def _parameters(model: UnrollINR) -> dict[str, torch.Tensor]:
+    """A copy of the trainable weights (the buffers never change)."""
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
 
 
 def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: ReconConfig,
