@@ -6,7 +6,8 @@ Prints, in one run on one machine:
   iteration must do, timed on the same operator, and the ratio of the two;
 - the time UnrollINR needs to come within 0.3 dB of the best PSNR it reaches, against
   the wall time of BART ``ecalib`` + ``pics -l1`` (best lambda of a grid) when installed;
-- peak memory with 10 and with 40 CG iterations (separate processes).
+- peak memory of training with 10 and with 40 CG iterations (separate processes; on the
+  CPU the growth of the resident set over the process's state before training).
 
 The last line is machine-readable:
 
@@ -16,7 +17,6 @@ The last line is machine-readable:
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -127,13 +127,25 @@ def measure_memory(args, config: ReconConfig) -> None:
     maps = np.load(args.maps)
     device = torch.device(args.device) if args.device else default_device()
     config = ReconConfig.from_strings({"iterations": 5, "cg_iterations": args.measure_memory}, base=config)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    reconstruct_with_details(measured, mask, csm=maps, config=config, device=device, progress=False)
     if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        reconstruct_with_details(measured, mask, csm=maps, config=config, device=device, progress=False)
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mib": peak, "before_mib": before}))
+        # Reset the resident high-water mark (Linux), so imports and loading do not count.
+        Path("/proc/self/clear_refs").write_text("5")
+        baseline = _status_mib("VmRSS")
+        reconstruct_with_details(measured, mask, csm=maps, config=config, device=device, progress=False)
+        peak = _status_mib("VmHWM") - baseline
+    print(json.dumps({"peak_mib": peak}))
+
+
+def _status_mib(field: str) -> float:
+    """A memory figure from /proc/self/status, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} is not in /proc/self/status")
 
 
 def main() -> None:
