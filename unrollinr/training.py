@@ -71,6 +71,19 @@ def holdout_mask(mask: torch.Tensor, fraction: float, protected: torch.Tensor, s
     return held
 
 
+def _split_holdout(op: SenseOp, config: ReconConfig,
+                   protected: torch.Tensor | None) -> tuple[SenseOp, SenseOp | None]:
+    """The operators of the training samples and of the held-out ones (``None`` without a holdout)."""
+    if config.holdout_fraction == 0:
+        return op, None
+    if protected is None:
+        raise ValueError("a holdout needs the protected (ACS) region")
+    held = holdout_mask(op.mask, config.holdout_fraction, protected, config.seed)
+    if not held.any():
+        return op, None
+    return SenseOp(op.maps, op.mask & ~held), SenseOp(op.maps, held)
+
+
 def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor) -> UnrollINR:
     """The UnrollINR network for ``op`` and its measured ``kspace`` ``(slices, coils, ky, kx)``."""
     n_slices, n_y, n_x = op.image_shape
@@ -128,18 +141,11 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     if config.regularizer == "none":
         return _final_pass(build_model(config, op, kspace), op, kspace, config, like, start, [], 0, 0)
 
-    held = torch.zeros_like(op.mask)
-    if config.holdout_fraction > 0:
-        if protected is None:
-            raise ValueError("a holdout needs the protected (ACS) region")
-        held = holdout_mask(op.mask, config.holdout_fraction, protected, config.seed)
-    train_op = SenseOp(op.maps, op.mask & ~held) if held.any() else op
-    held_op = SenseOp(op.maps, held) if held.any() else None
-    train_kspace = kspace * train_op.mask.unsqueeze(1)
+    train_op, held_op = _split_holdout(op, config, protected)
     train_samples = train_op.samples(kspace)
     held_samples = held_op.samples(kspace) if held_op is not None else None
 
-    model = build_model(config, train_op, train_kspace)
+    model = build_model(config, train_op, kspace * train_op.mask.unsqueeze(1))
     optimizer = _optimizer(model, config)
     tv_scale = op.adjoint(kspace).abs().sum(dim=(-2, -1))
     best_score, best_iteration, best_state = float("inf"), 0, _parameters(model)

@@ -1,0 +1,136 @@
+"""The speed ideas of the speed issue, each measured against its alternative in one run.
+
+Micro-benchmarks (median ms): hash-grid encoding as a precomputed sparse matrix vs.
+gather + scatter-add; the line-mask normal operator vs. 2D FFTs; the MLP in float32 vs.
+bfloat16. Whole reconstructions (seconds, PSNR at R = 8): CG iterations with and without
+warm starts, and coil compression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import base_parser, device_name, overrides, setup  # noqa: E402
+
+from unrollinr.config import ReconConfig  # noqa: E402
+from unrollinr.data import load_kspace  # noqa: E402
+from unrollinr.evaluate import reference_image  # noqa: E402
+from unrollinr.fft import fft2c, ifft2c  # noqa: E402
+from unrollinr.hashgrid import GridEncoding, interpolation_corners  # noqa: E402
+from unrollinr.masks import random_line_mask  # noqa: E402
+from unrollinr.metrics import psnr  # noqa: E402
+from unrollinr.model import pixel_coordinates  # noqa: E402
+from unrollinr.recon import prepare_maps, reconstruct_with_details  # noqa: E402
+from unrollinr.sense import SenseOp  # noqa: E402
+
+
+def median_ms(run, repeats: int = 15) -> float:
+    for _ in range(3):
+        run()
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings) * 1e3
+
+
+def gather_encoding(encoding: GridEncoding, coords: torch.Tensor):
+    """The same encoding by gathering table rows and letting autograd scatter-add back."""
+    corners = []
+    for number, level in enumerate(encoding.levels):
+        indices, weights = interpolation_corners(level, coords)
+        corners.append((indices + encoding.offsets[number], weights))
+
+    def run() -> torch.Tensor:
+        features = [(encoding.table[i] * w.unsqueeze(-1)).sum(dim=1) for i, w in corners]
+        return torch.cat(features, dim=1)
+
+    return run
+
+
+def encoding_rows(config: ReconConfig, shape: tuple[int, int]) -> list[str]:
+    encoding = GridEncoding(config.grid_config(max(shape)))
+    coords = pixel_coordinates(shape)
+    gathered = gather_encoding(encoding, coords)
+    sparse = median_ms(lambda: encoding(coords).sum().backward())
+    dense = median_ms(lambda: gathered().sum().backward())
+    return [f"| hash grid forward+backward | precomputed sparse matrix {sparse:.1f} ms | "
+            f"gather + scatter-add {dense:.1f} ms | x{dense / sparse:.1f} |"]
+
+
+def normal_rows(maps: np.ndarray, mask: np.ndarray) -> list[str]:
+    op = SenseOp(torch.from_numpy(maps)[None], torch.from_numpy(mask)[None])
+    x = torch.randn(op.image_shape, dtype=torch.complex64)
+    fast = median_ms(lambda: op.normal(x))
+    mask_t = op.mask.unsqueeze(1)
+    slow = median_ms(lambda: (op.maps.conj() * ifft2c(fft2c(op.maps * x.unsqueeze(1)) * mask_t)).sum(dim=1))
+    return [f"| SENSE normal operator (line mask) | sampled-row matrix products {fast:.2f} ms | "
+            f"2D FFTs {slow:.2f} ms | x{slow / fast:.1f} |"]
+
+
+def mlp_rows(shape: tuple[int, int]) -> list[str]:
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 2))
+    features = torch.randn(shape[0] * shape[1], 32, requires_grad=True)
+
+    def run(dtype: torch.dtype) -> None:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = mlp(features)
+        out.float().sum().backward()
+
+    fp32, bf16 = median_ms(lambda: run(torch.float32)), median_ms(lambda: run(torch.bfloat16))
+    return [f"| MLP forward+backward | bfloat16 {bf16:.1f} ms | float32 {fp32:.1f} ms | x{fp32 / bf16:.1f} |"]
+
+
+def reconstruction_rows(kspace: np.ndarray, mask: np.ndarray, config: ReconConfig) -> list[str]:
+    reference = reference_image(kspace)
+    measured = (kspace * mask).astype(np.complex64)
+    variants = {
+        "default (20 CG, warm start)": {},
+        "20 CG, cold start": {"cg_warm_start": False},
+        "10 CG, warm start": {"cg_iterations": 10},
+        "5 CG, warm start": {"cg_iterations": 5},
+        "coil compression 8 -> 5": {"coil_compression": 5},
+    }
+    rows = []
+    for name, change in variants.items():
+        variant = dataclasses.replace(config, **change)
+        start = time.perf_counter()
+        image, result = reconstruct_with_details(measured, mask, config=variant, progress=False)
+        seconds = time.perf_counter() - start
+        rows.append(f"| {name} | {seconds:.1f} s, {seconds / max(result.iterations, 1) * 1e3:.0f} ms/it | "
+                    f"PSNR {psnr(reference, image):.2f} dB | |")
+    return rows
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--R", type=float, default=8)
+    parser.add_argument("--no-reconstructions", action="store_true")
+    args = parser.parse_args()
+    setup(args)
+    config = ReconConfig.from_strings(overrides(args))
+    kspace = load_kspace(args.data)
+    mask = random_line_mask(kspace.shape[1:], args.R, seed=0)
+    _, maps = prepare_maps((kspace * mask).astype(np.complex64), mask, None, config)
+    print(f"data {args.data.name} {kspace.shape}, R={args.R:g}, device {device_name(args.device)}")
+    print("| idea | kept | alternative | effect |\n|---|---|---|---|")
+    rows = encoding_rows(config, kspace.shape[1:]) + normal_rows(maps, mask) + mlp_rows(kspace.shape[1:])
+    if not args.no_reconstructions:
+        rows += reconstruction_rows(kspace, mask, config)
+    for row in rows:
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
