@@ -76,3 +76,13 @@ def test_espirit_rejects_a_kernel_wider_than_the_calibration():
 
     with pytest.raises(ValueError, match="must exceed"):
         espirit(torch.zeros(2, 5, 40, dtype=torch.complex64), (40, 40), kernel_width=6)
+
+
+def test_kernel_width_shrinks_to_fit_few_acs_lines():
+    from unrollinr.coils import CalibrationRegion, fitting_kernel_width
+
+    assert fitting_kernel_width(CalibrationRegion(ky=(0, 12), kx=(0, 256)), 6) == 6
+    assert fitting_kernel_width(CalibrationRegion(ky=(0, 11), kx=(0, 256)), 6) == 6
+    assert fitting_kernel_width(CalibrationRegion(ky=(0, 8), kx=(0, 256)), 6) == 4
+    with pytest.raises(CalibrationError, match="at least 5 ACS lines"):
+        fitting_kernel_width(CalibrationRegion(ky=(0, 4), kx=(0, 256)), 6)

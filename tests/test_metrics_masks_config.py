@@ -69,7 +69,8 @@ def test_make_mask_rejects_unknown_kind():
 
 
 def test_config_from_strings_parses_and_validates():
-    config = ReconConfig.from_strings({"iterations": "50", "lam": "0.02", "tv": "false", "preset": "prospective"})
+    config = ReconConfig.from_strings({"iterations": "50", "lam": "0.02", "tv": "false", "zero_outside_maps": "yes",
+                                       "preset": "prospective"})
     assert config.iterations == 50 and config.lam == 0.02 and config.tv is False and config.lam_s == 2.0
     on_top = ReconConfig.from_strings({"preset": "prospective"}, base=ReconConfig(iterations=7))
     assert (on_top.iterations, on_top.lam, on_top.lam_s) == (7, 0.05, 2.0)
@@ -90,3 +91,9 @@ def test_grid_config_reaches_the_image_size():
     assert finest == pytest.approx(256)
     dense = ReconConfig(encoding="DenseGrid").grid_config(64)
     assert dense["n_levels"] == 1 and dense["base_resolution"] == 64
+
+
+def test_tv_off_needs_the_background_zeroed():
+    with pytest.raises(ValueError, match="zero_outside_maps"):
+        ReconConfig(tv=False)
+    assert ReconConfig(tv=False, zero_outside_maps=True).tv is False

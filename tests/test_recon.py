@@ -47,7 +47,8 @@ def test_seeded_runs_are_reproducible_and_the_mask_is_inferred(problem):
 @pytest.mark.parametrize("overrides", [
     dict(regularizer="none"),
     dict(data_consistency=False),
-    dict(tv=False),
+    dict(tv=False, zero_outside_maps=True),
+    dict(zero_outside_maps=True),
     dict(encoding="DenseGrid"),
     dict(regularizer="pixel"),
     dict(holdout_fraction=0.1, patience=5),

@@ -70,12 +70,13 @@ def _read_cfl(path: Path) -> np.ndarray:
     return data.reshape(dims[::-1]).T
 
 
-def bart_maps(kspace: np.ndarray, *, crop: float = 0.8) -> np.ndarray:
-    """BART ``ecalib -m1`` maps ``(coils, ky, kx)``."""
+def bart_maps(kspace: np.ndarray, *, crop: float = 0.8, kernel_width: int = 6) -> np.ndarray:
+    """BART ``ecalib -m1 -k kernel_width`` maps ``(coils, ky, kx)``."""
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder)
         _write_cfl(base / "ksp", kspace.transpose(2, 1, 0)[:, :, None, :])
-        subprocess.run(["bart", "ecalib", "-m1", "-c", str(crop), str(base / "ksp"), str(base / "maps")],
+        subprocess.run(["bart", "ecalib", "-m1", "-c", str(crop), "-k", str(kernel_width),
+                        str(base / "ksp"), str(base / "maps")],
                        check=True, capture_output=True)
         return _read_cfl(base / "maps")[:, :, 0, :].transpose(2, 1, 0).astype(np.complex64)
 

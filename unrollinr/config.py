@@ -109,6 +109,9 @@ class ReconConfig:
             raise ValueError(f"holdout_fraction must be in [0, 0.5), got {self.holdout_fraction}")
         if not 0 <= self.espirit_crop < 1:
             raise ValueError(f"espirit_crop must be in [0, 1), got {self.espirit_crop}")
+        if not self.tv and not self.zero_outside_maps and self.regularizer != "none":
+            raise ValueError("without TV nothing constrains the prior outside the coil maps: "
+                             "set zero_outside_maps=True when tv is off")
         if not self.data_consistency and self.regularizer == "none":
             raise ValueError("regularizer 'none' needs data_consistency: nothing would be reconstructed")
 

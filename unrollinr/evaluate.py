@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from unrollinr import baselines
+from unrollinr.coils import find_calibration_region, fitting_kernel_width
 from unrollinr.config import ReconConfig
 from unrollinr.fft import ifft2c
 from unrollinr.masks import make_mask
@@ -35,7 +36,7 @@ L1_LAMBDAS = (0.0003, 0.001, 0.003, 0.01, 0.03)
 ABLATIONS = {
     "w/o R (CG-SENSE)": {"regularizer": "none"},
     "w/o DC (INR alone)": {"data_consistency": False},
-    "w/o TV": {"tv": False},
+    "w/o TV": {"tv": False, "zero_outside_maps": True},
     "DenseGrid (DINER-like)": {"encoding": "DenseGrid"},
     "pixel-image control": {"regularizer": "pixel"},
 }
@@ -111,7 +112,9 @@ def evaluate(
         results.append(_best_over("L1-ESPIRiT", acceleration, reference, l1_lambdas,
                                   functools.partial(baselines.l1_wavelet, measured_cc, mask, maps)))
         if use_bart:
-            bart_maps, bart_map_seconds = _timed(baselines.bart_maps, measured)
+            # BART gets the kernel width our ESPIRiT uses for this many ACS lines
+            kernel = fitting_kernel_width(find_calibration_region(mask), config.espirit_kernel_width)
+            bart_maps, bart_map_seconds = _timed(baselines.bart_maps, measured, kernel_width=kernel)
             best = _best_over("BART L1-ESPIRiT", acceleration, reference, l1_lambdas,
                               functools.partial(baselines.bart_pics, measured, bart_maps))
             best.seconds += bart_map_seconds
