@@ -36,13 +36,17 @@ class ReconConfig:
     Unrolled step:
         ``data_consistency`` off gives the "w/o DC" ablation (the INR image is the
         output). ``lam`` is the initial DC weight, ``lam_s`` the initial TV weight
-        (``tv`` off: "w/o TV"). TV is normalised by ``||x0||_1``.
+        (``tv`` off: "w/o TV"). TV is normalised by ``||x0||_1``. The defaults (0.05,
+        0.25) were chosen on ``brain_8ch_256`` at R = 6, 8, 10 (bench/RESULTS.md); the
+        paper's presets are :meth:`retrospective` (0.01, 0.5) and :meth:`prospective`
+        (0.05, 2.0).
     Training:
         Adam at ``lr`` for the prior and ``lr_lam``/``lr_lam_s`` for the log-weights,
         at most ``iterations`` steps. With ``holdout_fraction`` > 0 a share of the
         measured phase-encode lines outside the ACS is held out of training and the
         iterate with the lowest held-out loss is kept; ``patience`` steps without
         improvement stop training.
+    Image support:
         ``zero_outside_maps`` zeroes ``z`` where the coil maps vanish (no data constrain
         the image there); off, the prior fills those pixels smoothly.
     Coil maps:
@@ -64,8 +68,8 @@ class ReconConfig:
     mlp_precision: str = "auto"
 
     data_consistency: bool = True
-    lam: float = 0.01
-    lam_s: float = 0.5
+    lam: float = 0.05
+    lam_s: float = 0.25
     tv: bool = True
     cg_iterations: int = 20
     cg_tolerance: float = 0.0
@@ -117,8 +121,8 @@ class ReconConfig:
 
     @classmethod
     def retrospective(cls, **overrides: Any) -> ReconConfig:
-        """The paper's retrospective preset (``lam`` 0.01, ``lam_s`` 0.5); the default."""
-        return cls(**overrides)
+        """The paper's retrospective preset (``lam`` 0.01, ``lam_s`` 0.5)."""
+        return cls(**{"lam": 0.01, "lam_s": 0.5, **overrides})
 
     @classmethod
     def prospective(cls, **overrides: Any) -> ReconConfig:
@@ -127,8 +131,8 @@ class ReconConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ReconConfig:
-        """A preset by name: ``"retrospective"`` or ``"prospective"``."""
-        presets = {"retrospective": cls.retrospective, "prospective": cls.prospective}
+        """A preset by name: ``"default"``, ``"retrospective"`` or ``"prospective"``."""
+        presets = {"default": cls, "retrospective": cls.retrospective, "prospective": cls.prospective}
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
         return presets[name](**overrides)

@@ -139,7 +139,7 @@ def reconstruct(kspace: np.ndarray, mask: np.ndarray | None = None, *, csm: np.n
     csm
         Optional ``(coils, ky, kx)`` coil maps; without them ESPIRiT runs on the ACS region.
     config
-        :class:`~unrollinr.config.ReconConfig`; ``None`` is the default (retrospective) preset.
+        :class:`~unrollinr.config.ReconConfig`; ``None`` is the default configuration.
     device
         Torch device; ``None`` picks CUDA when available, else the CPU.
 

@@ -17,7 +17,7 @@ logger = logging.getLogger("unrollinr")
 def settings_from_args(args: argparse.Namespace) -> GadgetSettings:
     """Settings from ``--preset``, ``--output``, ``--device`` and repeated ``--set name=value``:
     the same names as a chain's properties."""
-    values: dict[str, str] = {"preset": args.preset}
+    values: dict[str, str] = {"preset": args.preset} if args.preset else {}
     for name in ("output", "device"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
@@ -30,8 +30,8 @@ def settings_from_args(args: argparse.Namespace) -> GadgetSettings:
 
 
 def _add_config_options(parser: argparse.ArgumentParser, *, images: bool = False) -> None:
-    parser.add_argument("--preset", default="retrospective", choices=["retrospective", "prospective"],
-                        help="initial lambda/lambda_s preset")
+    parser.add_argument("--preset", default=None, choices=["default", "retrospective", "prospective"],
+                        help="initial lambda/lambda_s: ours (default) or the paper's presets")
     parser.add_argument("--set", action="append", metavar="NAME=VALUE",
                         help="override one setting (any ReconConfig field), e.g. --set iterations=100; repeatable")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
