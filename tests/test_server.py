@@ -49,7 +49,7 @@ def test_named_config_with_json_text_and_waveforms(server, raw_phantom):
 def test_chain_file_name_and_config_text(server, raw_phantom):
     raw = RawFile(raw_phantom)
     chain_text = (ConfigResolver().chains_dir / "unrollinr.xml").read_text()
-    chain_text = chain_text.replace('value="200"', 'value="12"').replace('value="10"', 'value="5"')
+    chain_text = chain_text.replace('value="200"', 'value="12"').replace('value="20"', 'value="5"')
     with connect_with_retry(server.port) as sock:
         send_stream(sock, ConfigText(chain_text), raw.header(), raw.acquisitions())
         replies = read_replies(sock)

@@ -39,8 +39,7 @@ class ReconConfig:
         (``tv`` off: "w/o TV"). TV is normalised by ``||x0||_1``. The defaults (0.05,
         0.25) were chosen on ``brain_8ch_256`` at R = 6, 8, 10 (bench/RESULTS.md); the
         paper's presets are :meth:`retrospective` (0.01, 0.5) and :meth:`prospective`
-        (0.05, 2.0). CG runs ``cg_iterations`` per solve (10: with warm starts as good as
-        the paper's 20 here, in 76% of the time; see bench/RESULTS.md).
+        (0.05, 2.0).
     Training:
         Adam at ``lr`` for the prior and ``lr_lam``/``lr_lam_s`` for the log-weights,
         at most ``iterations`` steps. With ``holdout_fraction`` > 0 a share of the
@@ -72,7 +71,7 @@ class ReconConfig:
     lam: float = 0.05
     lam_s: float = 0.25
     tv: bool = True
-    cg_iterations: int = 10
+    cg_iterations: int = 20
     cg_tolerance: float = 0.0
     cg_warm_start: bool = True
     zero_outside_maps: bool = False
