@@ -57,14 +57,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _save(images, args: argparse.Namespace) -> None:
+    """Write images to ``--out`` (replacing it) and ``--png``, each as soon as it comes."""
     from unrollinr_gadget.outputs import write_images, write_pngs
 
     if args.out.exists():
         args.out.unlink()
-    count = write_images(images, args.out)
-    print(f"wrote {count} images to {args.out}")
-    if args.png is not None:
-        print(f"wrote {len(write_pngs(images, args.png))} PNGs to {args.png}")
+    count = 0
+    for image in images:
+        write_images([image], args.out)
+        if args.png is not None:
+            write_pngs([image], args.png)
+        count += 1
+    print(f"wrote {count} images to {args.out}" + (f" and PNGs to {args.png}" if args.png is not None else ""))
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -79,11 +83,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     pipeline = ReconPipeline(raw.header(), settings.recon, output=settings.output, device=settings.device,
                              series_index=settings.series_index)
     acquisitions = tqdm(raw.acquisitions(), total=len(raw), desc="replay", unit="acq", disable=not sys.stderr.isatty())
-    outcomes = list(pipeline.process(acquisitions))
-    failures = [o for o in outcomes if isinstance(o, SliceFailure)]
-    for failure in failures:
-        logger.error("%s", failure)
-    _save([o for o in outcomes if not isinstance(o, SliceFailure)], args)
+    failures: list[SliceFailure] = []
+
+    def images():
+        for outcome in pipeline.process(acquisitions):
+            if isinstance(outcome, SliceFailure):
+                logger.error("%s", outcome)
+                failures.append(outcome)
+            else:
+                yield outcome
+
+    _save(images(), args)
     return 1 if failures else 0
 
 
