@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import FAST_PROPERTIES
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription, write_recon_data
-from ismrmrd.serialization import ConfigText
+from ismrmrd.serialization import ConfigText, ProtocolSerializer
 from peers import connect_with_retry, properties_xml, read_replies, send_stream
 from unrollinr_gadget.assembly import SliceAssembler
 from unrollinr_gadget.rawdata import RawFile, simulate_raw
@@ -145,3 +145,26 @@ def test_buffered_recon_data_after_bucket_to_buffer(raw_phantom):
     assert replies.closed and replies.errors == [], stderr.decode()[-2000:]
     check_images(replies.images, raw)
     assert stdout == b""
+
+
+def test_a_vanished_peer_ends_the_gadget_instead_of_hanging(raw_phantom):
+    raw = RawFile(raw_phantom)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(60)
+        port = listener.getsockname()[1]
+        process = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), "unrollinr_gadget.gadget", "handle"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_gadget_env())
+        try:
+            connection, _ = listener.accept()
+            stream = connection.makefile("wb")
+            serializer = ProtocolSerializer(stream)
+            serializer.serialize(ConfigText(properties_xml(FAST_PROPERTIES)))
+            serializer.serialize(raw.header())
+            serializer.serialize(next(iter(raw.acquisitions())))
+            stream.flush()
+            stream.close()
+            connection.close()  # gone mid-stream, without CLOSE
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            process.kill()
+    assert b"connection lost" in stderr

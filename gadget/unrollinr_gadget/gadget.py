@@ -12,12 +12,14 @@ mode (``<connect port="18000"/>``) run ``unrollinr listen --port 18000`` instead
 
 The gadget works around the upstream client package's gaps: failures are sent back as
 ERROR (id 8) before CLOSE, so Gadgetron reports them; a TEXT message no longer ends the
-stream; nothing is printed to stdout.
+stream; a peer that disconnects ends the gadget instead of spinning forever; nothing is
+printed to stdout.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 
 import ismrmrd
@@ -30,6 +32,33 @@ from unrollinr_gadget.protocol import MessageWriter
 from unrollinr_gadget.settings import GadgetSettings, chain_properties
 
 logger = logging.getLogger(__name__)
+
+
+class _EndSafeSocket:
+    """Replaces gadgetron-python's socket wrapper, whose read loops forever once the peer
+    has closed (``recv`` returning nothing): this one raises ``EOFError`` instead."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+    def read(self, size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            chunk = self.socket.recv(size - len(data))
+            if not chunk:
+                raise EOFError(f"Gadgetron closed the connection ({len(data)} of {size} bytes read)")
+            data += chunk
+        return bytes(data)
+
+    def write(self, data: bytes) -> None:
+        self.socket.sendall(data)
+
+    def close(self) -> None:
+        try:
+            MessageWriter(self).close()
+        except OSError:
+            pass  # the peer is gone: nothing to tell it
+        self.socket.close()
 
 
 class _Text(str):
@@ -57,6 +86,7 @@ def _send(connection, outcomes: list[Outcome], failures: list[str]) -> None:
 def handle(connection) -> None:
     """Reconstruct every slice of the stream and send its image as soon as it is done."""
     start = time.perf_counter()
+    connection.socket = _EndSafeSocket(connection.socket.socket)
     connection.add_reader(constants.GADGET_MESSAGE_TEXT, _read_text)
     try:
         settings = GadgetSettings.from_properties(chain_properties(connection.config))
@@ -84,6 +114,9 @@ def handle(connection) -> None:
         outcomes = pipeline.finish()
         images += sum(not isinstance(o, SliceFailure) for o in outcomes)
         _send(connection, outcomes, failures)
+    except (EOFError, OSError) as error:
+        logger.error("connection lost: %s", error)
+        return
     except Exception as error:  # noqa: BLE001 - report anything to Gadgetron rather than vanish
         logger.exception("gadget failed")
         send_error(connection, f"unrollinr: {type(error).__name__}: {error}")
