@@ -70,8 +70,7 @@ class INRImage(nn.Module):
         with torch.autocast(self.coords.device.type, dtype=self.compute_dtype,
                             enabled=self.compute_dtype != torch.float32):
             out = self.mlp(features)
-        out = out.float()
-        return torch.complex(out[:, 0], out[:, 1]).reshape(self.shape)
+        return torch.view_as_complex(out.float()).reshape(self.shape)
 
 
 class PixelImage(nn.Module):
@@ -110,6 +109,7 @@ class UnrollINR(nn.Module):
         self.priors = nn.ModuleList(priors) if priors is not None else None
         self.dc = dc
         self.register_buffer("support", support)
+        self.full_support = bool(support.all())
         self.log_lam = nn.Parameter(torch.full((n_slices,), math.log(lam)))
         self.log_lam_s = nn.Parameter(torch.full((n_slices,), math.log(lam_s)))
 
@@ -127,7 +127,9 @@ class UnrollINR(nn.Module):
         """The prior images ``z`` ``(slices, y, x)``, zero outside the support; zeros without priors."""
         if self.priors is None:
             return torch.zeros_like(like)
-        return torch.stack([prior() for prior in self.priors]) * self.support
+        images = [prior() for prior in self.priors]
+        z = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
+        return z if self.full_support else z * self.support
 
     def forward(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(x, z)``, both ``(slices, y, x)``; ``like`` gives shape and dtype of ``z``."""
