@@ -6,8 +6,9 @@ Prints, in one run on one machine:
   iteration must do, timed on the same operator, and the ratio of the two;
 - the time UnrollINR needs to come within 0.3 dB of the best PSNR it reaches, against
   the wall time of BART ``ecalib`` + ``pics -l1`` (best lambda of a grid) when installed;
-- peak memory of training with 10 and with 40 CG iterations (separate processes; on the
-  CPU the growth of the resident set over the process's state before training).
+- peak memory of training with 10 and with 40 CG iterations, and with 2 and 4 slices
+  batched (separate processes; on the CPU the growth of the resident set over the
+  process's state before training).
 
 The last line is machine-readable:
 
@@ -37,7 +38,12 @@ from unrollinr.data import load_kspace  # noqa: E402
 from unrollinr.evaluate import L1_LAMBDAS, reference_image  # noqa: E402
 from unrollinr.masks import random_line_mask  # noqa: E402
 from unrollinr.metrics import psnr  # noqa: E402
-from unrollinr.recon import default_device, prepare_maps, reconstruct_with_details  # noqa: E402
+from unrollinr.recon import (  # noqa: E402
+    default_device,
+    prepare_maps,
+    reconstruct_prepared,
+    reconstruct_with_details,
+)
 from unrollinr.sense import SenseOp  # noqa: E402
 
 QUALITY_TOLERANCE_DB = 0.3
@@ -109,11 +115,12 @@ def bart_time(measured, reference) -> tuple[float, float, float]:
     return time.perf_counter() - start, best, scores[best]
 
 
-def peak_memory(args, cg_iterations: int, maps_file: Path) -> float:
-    """Peak memory (MiB) of a separate process training 5 iterations from given maps, so that
-    the peak is the training's, not the coil-map estimation's."""
+def peak_memory(args, cg_iterations: int, maps_file: Path, slices: int = 1) -> float:
+    """Peak memory (MiB) of a separate process training 5 iterations on ``slices`` copies of
+    the slice from given maps, so that the peak is the training's, not the maps'."""
     command = [sys.executable, __file__, "--measure-memory", str(cg_iterations), "--data", str(args.data),
-               "--R", str(args.R), "--threads", str(args.threads), "--maps", str(maps_file)]
+               "--R", str(args.R), "--threads", str(args.threads), "--maps", str(maps_file),
+               "--slices", str(slices)]
     if args.device:
         command += ["--device", args.device]
     for item in args.set:
@@ -127,15 +134,16 @@ def measure_memory(args, config: ReconConfig) -> None:
     maps = np.load(args.maps)
     device = torch.device(args.device) if args.device else default_device()
     config = ReconConfig.from_strings({"iterations": 5, "cg_iterations": args.measure_memory}, base=config)
+    batch = [np.repeat(a[None], args.slices, axis=0) for a in (measured, mask, maps)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        reconstruct_with_details(measured, mask, csm=maps, config=config, device=device, progress=False)
+        reconstruct_prepared(*batch, config, device=device, progress=False)
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         # Reset the resident high-water mark (Linux), so imports and loading do not count.
         Path("/proc/self/clear_refs").write_text("5")
         baseline = _status_mib("VmRSS")
-        reconstruct_with_details(measured, mask, csm=maps, config=config, device=device, progress=False)
+        reconstruct_prepared(*batch, config, device=device, progress=False)
         peak = _status_mib("VmHWM") - baseline
     print(json.dumps({"peak_mib": peak}))
 
@@ -154,6 +162,7 @@ def main() -> None:
     parser.add_argument("--timing-iterations", type=int, default=25)
     parser.add_argument("--measure-memory", type=int, default=None, help=argparse_hidden())
     parser.add_argument("--maps", type=Path, default=None, help=argparse_hidden())
+    parser.add_argument("--slices", type=int, default=1, help=argparse_hidden())
     args = parser.parse_args()
     setup(args)
     config = ReconConfig.from_strings(overrides(args))
@@ -187,7 +196,9 @@ def main() -> None:
         maps_file = Path(folder) / "maps.npy"
         np.save(maps_file, maps)
         peak_10, peak_40 = peak_memory(args, 10, maps_file), peak_memory(args, 40, maps_file)
+        by_slices = {n: peak_memory(args, config.cg_iterations, maps_file, n) for n in (2, 4)}
     print(f"peak memory: {peak_10:.0f} MiB with 10 CG iterations, {peak_40:.0f} MiB with 40")
+    print("peak memory by slices batched: " + ", ".join(f"{n}: {mib:.0f} MiB" for n, mib in by_slices.items()))
     print(f"floor_ratio={iteration / floor:.2f} time_to_quality_vs_bart={ratio:.2f} "
           f"peak_mem_ratio_40_10={peak_40 / peak_10:.3f}")
 

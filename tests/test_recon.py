@@ -106,3 +106,19 @@ def test_mlp_precision_choice():
     assert mlp_dtype(ReconConfig(), cpu) in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="mlp_precision"):
         ReconConfig(mlp_precision="half")
+
+
+def test_batched_slices_match_separate_reconstructions(problem, phantom_48):
+    from unrollinr.recon import reconstruct_slices
+
+    measured, mask, _ = problem
+    second = phantom_48[:, ::-1].copy() * mask
+    config = ReconConfig(iterations=15, cg_iterations=6, mlp_precision="float32")
+    batch = reconstruct_slices(np.stack([measured, second]), np.stack([mask, mask]), config=config)
+    assert batch.shape == (2, 48, 48) and batch.dtype == np.complex64
+    alone = [reconstruct(measured, mask, config=config),
+             reconstruct(second, mask, config=ReconConfig(**{**config.__dict__, "seed": 1}))]
+    for s in range(2):
+        np.testing.assert_allclose(batch[s], alone[s], rtol=1e-3, atol=1e-4 * np.abs(alone[s]).max())
+    with pytest.raises(ValueError, match="slices, coils, ky, kx"):
+        reconstruct_slices(measured)

@@ -105,25 +105,70 @@ def reconstruct_with_details(kspace: np.ndarray, mask: np.ndarray | None = None,
     """
     config = ReconConfig() if config is None else config
     kspace, mask = _validate(kspace, mask, csm)
-    device = default_device() if device is None else torch.device(device)
     kspace, maps = prepare_maps(kspace, mask, csm, config, calibration=calibration)
-    protected = _protected_rows(mask)
+    slice_callback = None if callback is None else (lambda iteration, images: callback(iteration, images[0]))
+    images, result = reconstruct_prepared(kspace[None], mask[None], maps[None], config, device=device,
+                                          progress=progress, callback=slice_callback)
+    return images[0], result
 
-    maps_t = torch.from_numpy(maps).unsqueeze(0).to(device)
-    mask_t = torch.from_numpy(mask).unsqueeze(0).to(device)
-    op = SenseOp(maps_t, mask_t)
-    kspace_t = torch.from_numpy(kspace).unsqueeze(0).to(device)
-    scale = float(op.adjoint(kspace_t).abs().max())
-    if scale == 0:
+
+def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray, config: ReconConfig,
+                         device: str | torch.device | None = None, progress: bool | None = None,
+                         callback: Callable[[int, np.ndarray], None] | None = None) -> tuple[np.ndarray, FitResult]:
+    """Train on ``(slices, coils, ky, kx)`` k-space with its ``(slices, ky, kx)`` masks and
+    ``(slices, coils, ky, kx)`` maps in one batch; each slice is normalised by its own
+    zero-filled maximum and keeps its own prior. ``callback(iteration, images)`` sees the
+    ``(slices, ky, kx)`` images of each iteration on the scale of the data.
+
+    Returns ``(slices, ky, kx)`` complex64 images on the scale of the data.
+    """
+    device = default_device() if device is None else torch.device(device)
+    op = SenseOp(torch.from_numpy(maps).to(device), torch.from_numpy(masks).to(device))
+    kspace_t = torch.from_numpy(kspace).to(device)
+    scales = op.adjoint(kspace_t).abs().amax(dim=(-2, -1))
+    if bool((scales == 0).any()):
         raise ValueError("the coil maps and data give an all-zero image: check the maps' support")
+    protected = np.logical_or.reduce([_protected_rows(m) for m in masks])
     on_iteration = None
     if callback is not None:
         def on_iteration(iteration: int, x: torch.Tensor) -> None:
-            callback(iteration, (x[0] * scale).cpu().numpy())
-    result = fit(op, kspace_t / scale, config, progress=progress,
+            callback(iteration, (x * scales[:, None, None]).cpu().numpy())
+    result = fit(op, kspace_t / scales[:, None, None, None], config, progress=progress,
                  protected=torch.from_numpy(protected).to(device), callback=on_iteration)
-    image = (result.image[0] * scale).cpu().numpy().astype(np.complex64)
-    return image, result
+    images = (result.image * scales[:, None, None]).cpu().numpy().astype(np.complex64)
+    return images, result
+
+
+def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, config: ReconConfig | None = None,
+                       device: str | torch.device | None = None, progress: bool | None = None) -> np.ndarray:
+    """Reconstruct several slices of one exam in a single batched training run.
+
+    Every slice is still scan-specific (its own prior, weights and normalisation); the
+    batch shares the work shapes, which fills a GPU. Coil maps come from each slice's ACS.
+
+    Parameters
+    ----------
+    kspace
+        ``(slices, coils, ky, kx)`` complex, centred, zero where not sampled.
+    masks
+        ``(slices, ky, kx)`` boolean, or ``None`` to take the non-zero samples.
+
+    Returns
+    -------
+    ``(slices, ky, kx)`` complex64 images; slice ``s`` uses prior seed ``config.seed + s``.
+    """
+    config = ReconConfig() if config is None else config
+    kspace = np.asarray(kspace)
+    if kspace.ndim != 4:
+        raise ValueError(f"kspace must be (slices, coils, ky, kx), got shape {kspace.shape}")
+    prepared = []
+    for s in range(kspace.shape[0]):
+        data, mask = _validate(kspace[s], None if masks is None else masks[s], None)
+        data, maps = prepare_maps(data, mask, None, config)
+        prepared.append((data, mask, maps))
+    stacked = [np.stack(parts) for parts in zip(*prepared, strict=True)]
+    images, _ = reconstruct_prepared(*stacked, config, device=device, progress=progress)
+    return images
 
 
 def reconstruct(kspace: np.ndarray, mask: np.ndarray | None = None, *, csm: np.ndarray | None = None,
