@@ -87,7 +87,7 @@ class ReconConfig:
     espirit_calib_width: int = 24
     espirit_kernel_width: int = 6
     espirit_thresh: float = 0.03
-    espirit_crop: float = 0.8
+    espirit_crop: float = 0.85
     coil_compression: int = 0
 
     def __post_init__(self) -> None:
