@@ -17,6 +17,7 @@ The last line is machine-readable:
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -160,9 +161,9 @@ def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--R", type=float, default=8)
     parser.add_argument("--timing-iterations", type=int, default=25)
-    parser.add_argument("--measure-memory", type=int, default=None, help=argparse_hidden())
-    parser.add_argument("--maps", type=Path, default=None, help=argparse_hidden())
-    parser.add_argument("--slices", type=int, default=1, help=argparse_hidden())
+    parser.add_argument("--measure-memory", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--maps", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--slices", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     setup(args)
     config = ReconConfig.from_strings(overrides(args))
@@ -201,12 +202,6 @@ def main() -> None:
     print("peak memory by slices batched: " + ", ".join(f"{n}: {mib:.0f} MiB" for n, mib in by_slices.items()))
     print(f"floor_ratio={iteration / floor:.2f} time_to_quality_vs_bart={ratio:.2f} "
           f"peak_mem_ratio_40_10={peak_40 / peak_10:.3f}")
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -24,10 +24,14 @@ from unrollinr.sense import SenseOp
 logger = logging.getLogger(__name__)
 
 
+def kspace_rss(kspace: np.ndarray) -> np.ndarray:
+    """Root-sum-of-squares of the coil images of ``(coils, ky, kx)`` k-space, real ``(ky, kx)``."""
+    return root_sum_of_squares(ifft2c(torch.from_numpy(np.ascontiguousarray(kspace))).numpy())
+
+
 def zero_filled(kspace: np.ndarray) -> np.ndarray:
-    """Root-sum-of-squares of the zero-filled coil images (real, ``(ky, kx)``)."""
-    coil_images = ifft2c(torch.from_numpy(np.ascontiguousarray(kspace))).numpy()
-    return root_sum_of_squares(coil_images).astype(np.complex64)
+    """Root-sum-of-squares of the zero-filled coil images, as complex64 ``(ky, kx)``."""
+    return kspace_rss(kspace).astype(np.complex64)
 
 
 def cg_sense(kspace: np.ndarray, mask: np.ndarray, maps: np.ndarray, *, iterations: int = 30,

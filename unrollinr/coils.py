@@ -206,11 +206,6 @@ def apply_coil_matrix(matrix: np.ndarray, kspace: np.ndarray) -> np.ndarray:
     return np.einsum("vc,c...->v...", matrix, kspace).astype(np.complex64)
 
 
-def compress_coils(kspace: np.ndarray, n_virtual: int) -> np.ndarray:
-    """SVD coil compression of ``(coils, ky, kx)`` k-space to ``(n_virtual, ky, kx)``."""
-    return apply_coil_matrix(coil_compression_matrix(kspace, n_virtual), kspace)
-
-
 def prewhitening_matrix(noise: np.ndarray) -> np.ndarray:
     """The ``(coils, coils)`` matrix that whitens coil noise, from noise samples ``(coils, samples)``.
 

@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 
 from unrollinr import baselines
 from unrollinr.coils import find_calibration_region, fitting_kernel_width
 from unrollinr.config import ReconConfig
-from unrollinr.fft import ifft2c
 from unrollinr.masks import make_mask
-from unrollinr.metrics import all_metrics, root_sum_of_squares
+from unrollinr.metrics import all_metrics
 from unrollinr.recon import prepare_maps, reconstruct
 
 logger = logging.getLogger(__name__)
@@ -59,7 +57,7 @@ class MethodResult:
 
 def reference_image(kspace: np.ndarray) -> np.ndarray:
     """RSS of the fully sampled ``(coils, ky, kx)`` k-space, ``(ky, kx)``."""
-    return root_sum_of_squares(ifft2c(torch.from_numpy(np.ascontiguousarray(kspace))).numpy())
+    return baselines.kspace_rss(kspace)
 
 
 def _timed(run: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:

@@ -102,10 +102,13 @@ class SenseOp(nn.Module):
         if not self.line_mask:
             projected = ifft2c(fft2c(self.maps * image.unsqueeze(1)) * self.mask.unsqueeze(1))
             return (self.maps.conj() * projected).sum(dim=1)
-        n_slices, n_y, n_x = image.shape
-        coil_images = (self.maps_yc * image.unsqueeze(2)).reshape(n_slices, n_y, -1)  # (S, y, C*x)
-        projected = (self.rows_h @ (self.rows @ coil_images)).reshape(self.maps_yc.shape)
+        projected = (self.rows_h @ (self.rows @ self._coil_rows(image))).reshape(self.maps_yc.shape)
         return (self.maps_yc_conj * projected).sum(dim=2)
+
+    def _coil_rows(self, image: torch.Tensor) -> torch.Tensor:
+        """Coil images ``C x`` laid out ``(slices, y, coils * x)`` for the row products."""
+        n_slices, n_y, _ = image.shape
+        return (self.maps_yc * image.unsqueeze(2)).reshape(n_slices, n_y, -1)
 
     def measure(self, image: torch.Tensor) -> torch.Tensor:
         """The measured samples of ``E x``, in the layout of :meth:`samples`.
@@ -115,9 +118,8 @@ class SenseOp(nn.Module):
         """
         if not self.line_mask:
             return self.forward(image)
-        n_slices, n_y, n_x = image.shape
-        coil_images = (self.maps_yc * image.unsqueeze(2)).reshape(n_slices, n_y, -1)
-        rows = (self.rows @ coil_images).reshape(n_slices, -1, self.maps.shape[1], n_x)
+        n_slices, _, n_x = image.shape
+        rows = (self.rows @ self._coil_rows(image)).reshape(n_slices, -1, self.maps.shape[1], n_x)
         return _fft_x(rows)
 
     def samples(self, kspace: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from unrollinr.cg import DataConsistency
 from unrollinr.config import ReconConfig
 from unrollinr.loss import normalized_l1_l2, total_variation
 from unrollinr.model import INRImage, PixelImage, UnrollINR
-from unrollinr.sense import SenseOp
+from unrollinr.sense import SenseOp, is_line_mask
 
 logger = logging.getLogger(__name__)
 _MIN_RELATIVE_IMPROVEMENT = 1e-4
@@ -56,7 +56,7 @@ def holdout_mask(mask: torch.Tensor, fraction: float, protected: torch.Tensor, s
     """
     generator = torch.Generator().manual_seed(seed)
     held = torch.zeros_like(mask)
-    lines = bool((mask == mask[..., :1]).all())
+    lines = is_line_mask(mask)
     for s in range(mask.shape[0]):
         if lines:
             candidates = torch.nonzero(mask[s, :, 0] & ~protected[:, 0]).flatten()
