@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from unrollinr import ReconConfig, reconstruct
-from unrollinr.baselines import cg_sense, zero_filled
+from unrollinr.baselines import bart_available, bart_maps, bart_pics, cg_sense, zero_filled
 from unrollinr.coils import espirit_maps
 from unrollinr.evaluate import reference_image
 from unrollinr.masks import random_line_mask
@@ -122,3 +122,19 @@ def test_batched_slices_match_separate_reconstructions(problem, phantom_48):
         np.testing.assert_allclose(batch[s], alone[s], rtol=1e-3, atol=1e-4 * np.abs(alone[s]).max())
     with pytest.raises(ValueError, match="slices, coils, ky, kx"):
         reconstruct_slices(measured)
+
+
+@pytest.mark.skipif(not bart_available(), reason="bart is not installed")
+@pytest.mark.parametrize("regularizer", ["l1", "tv"])
+def test_bart_baselines_improve_on_zero_filled(problem, regularizer):
+    measured, mask, reference = problem
+    maps = bart_maps(measured, kernel_width=5)
+    image = bart_pics(measured, maps, 0.003, regularizer=regularizer)
+    assert image.shape == (48, 48)
+    assert psnr(reference, image) > psnr(reference, zero_filled(measured)) + 3
+
+
+def test_bart_pics_rejects_an_unknown_regularizer(problem):
+    measured, _, _ = problem
+    with pytest.raises(ValueError, match="unknown BART regularizer"):
+        bart_pics(measured, measured, 0.01, regularizer="wavelet")

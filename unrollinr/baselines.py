@@ -85,14 +85,22 @@ def bart_maps(kspace: np.ndarray, *, crop: float = 0.8, kernel_width: int = 6) -
         return _read_cfl(base / "maps")[:, :, 0, :].transpose(2, 1, 0).astype(np.complex64)
 
 
-def bart_pics(kspace: np.ndarray, maps: np.ndarray, lam: float, *, iterations: int = 100) -> np.ndarray:
-    """BART ``pics -l1 -r lam`` (wavelet L1-ESPIRiT) on normalised data, ``(ky, kx)``."""
+BART_REGULARIZERS = {"l1": ("-l1", "-r", "{lam}"), "tv": ("-R", "T:3:0:{lam}")}
+
+
+def bart_pics(kspace: np.ndarray, maps: np.ndarray, lam: float, *, regularizer: str = "l1",
+              iterations: int = 100) -> np.ndarray:
+    """BART ``pics`` on normalised data, ``(ky, kx)``: ``regularizer`` ``"l1"`` is
+    ``-l1 -r lam`` (wavelet L1-ESPIRiT), ``"tv"`` is ``-R T:3:0:lam`` (TV-SENSE)."""
+    if regularizer not in BART_REGULARIZERS:
+        raise ValueError(f"unknown BART regularizer {regularizer!r}; expected one of {sorted(BART_REGULARIZERS)}")
+    flags = [flag.format(lam=lam) for flag in BART_REGULARIZERS[regularizer]]
     scale = np.abs(zero_filled(kspace)).max()
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder)
         _write_cfl(base / "ksp", (kspace / scale).transpose(2, 1, 0)[:, :, None, :])
         _write_cfl(base / "maps", maps.transpose(2, 1, 0)[:, :, None, :])
-        subprocess.run(["bart", "pics", "-S", "-l1", "-r", str(lam), "-i", str(iterations),
+        subprocess.run(["bart", "pics", "-S", *flags, "-i", str(iterations),
                         str(base / "ksp"), str(base / "maps"), str(base / "out")],
                        check=True, capture_output=True)
         image = _read_cfl(base / "out")

@@ -38,7 +38,7 @@ ABLATIONS = {
     "DenseGrid (DINER-like)": {"encoding": "DenseGrid"},
     "pixel-image control": {"regularizer": "pixel"},
 }
-METHOD_ORDER = ("zero-filled", "CG-SENSE", "L1-ESPIRiT", "BART L1-ESPIRiT", "UnrollINR")
+METHOD_ORDER = ("zero-filled", "CG-SENSE", "L1-ESPIRiT", "BART L1-ESPIRiT", "BART TV-SENSE", "UnrollINR")
 
 
 @dataclass
@@ -115,6 +115,11 @@ def evaluate(
             bart_maps, bart_map_seconds = _timed(baselines.bart_maps, measured, kernel_width=kernel)
             best = _best_over("BART L1-ESPIRiT", acceleration, reference, l1_lambdas,
                               functools.partial(baselines.bart_pics, measured, bart_maps))
+            best.seconds += bart_map_seconds
+            results.append(best)
+            # TV alone, the regulariser UnrollINR's loss adds, with BART's solver and maps
+            best = _best_over("BART TV-SENSE", acceleration, reference, l1_lambdas,
+                              functools.partial(baselines.bart_pics, measured, bart_maps, regularizer="tv"))
             best.seconds += bart_map_seconds
             results.append(best)
         image, seconds = _timed(reconstruct, measured_cc, mask, csm=maps, config=config, device=device)
