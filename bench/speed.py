@@ -3,7 +3,8 @@
 Prints, in one run on one machine:
 - seconds per training iteration (median) with the default configuration;
 - the floor: the ``2 x (CG iterations + 1)`` SENSE normal-operator applications that one
-  iteration must do, timed on the same operator, and the ratio of the two;
+  iteration must do, timed on the same operator, and the ratio of the two; and the time of
+  the prior's forward and backward pass, the largest cost outside the floor;
 - the time UnrollINR needs to come within 0.3 dB of the best PSNR it reaches, against
   the wall time of BART ``ecalib`` + ``pics -l1`` (best lambda of a grid) when installed;
 - peak memory of training with 10 and with 40 CG iterations, and with 2 and 4 slices
@@ -39,6 +40,7 @@ from unrollinr.data import load_kspace  # noqa: E402
 from unrollinr.evaluate import L1_LAMBDAS, reference_image  # noqa: E402
 from unrollinr.masks import random_line_mask  # noqa: E402
 from unrollinr.metrics import psnr  # noqa: E402
+from unrollinr.model import INRImage  # noqa: E402
 from unrollinr.recon import (  # noqa: E402
     default_device,
     prepare_maps,
@@ -59,7 +61,9 @@ def _problem(args, config: ReconConfig):
 
 def seconds_per_iteration(measured, mask, maps, config, device, iterations: int) -> float:
     stamps: list[float] = []
-    config = ReconConfig.from_strings({"iterations": iterations, "patience": iterations}, base=config)
+    # Every timed iteration runs the full CG count, as the floor assumes (no warm-up).
+    config = ReconConfig.from_strings({"iterations": iterations, "patience": iterations, "cg_warmup_steps": 0},
+                                      base=config)
     reconstruct_with_details(measured, mask, csm=maps, config=config, device=device, progress=False,
                              callback=lambda i, x: stamps.append(time.perf_counter()))
     steps = np.diff(stamps)[2:]  # the first iterations warm up caches and allocators
@@ -81,6 +85,20 @@ def floor_seconds(maps, mask, config, device, repeats: int = 7) -> float:
         _sync(device)
         timings.append(time.perf_counter() - start)
     return statistics.median(timings)
+
+
+def prior_seconds(shape, config, device, repeats: int = 7) -> float:
+    """Median time of one forward and backward pass of the prior (grid encoding + MLP) over
+    every pixel: the largest part of an iteration outside the normal operator."""
+    prior = INRImage(shape, config, torch.device(device), seed=config.seed)
+    timings = []
+    for _ in range(repeats + 2):
+        _sync(device)
+        start = time.perf_counter()
+        torch.view_as_real(prior()).sum().backward()
+        _sync(device)
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings[2:])
 
 
 def _sync(device) -> None:
@@ -134,7 +152,8 @@ def measure_memory(args, config: ReconConfig) -> None:
     _, mask, measured = _problem(args, config)
     maps = np.load(args.maps)
     device = torch.device(args.device) if args.device else default_device()
-    config = ReconConfig.from_strings({"iterations": 5, "cg_iterations": args.measure_memory}, base=config)
+    config = ReconConfig.from_strings({"iterations": 5, "cg_iterations": args.measure_memory,
+                                       "cg_warmup_steps": 0}, base=config)
     batch = [np.repeat(a[None], args.slices, axis=0) for a in (measured, mask, maps)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -178,8 +197,11 @@ def main() -> None:
 
     iteration = seconds_per_iteration(measured, mask, maps, config, device, args.timing_iterations)
     floor = floor_seconds(maps, mask, config, device)
+    prior = prior_seconds(mask.shape, config, device)
     print(f"training iteration: {iteration * 1e3:.1f} ms (median); floor, {2 * (config.cg_iterations + 1)} "
           f"normal-operator applications: {floor * 1e3:.1f} ms; ratio {iteration / floor:.2f}")
+    print(f"of the rest, the prior's forward and backward (grid + MLP over {mask.size} pixels): "
+          f"{prior * 1e3:.1f} ms ({prior / floor:.2f} of the floor)")
 
     reached, best, final = time_to_quality(measured, mask, reference, config, device)
     print(f"UnrollINR: within {QUALITY_TOLERANCE_DB} dB of its best PSNR ({best:.2f} dB) after {reached:.1f} s; "

@@ -12,6 +12,7 @@ from unrollinr.masks import (
     uniform_line_mask,
 )
 from unrollinr.metrics import nrmse, psnr, ssim
+from unrollinr.training import cg_iterations_at
 
 
 def test_ssim_matches_scikit_image(rng):
@@ -97,3 +98,14 @@ def test_tv_off_needs_the_background_zeroed():
     with pytest.raises(ValueError, match="zero_outside_maps"):
         ReconConfig(tv=False)
     assert ReconConfig(tv=False, zero_outside_maps=True).tv is False
+
+
+def test_cg_warmup_schedule():
+    config = ReconConfig(cg_iterations=20, cg_warmup_iterations=5, cg_warmup_steps=3)
+    assert [cg_iterations_at(config, step) for step in range(5)] == [5, 5, 5, 20, 20]
+    assert cg_iterations_at(ReconConfig(cg_iterations=3), 0) == 3
+    assert cg_iterations_at(ReconConfig(cg_warmup_steps=0), 0) == 20
+    with pytest.raises(ValueError, match="cg_warmup_steps must not be negative"):
+        ReconConfig(cg_warmup_steps=-1)
+    with pytest.raises(ValueError, match="cg_warmup_iterations must be at least 1"):
+        ReconConfig(cg_warmup_iterations=0)

@@ -36,6 +36,14 @@ def test_image_is_on_the_scale_of_the_data(problem):
     assert 0.8 < ratio < 1.2
 
 
+def test_training_uses_the_cg_warmup(problem):
+    measured, mask, _ = problem
+    config = ReconConfig(iterations=6, cg_iterations=8, cg_warmup_steps=0)
+    full = reconstruct(measured, mask, config=config)
+    warmup = ReconConfig(**{**config.__dict__, "cg_warmup_iterations": 1, "cg_warmup_steps": 6})
+    assert not np.allclose(reconstruct(measured, mask, config=warmup), full)
+
+
 def test_seeded_runs_are_reproducible_and_the_mask_is_inferred(problem):
     measured, mask, _ = problem
     config = ReconConfig(iterations=10, cg_iterations=5, seed=3)
@@ -54,6 +62,7 @@ def test_seeded_runs_are_reproducible_and_the_mask_is_inferred(problem):
     dict(holdout_fraction=0.1, patience=5),
     dict(coil_compression=4),
     dict(cg_tolerance=1e-3, cg_warm_start=False),
+    dict(cg_warmup_steps=0),
 ])
 def test_every_ablation_runs_and_improves_on_zero_filled(problem, overrides):
     measured, mask, reference = problem

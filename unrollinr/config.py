@@ -39,7 +39,10 @@ class ReconConfig:
         (``tv`` off: "w/o TV"). TV is normalised by ``||x0||_1``. The defaults (0.05,
         0.25) were chosen on ``brain_8ch_256`` at R = 6, 8, 10 (bench/RESULTS.md); the
         paper's presets are :meth:`retrospective` (0.01, 0.5) and :meth:`prospective`
-        (0.05, 2.0).
+        (0.05, 2.0). Each DC solve runs ``cg_iterations`` CG iterations, but only
+        ``cg_warmup_iterations`` during the first ``cg_warmup_steps`` training steps (0: no
+        warm-up), while the prior is far from its image; inference always runs
+        ``cg_iterations``.
     Training:
         Adam at ``lr`` for the prior and ``lr_lam``/``lr_lam_s`` for the log-weights,
         at most ``iterations`` steps. With ``holdout_fraction`` > 0 a share of the
@@ -72,6 +75,8 @@ class ReconConfig:
     lam_s: float = 0.25
     tv: bool = True
     cg_iterations: int = 20
+    cg_warmup_iterations: int = 5
+    cg_warmup_steps: int = 50
     cg_tolerance: float = 0.0
     cg_warm_start: bool = True
     zero_outside_maps: bool = False
@@ -96,11 +101,11 @@ class ReconConfig:
         _check_choice("encoding_backend", self.encoding_backend, ENCODING_BACKENDS)
         _check_choice("mlp_precision", self.mlp_precision, MLP_PRECISIONS)
         for name in ("hash_levels", "hash_features", "hash_log2_size", "hash_base_resolution",
-                     "hidden_width", "cg_iterations", "iterations", "patience",
+                     "hidden_width", "cg_iterations", "cg_warmup_iterations", "iterations", "patience",
                      "espirit_kernel_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("hash_finest_resolution", "hidden_layers", "espirit_calib_width",
+        for name in ("hash_finest_resolution", "hidden_layers", "cg_warmup_steps", "espirit_calib_width",
                      "coil_compression", "cg_tolerance", "lr_lam", "lr_lam_s", "espirit_thresh"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")

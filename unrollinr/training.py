@@ -154,6 +154,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
                leave=False)
     iteration = 0
     for iteration in bar:
+        if model.dc is not None:
+            model.dc.iterations = cg_iterations_at(config, iteration)
         optimizer.zero_grad(set_to_none=True)
         x, _ = model(like)
         loss = normalized_l1_l2(train_op.measure(x), train_samples)
@@ -183,6 +185,13 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     bar.close()
     model.load_state_dict(best_state, strict=False)
     return _final_pass(model, op, kspace, config, like, start, history, iteration + 1, best_iteration)
+
+
+def cg_iterations_at(config: ReconConfig, step: int) -> int:
+    """CG iterations per DC solve at training ``step`` (fewer during the warm-up)."""
+    if step < config.cg_warmup_steps:
+        return min(config.cg_warmup_iterations, config.cg_iterations)
+    return config.cg_iterations
 
 
 def _parameters(model: UnrollINR) -> dict[str, torch.Tensor]:
