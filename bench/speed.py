@@ -3,8 +3,9 @@
 Prints, in one run on one machine:
 - seconds per training iteration (median) with the default configuration;
 - the floor: the ``2 x (CG iterations + 1)`` SENSE normal-operator applications that one
-  iteration must do, timed on the same operator, and the ratio of the two; and the time of
-  the prior's forward and backward pass, the largest cost outside the floor;
+  iteration must do, timed on the same operator between the timed iterations, and the
+  ratio of the two; and the time of the prior's forward and backward pass, the largest
+  cost outside the floor;
 - the time UnrollINR needs to come within 0.3 dB of the best PSNR it reaches, against
   the wall time of BART ``ecalib`` + ``pics -l1`` (best lambda of a grid) when installed;
 - peak memory of training with 10 and with 40 CG iterations, and with 2 and 4 slices
@@ -59,32 +60,38 @@ def _problem(args, config: ReconConfig):
     return kspace, mask, measured
 
 
-def seconds_per_iteration(measured, mask, maps, config, device, iterations: int) -> float:
-    stamps: list[float] = []
+def iteration_and_floor_seconds(measured, mask, maps, config, device, iterations: int) -> tuple[float, float]:
+    """Median seconds of one training iteration and of its floor, measured interleaved.
+
+    After each training iteration (in the callback, outside the timed interval) the floor
+    is timed once: the ``2 x (CG iterations + 1)`` normal-operator applications of one
+    iteration on the same operator. Interleaving keeps both under the same machine load.
+    """
     # Every timed iteration runs the full CG count, as the floor assumes (no warm-up).
     config = ReconConfig.from_strings({"iterations": iterations, "patience": iterations, "cg_warmup_steps": 0},
                                       base=config)
-    reconstruct_with_details(measured, mask, csm=maps, config=config, device=device, progress=False,
-                             callback=lambda i, x: stamps.append(time.perf_counter()))
-    steps = np.diff(stamps)[2:]  # the first iterations warm up caches and allocators
-    return float(np.median(steps))
-
-
-def floor_seconds(maps, mask, config, device, repeats: int = 7) -> float:
-    """Median time of the normal-operator applications of one training iteration."""
     op = SenseOp(torch.from_numpy(maps)[None].to(device), torch.from_numpy(mask)[None].to(device))
     image = torch.randn(op.image_shape, dtype=torch.complex64, device=device)
     applications = 2 * (config.cg_iterations + 1)
-    timings = []
-    for _ in range(repeats):
+    entries: list[float] = []
+    exits: list[float] = []
+    floors: list[float] = []
+
+    def time_floor(_iteration: int, _image: np.ndarray) -> None:
         _sync(device)
-        start = time.perf_counter()
+        entries.append(time.perf_counter())
         x = image
         for _ in range(applications):
             x = op.normal(x) * 1e-3 + image
         _sync(device)
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
+        exits.append(time.perf_counter())
+        floors.append(exits[-1] - entries[-1])
+
+    reconstruct_with_details(measured, mask, csm=maps, config=config, device=device, progress=False,
+                             callback=time_floor)
+    steps = [entries[i + 1] - exits[i] for i in range(len(entries) - 1)]
+    # the first iterations warm up caches and allocators
+    return statistics.median(steps[2:]), statistics.median(floors[2:])
 
 
 def prior_seconds(shape, config, device, repeats: int = 7) -> float:
@@ -195,8 +202,7 @@ def main() -> None:
     print(f"data {args.data.name} {kspace.shape}, R={args.R:g}, device {device_name(args.device)}")
     _, maps = prepare_maps(measured, mask, None, config)
 
-    iteration = seconds_per_iteration(measured, mask, maps, config, device, args.timing_iterations)
-    floor = floor_seconds(maps, mask, config, device)
+    iteration, floor = iteration_and_floor_seconds(measured, mask, maps, config, device, args.timing_iterations)
     prior = prior_seconds(mask.shape, config, device)
     print(f"training iteration: {iteration * 1e3:.1f} ms (median); floor, {2 * (config.cg_iterations + 1)} "
           f"normal-operator applications: {floor * 1e3:.1f} ms; ratio {iteration / floor:.2f}")
