@@ -23,7 +23,8 @@ Operator = Callable[[torch.Tensor], torch.Tensor]
 def _real_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Inner product per slice of real tensors ``(slices, ...)``, as ``(slices,)``.
 
-    A per-row reduction, so a slice gets the same value alone or in a batch."""
+    A per-row reduction, so a slice gets the same value alone or in a batch.
+    """
     return (a * b).flatten(start_dim=1).sum(dim=1)
 
 
