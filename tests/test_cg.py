@@ -107,3 +107,15 @@ def test_warm_start_gives_the_same_solution(rng, warm_start):
     reference = DataConsistency(op, kspace, iterations=100, tolerance=1e-12)(z + 0.01, lam)
     torch.testing.assert_close(second, reference, rtol=1e-8, atol=1e-8)
     assert first.shape == (2, 8, 6)
+
+
+def test_a_converged_slice_stays_put_while_others_iterate(rng):
+    op, kspace = _small_problem(rng)
+    lam = torch.full((2,), 0.1, dtype=torch.float64)
+    rhs = op.adjoint(kspace)
+    rhs[0] = 0
+    solution = conjugate_gradient(lambda x: op.normal(x) + lam[:, None, None] * x, rhs, max_iterations=30)
+    assert torch.equal(solution[0], torch.zeros_like(solution[0]))
+    second = SenseOp(op.maps[1:], op.mask[1:])
+    alone = conjugate_gradient(lambda x: second.normal(x) + lam[1] * x, rhs[1:], max_iterations=30)
+    torch.testing.assert_close(solution[1:], alone)

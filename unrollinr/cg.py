@@ -71,18 +71,19 @@ def conjugate_gradient(
     direction = residual
     residual_norm2 = _real_dot(residual, residual)
     stop_norm2 = (tolerance**2) * _real_dot(rhs_real, rhs_real)
+    tiny = torch.finfo(rhs_real.dtype).tiny
     for _ in range(max_iterations):
-        if bool((residual_norm2 <= stop_norm2).all()):
+        # The check synchronises with the device, so it runs only when there is a tolerance.
+        if tolerance > 0 and bool((residual_norm2 <= stop_norm2).all()):
             break
         a_direction = torch.view_as_real(apply_a(torch.view_as_complex(direction)))
         curvature = _real_dot(direction, a_direction)
-        # Converged slices have zero residual and curvature: leave them unchanged.
-        tiny = torch.finfo(curvature.dtype).tiny
-        step = torch.where(curvature > 0, residual_norm2 / curvature.clamp_min(tiny), 0.0).reshape(-1, 1, 1, 1)
+        # A converged slice has zero residual and direction: its step and beta are 0 / tiny = 0.
+        step = (residual_norm2 / curvature.clamp_min(tiny)).reshape(-1, 1, 1, 1)
         x = torch.addcmul(x, step, direction)
         residual = torch.addcmul(residual, step, a_direction, value=-1)
         new_norm2 = _real_dot(residual, residual)
-        beta = torch.where(residual_norm2 > 0, new_norm2 / residual_norm2.clamp_min(tiny), 0.0).reshape(-1, 1, 1, 1)
+        beta = (new_norm2 / residual_norm2.clamp_min(tiny)).reshape(-1, 1, 1, 1)
         direction = torch.addcmul(residual, beta, direction)
         residual_norm2 = new_norm2
     return torch.view_as_complex(x)
