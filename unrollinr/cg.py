@@ -61,11 +61,12 @@ def conjugate_gradient(
     The solution ``(slices, y, x)``.
     """
     # CG runs on real views (slices, y, x, 2): each update is one fused multiply-add.
-    rhs_real = torch.view_as_real(rhs)
+    rhs_real = torch.view_as_real(rhs.resolve_conj())
     if initial is None:
         x = torch.zeros_like(rhs_real)
         residual = rhs_real
     else:
+        initial = initial.resolve_conj()
         x = torch.view_as_real(initial)
         residual = rhs_real - torch.view_as_real(apply_a(initial))
     direction = residual
