@@ -29,10 +29,14 @@ def ifft2c(kspace: torch.Tensor) -> torch.Tensor:
     return torch.fft.fftshift(torch.fft.ifft2(shifted, norm="ortho"), dim=_IMAGE_DIMS)
 
 
+def fftc(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """Centred orthonormal 1D FFT of a complex tensor along ``dim``."""
+    shifted = torch.fft.ifftshift(tensor, dim=dim)
+    return torch.fft.fftshift(torch.fft.fft(shifted, dim=dim, norm="ortho"), dim=dim)
+
+
 def centred_dft_matrix(n: int, *, dtype: torch.dtype = torch.complex64,
                        device: torch.device | None = None) -> torch.Tensor:
     """The ``(n, n)`` matrix of the centred orthonormal 1D DFT, so that ``F @ v`` equals
     the centred FFT of ``v`` along its first dimension."""
-    eye = torch.eye(n, dtype=dtype, device=device)
-    shifted = torch.fft.ifftshift(eye, dim=0)
-    return torch.fft.fftshift(torch.fft.fft(shifted, dim=0, norm="ortho"), dim=0)
+    return fftc(torch.eye(n, dtype=dtype, device=device), dim=0)

@@ -12,19 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unrollinr.fft import centred_dft_matrix, fft2c, ifft2c
+from unrollinr.fft import centred_dft_matrix, fft2c, fftc, ifft2c
 
 
 def is_line_mask(mask: torch.Tensor) -> bool:
     """True when every phase-encode row ``ky`` is either fully sampled or empty,
     i.e. the mask ``(..., ky, kx)`` is constant along ``kx``."""
     return bool((mask == mask[..., :1]).all())
-
-
-def _fft_x(rows: torch.Tensor) -> torch.Tensor:
-    """Centred orthonormal FFT along the last dimension."""
-    shifted = torch.fft.ifftshift(rows, dim=-1)
-    return torch.fft.fftshift(torch.fft.fft(shifted, dim=-1, norm="ortho"), dim=-1)
 
 
 class SenseOp(nn.Module):
@@ -120,7 +114,7 @@ class SenseOp(nn.Module):
             return self.forward(image)
         n_slices, _, n_x = image.shape
         rows = (self.rows @ self._coil_rows(image)).reshape(n_slices, -1, self.maps.shape[1], n_x)
-        return _fft_x(rows)
+        return fftc(rows, dim=-1)
 
     def samples(self, kspace: torch.Tensor) -> torch.Tensor:
         """The measured samples of k-space ``(slices, coils, ky, kx)``, as :meth:`measure`
