@@ -35,6 +35,12 @@ def fftc(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.fft.fftshift(torch.fft.fft(shifted, dim=dim, norm="ortho"), dim=dim)
 
 
+def ifftc(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inverse of :func:`fftc` along ``dim``."""
+    shifted = torch.fft.ifftshift(tensor, dim=dim)
+    return torch.fft.fftshift(torch.fft.ifft(shifted, dim=dim, norm="ortho"), dim=dim)
+
+
 def centred_dft_matrix(n: int, *, dtype: torch.dtype = torch.complex64,
                        device: torch.device | None = None) -> torch.Tensor:
     """The ``(n, n)`` matrix of the centred orthonormal 1D DFT, so that ``F @ v`` equals

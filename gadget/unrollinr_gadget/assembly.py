@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
+import torch
 
 from unrollinr.coils import prewhitening_matrix
+from unrollinr.fft import fftc, ifftc
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +114,9 @@ class EncodingGeometry:
         line[:, offset:offset + n_samples] = data
         if full == self.recon_x:
             return line
-        profile = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(line, axes=-1), axis=-1, norm="ortho"), axes=-1)
+        profile = ifftc(torch.from_numpy(line), dim=-1)
         start = full // 2 - self.recon_x // 2
-        cropped = profile[:, start:start + self.recon_x]
-        return np.fft.fftshift(np.fft.fft(np.fft.ifftshift(cropped, axes=-1), axis=-1, norm="ortho"),
-                               axes=-1).astype(np.complex64)
+        return fftc(profile[:, start:start + self.recon_x], dim=-1).numpy()
 
 
 @dataclass

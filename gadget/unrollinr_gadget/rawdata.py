@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from unrollinr.coils import CalibrationError, find_calibration_region
-from unrollinr.fft import fft2c, ifft2c
+from unrollinr.fft import fftc, ifftc
 
 logger = logging.getLogger(__name__)
 DATASET = "dataset"
@@ -94,15 +94,16 @@ def make_header(*, n_coils: int, n_ky: int, n_kx: int, n_slices: int, oversampli
 
 
 def _oversample_readout(kspace: np.ndarray, factor: int) -> np.ndarray:
-    """Embed ``(..., ky, kx)`` k-space in a ``factor``-times wider readout FOV (zero image outside)."""
+    """Embed ``(..., ky, kx)`` k-space in a ``factor``-times wider readout FOV (zero image
+    outside): only the readout direction is transformed."""
     if factor == 1:
         return kspace
-    images = ifft2c(torch.from_numpy(kspace)).numpy()
-    n_x = images.shape[-1]
-    padded = np.zeros(images.shape[:-1] + (n_x * factor,), dtype=images.dtype)
+    profiles = ifftc(torch.from_numpy(kspace), dim=-1).numpy()
+    n_x = profiles.shape[-1]
+    padded = np.zeros(profiles.shape[:-1] + (n_x * factor,), dtype=profiles.dtype)
     start = (n_x * factor) // 2 - n_x // 2
-    padded[..., start:start + n_x] = images
-    return fft2c(torch.from_numpy(padded)).numpy()
+    padded[..., start:start + n_x] = profiles
+    return fftc(torch.from_numpy(padded), dim=-1).numpy()
 
 
 def simulate_raw(kspace: np.ndarray, mask: np.ndarray, path: str | Path, *, oversampling: int = 2,
