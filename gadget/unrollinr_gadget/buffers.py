@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
+from unrollinr.recon import mask_from_kspace
 from unrollinr_gadget.assembly import EncodingGeometry, SliceData, SliceKey
 
 
@@ -46,21 +49,18 @@ def slices_from_recon_data(recon_data, geometry: EncodingGeometry) -> list[Slice
     slices = []
     for bit in recon_data.bits:
         _, _, _, _, n_n, n_s, n_loc = np.asarray(bit.data.data).shape
-        for loc in range(n_loc):
-            for s in range(n_s):
-                for n in range(n_n):
-                    kspace, reference = _buffer_kspace(bit.data, geometry, n, s, loc)
-                    mask = np.abs(kspace).sum(axis=0) > 0
-                    if bit.ref is not None:
-                        calibration, _ = _buffer_kspace(bit.ref, geometry, min(n, bit.ref.data.shape[4] - 1),
-                                                        min(s, bit.ref.data.shape[5] - 1),
-                                                        min(loc, bit.ref.data.shape[6] - 1))
-                        calibration_mask = np.abs(calibration).sum(axis=0) > 0
-                        calibration = np.where(calibration_mask[None], calibration, kspace)
-                        calibration_mask = calibration_mask | mask
-                    else:
-                        calibration, calibration_mask = kspace, mask
-                    slices.append(SliceData(key=SliceKey.of(reference), kspace=kspace, mask=mask,
-                                            calibration=calibration, calibration_mask=calibration_mask,
-                                            reference=reference))
+        for loc, s, n in itertools.product(range(n_loc), range(n_s), range(n_n)):
+            kspace, reference = _buffer_kspace(bit.data, geometry, n, s, loc)
+            mask = mask_from_kspace(kspace)
+            if bit.ref is not None:
+                calibration, _ = _buffer_kspace(bit.ref, geometry, min(n, bit.ref.data.shape[4] - 1),
+                                                min(s, bit.ref.data.shape[5] - 1), min(loc, bit.ref.data.shape[6] - 1))
+                calibration_mask = mask_from_kspace(calibration)
+                calibration = np.where(calibration_mask[None], calibration, kspace)
+                calibration_mask = calibration_mask | mask
+            else:
+                calibration, calibration_mask = kspace, mask
+            slices.append(SliceData(key=SliceKey.of(reference), kspace=kspace, mask=mask,
+                                    calibration=calibration, calibration_mask=calibration_mask,
+                                    reference=reference))
     return slices
