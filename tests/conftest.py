@@ -48,4 +48,4 @@ def raw_phantom(tmp_path_factory) -> Path:
     return simulate_raw(kspace, mask, tmp_path_factory.mktemp("raw") / "phantom.h5", oversampling=2)
 
 
-FAST_PROPERTIES = {"iterations": "12", "cg_iterations": "5", "seed": "0"}
+FAST_PROPERTIES = {"iterations": "30", "cg_iterations": "5", "seed": "0"}

@@ -38,10 +38,34 @@ def test_image_is_on_the_scale_of_the_data(problem):
 
 def test_training_uses_the_cg_warmup(problem):
     measured, mask, _ = problem
-    config = ReconConfig(iterations=6, cg_iterations=8, cg_warmup_steps=0)
+    config = ReconConfig(iterations=6, dc_solver="cg", cg_iterations=8, cg_warmup_steps=0)
     full = reconstruct(measured, mask, config=config)
     warmup = ReconConfig(**{**config.__dict__, "cg_warmup_iterations": 1, "cg_warmup_steps": 6})
     assert not np.allclose(reconstruct(measured, mask, config=warmup), full)
+
+
+def _relative_difference(image: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(image - reference) / np.linalg.norm(reference))
+
+
+def test_exact_and_cg_training_give_the_same_image(problem):
+    measured, mask, _ = problem
+    config = ReconConfig(iterations=5, mlp_precision="float32", cg_iterations=60, cg_warmup_steps=0)
+    exact = reconstruct(measured, mask, config=config)
+    cg = reconstruct(measured, mask, config=ReconConfig(**{**config.__dict__, "dc_solver": "cg"}))
+    assert not np.array_equal(exact, cg)  # two different solvers ran
+    # float rounding, amplified by Adam's normalised steps; another seed differs by ~5%
+    assert _relative_difference(exact, cg) < 5e-3
+
+
+def test_exact_solver_refuses_a_mask_that_is_not_made_of_lines(problem):
+    measured, mask, _ = problem
+    scattered = mask.copy()
+    scattered[0, 0] = True
+    with pytest.raises(ValueError, match="whole ky lines"):
+        reconstruct(measured, scattered, config=ReconConfig(iterations=2, dc_solver="exact"))
+    image = reconstruct(measured, scattered, config=ReconConfig(iterations=2))  # auto falls back to CG
+    assert np.isfinite(image).all()
 
 
 def test_seeded_runs_are_reproducible_and_the_mask_is_inferred(problem):
@@ -61,8 +85,9 @@ def test_seeded_runs_are_reproducible_and_the_mask_is_inferred(problem):
     dict(regularizer="pixel"),
     dict(holdout_fraction=0.1, patience=5),
     dict(coil_compression=4),
-    dict(cg_tolerance=1e-3, cg_warm_start=False),
-    dict(cg_warmup_steps=0),
+    dict(dc_solver="cg"),
+    dict(dc_solver="cg", cg_tolerance=1e-3, cg_warm_start=False),
+    dict(dc_solver="cg", cg_warmup_steps=0),
 ])
 def test_every_ablation_runs_and_improves_on_zero_filled(problem, overrides):
     measured, mask, reference = problem
@@ -128,7 +153,9 @@ def test_batched_slices_match_separate_reconstructions(problem, phantom_48):
     alone = [reconstruct(measured, mask, config=config),
              reconstruct(second, mask, config=ReconConfig(**{**config.__dict__, "seed": 1}))]
     for s in range(2):
-        np.testing.assert_allclose(batch[s], alone[s], rtol=1e-3, atol=1e-4 * np.abs(alone[s]).max())
+        # The exact solver's batch is padded to the largest slice, which changes float
+        # rounding (Adam amplifies it to ~1e-3); another seed differs by ~5%.
+        assert _relative_difference(batch[s], alone[s]) < 5e-3
     with pytest.raises(ValueError, match="slices, coils, ky, kx"):
         reconstruct_slices(measured)
 

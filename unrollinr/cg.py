@@ -1,10 +1,11 @@
 """Conjugate gradient and the data-consistency step with an implicit backward pass.
 
 The data-consistency step solves, per slice,
-``(E^H E + lambda I) x = E^H y + lambda z``.
-CG has no trainable parameters, so the backward pass solves the same Hermitian system
-once more for the incoming gradient instead of storing CG's intermediates: memory does
-not grow with the number of CG iterations.
+``(E^H E + lambda I) x = E^H y + lambda z``,
+by CG or, for whole-line masks, exactly (:mod:`unrollinr.column_solve`). The solve has no
+trainable parameters, so the backward pass solves the same Hermitian system once more for
+the incoming gradient instead of storing CG's intermediates: memory does not grow with
+the number of CG iterations.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from unrollinr.column_solve import ColumnSolver
 from unrollinr.sense import SenseOp
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
@@ -126,7 +128,7 @@ class _ImplicitSolve(torch.autograd.Function):
 
 
 class DataConsistency(nn.Module):
-    """The CG data-consistency step for a fixed operator and measurement.
+    """The data-consistency step for a fixed operator and measurement.
 
     Parameters
     ----------
@@ -140,10 +142,14 @@ class DataConsistency(nn.Module):
         Relative residual at which CG stops early.
     warm_start
         Start each solve from the previous call's solution (forward and backward separately).
+    column_solver
+        Solve exactly with this :class:`ColumnSolver` of ``op`` instead of by CG (the CG
+        settings are then unused).
     """
 
     def __init__(self, op: SenseOp, kspace: torch.Tensor, *, iterations: int = 20,
-                 tolerance: float = 0.0, warm_start: bool = False) -> None:
+                 tolerance: float = 0.0, warm_start: bool = False,
+                 column_solver: ColumnSolver | None = None) -> None:
         super().__init__()
         self.op = op
         self.register_buffer("adjoint_measurement", op.adjoint(kspace))
@@ -151,9 +157,13 @@ class DataConsistency(nn.Module):
         self.tolerance = tolerance
         self.warm_start = warm_start
         self.warm_starts = _WarmStarts()
+        self.column_solver = column_solver
 
     def solve(self, rhs: torch.Tensor, lam: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
-        """Solve ``(E^H E + lam I) x = rhs`` for ``(slices, y, x)`` with per-slice ``lam`` ``(slices,)``."""
+        """Solve ``(E^H E + lam I) x = rhs`` for ``(slices, y, x)`` with per-slice ``lam`` ``(slices,)``:
+        exactly with the column solver, else by CG from ``initial``."""
+        if self.column_solver is not None:
+            return self.column_solver.solve(rhs, lam)
         shift = lam.to(rhs.real.dtype).reshape(-1, 1, 1, 1)
 
         def apply_a(image: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ REGULARIZERS = ("inr", "pixel", "none")
 ENCODINGS = ("HashGrid", "DenseGrid")
 ENCODING_BACKENDS = ("auto", "torch", "tcnn")
 MLP_PRECISIONS = ("auto", "float32", "bfloat16")
+DC_SOLVERS = ("auto", "exact", "cg")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -39,10 +40,12 @@ class ReconConfig:
         (``tv`` off: "w/o TV"). TV is normalised by ``||x0||_1``. The defaults (0.05,
         0.25) were chosen on ``brain_8ch_256`` at R = 6, 8, 10 (bench/RESULTS.md); the
         paper's presets are :meth:`retrospective` (0.01, 0.5) and :meth:`prospective`
-        (0.05, 2.0). Each DC solve runs ``cg_iterations`` CG iterations, but only
-        ``cg_warmup_iterations`` during the first ``cg_warmup_steps`` training steps (0: no
-        warm-up), while the prior is far from its image; inference always runs
-        ``cg_iterations``.
+        (0.05, 2.0). ``dc_solver`` ``"exact"`` solves the DC system exactly, column by
+        column, from one eigendecomposition per scan (whole-line masks only); ``"cg"`` runs
+        CG; ``"auto"`` is exact where the mask allows it, else CG. Each CG solve runs
+        ``cg_iterations`` iterations, but only ``cg_warmup_iterations`` during the first
+        ``cg_warmup_steps`` training steps (0: no warm-up), while the prior is far from its
+        image; inference always runs ``cg_iterations``.
     Training:
         Adam at ``lr`` for the prior and ``lr_lam``/``lr_lam_s`` for the log-weights,
         at most ``iterations`` steps. With ``holdout_fraction`` > 0 a share of the
@@ -74,6 +77,7 @@ class ReconConfig:
     lam: float = 0.05
     lam_s: float = 0.25
     tv: bool = True
+    dc_solver: str = "auto"
     cg_iterations: int = 20
     cg_warmup_iterations: int = 5
     cg_warmup_steps: int = 50
@@ -100,6 +104,7 @@ class ReconConfig:
         _check_choice("encoding", self.encoding, ENCODINGS)
         _check_choice("encoding_backend", self.encoding_backend, ENCODING_BACKENDS)
         _check_choice("mlp_precision", self.mlp_precision, MLP_PRECISIONS)
+        _check_choice("dc_solver", self.dc_solver, DC_SOLVERS)
         for name in ("hash_levels", "hash_features", "hash_log2_size", "hash_base_resolution",
                      "hidden_width", "cg_iterations", "cg_warmup_iterations", "iterations", "patience",
                      "espirit_kernel_width"):

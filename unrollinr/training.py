@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unrollinr.cg import DataConsistency
+from unrollinr.column_solve import ColumnSolver
 from unrollinr.config import ReconConfig
 from unrollinr.loss import normalized_l1_l2, total_variation
 from unrollinr.model import INRImage, PixelImage, UnrollINR
@@ -91,7 +92,7 @@ def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor) -> Unrol
     dc = None
     if config.data_consistency:
         dc = DataConsistency(op, kspace, iterations=config.cg_iterations, tolerance=config.cg_tolerance,
-                             warm_start=config.cg_warm_start)
+                             warm_start=config.cg_warm_start, column_solver=column_solver(config, op))
     priors = None
     if config.regularizer == "inr":
         priors = [INRImage((n_y, n_x), config, device, seed=config.seed + s) for s in range(n_slices)]
@@ -100,6 +101,15 @@ def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor) -> Unrol
         priors = [PixelImage(start[s]) for s in range(n_slices)]
     support = op.maps.abs().sum(dim=1) > 0 if config.zero_outside_maps else torch.ones_like(op.mask)
     return UnrollINR(priors, dc, support, config.lam, config.lam_s).to(device)
+
+
+def column_solver(config: ReconConfig, op: SenseOp) -> ColumnSolver | None:
+    """The exact DC solver that ``config.dc_solver`` asks for on ``op``; ``None`` for CG."""
+    if config.dc_solver == "exact" and not op.line_mask:
+        raise ValueError("dc_solver 'exact' needs a mask of whole ky lines; use 'cg' or 'auto' for this mask")
+    if config.dc_solver == "cg" or not op.line_mask:
+        return None
+    return ColumnSolver(op)
 
 
 def _optimizer(model: UnrollINR, config: ReconConfig) -> torch.optim.Optimizer:
@@ -204,8 +214,10 @@ def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: Rec
                 iterations: int, best_iteration: int) -> FitResult:
     """Inference: one forward pass with every measured sample in the DC step."""
     if config.data_consistency:
+        # Without a holdout training used this operator: its exact solver carries over.
+        solver = model.dc.column_solver if model.dc.op is op else column_solver(config, op)
         model.dc = DataConsistency(op, kspace, iterations=config.cg_iterations,
-                                   tolerance=config.cg_tolerance, warm_start=False)
+                                   tolerance=config.cg_tolerance, warm_start=False, column_solver=solver)
     with torch.no_grad():
         x, z = model(like)
     seconds = time.perf_counter() - start
