@@ -1,20 +1,25 @@
 """Speed benchmark on one slice (default: brain_8ch_256, R = 8, random lines).
 
 Prints, in one run on one machine:
-- seconds per training iteration (median) with the default configuration;
+- seconds per training iteration (median) with the default configuration, which solves
+  the data-consistency step exactly (``dc_solver`` auto on line masks), and with CG DC
+  (``dc_solver=cg``);
 - the floor: the ``2 x (CG iterations + 1)`` SENSE normal-operator applications that one
-  iteration must do, timed on the same operator between the timed iterations, and the
-  ratio of the two; and the time of the prior's forward and backward pass, the largest
-  cost outside the floor;
+  CG iteration must do, timed on the same operator between the timed iterations, and the
+  ratio of each iteration time to it; and the time of the prior's forward and backward
+  pass, the largest cost outside the DC step;
 - the time UnrollINR needs to come within 0.3 dB of the best PSNR it reaches, against
   the wall time of BART ``ecalib`` + ``pics -l1`` (best lambda of a grid) when installed;
-- peak memory of training with 10 and with 40 CG iterations, and with 2 and 4 slices
-  batched (separate processes; on the CPU the growth of the resident set over the
-  process's state before training).
+- peak memory of training with CG DC at 10 and at 40 CG iterations, and of the default
+  configuration with 1, 2 and 4 slices batched (separate processes; on the CPU the growth
+  of the resident set over the process's state before training).
 
 The last line is machine-readable:
 
     floor_ratio=<a> time_to_quality_vs_bart=<b> peak_mem_ratio_40_10=<c>
+
+``floor_ratio`` is the default configuration's iteration over the CG floor; the CG
+iteration's own ratio is printed on the line above it.
 """
 
 from __future__ import annotations
@@ -141,7 +146,7 @@ def bart_time(measured, reference) -> tuple[float, float, float]:
     return time.perf_counter() - start, best, scores[best]
 
 
-def peak_memory(args, cg_iterations: int, maps_file: Path, slices: int = 1) -> float:
+def peak_memory(args, cg_iterations: int, maps_file: Path, slices: int = 1, dc_solver: str | None = None) -> float:
     """Peak memory (MiB) of a separate process training 5 iterations on ``slices`` copies of
     the slice from given maps, so that the peak is the training's, not the maps'."""
     command = [sys.executable, __file__, "--measure-memory", str(cg_iterations), "--data", str(args.data),
@@ -149,7 +154,7 @@ def peak_memory(args, cg_iterations: int, maps_file: Path, slices: int = 1) -> f
                "--slices", str(slices)]
     if args.device:
         command += ["--device", args.device]
-    for item in args.set:
+    for item in args.set + ([f"dc_solver={dc_solver}"] if dc_solver else []):
         command += ["--set", item]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])["peak_mib"]
@@ -203,11 +208,18 @@ def main() -> None:
     _, maps = prepare_maps(measured, mask, None, config)
 
     iteration, floor = iteration_and_floor_seconds(measured, mask, maps, config, device, args.timing_iterations)
+    cg_config = ReconConfig.from_strings({"dc_solver": "cg"}, base=config)
+    cg_iteration, cg_floor = iteration_and_floor_seconds(measured, mask, maps, cg_config, device,
+                                                         args.timing_iterations)
     prior = prior_seconds(mask.shape, config, device)
-    print(f"training iteration: {iteration * 1e3:.1f} ms (median); floor, {2 * (config.cg_iterations + 1)} "
-          f"normal-operator applications: {floor * 1e3:.1f} ms; ratio {iteration / floor:.2f}")
-    print(f"of the rest, the prior's forward and backward (grid + MLP over {mask.size} pixels): "
-          f"{prior * 1e3:.1f} ms ({prior / floor:.2f} of the floor)")
+    applications = 2 * (config.cg_iterations + 1)
+    print(f"training iteration with CG DC ({config.cg_iterations} CG iterations): {cg_iteration * 1e3:.1f} ms "
+          f"(median); floor, {applications} normal-operator applications: {cg_floor * 1e3:.1f} ms; "
+          f"ratio {cg_iteration / cg_floor:.2f}")
+    print(f"training iteration, default configuration (dc_solver={config.dc_solver}): {iteration * 1e3:.1f} ms "
+          f"(median); the CG floor timed beside it: {floor * 1e3:.1f} ms; ratio {iteration / floor:.2f}")
+    print(f"the prior's forward and backward (grid + MLP over {mask.size} pixels): "
+          f"{prior * 1e3:.1f} ms ({prior / floor:.2f} of the CG floor)")
 
     reached, best, final = time_to_quality(measured, mask, reference, config, device)
     print(f"UnrollINR: within {QUALITY_TOLERANCE_DB} dB of its best PSNR ({best:.2f} dB) after {reached:.1f} s; "
@@ -224,10 +236,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         maps_file = Path(folder) / "maps.npy"
         np.save(maps_file, maps)
-        peak_10, peak_40 = peak_memory(args, 10, maps_file), peak_memory(args, 40, maps_file)
-        by_slices = {n: peak_memory(args, config.cg_iterations, maps_file, n) for n in (2, 4)}
-    print(f"peak memory: {peak_10:.0f} MiB with 10 CG iterations, {peak_40:.0f} MiB with 40")
-    print("peak memory by slices batched: " + ", ".join(f"{n}: {mib:.0f} MiB" for n, mib in by_slices.items()))
+        peak_10, peak_40 = (peak_memory(args, n, maps_file, dc_solver="cg") for n in (10, 40))
+        by_slices = {n: peak_memory(args, config.cg_iterations, maps_file, n) for n in (1, 2, 4)}
+    print(f"peak memory with CG DC: {peak_10:.0f} MiB with 10 CG iterations, {peak_40:.0f} MiB with 40")
+    print("peak memory of the default configuration by slices batched: "
+          + ", ".join(f"{n}: {mib:.0f} MiB" for n, mib in by_slices.items()))
     print(f"floor_ratio={iteration / floor:.2f} time_to_quality_vs_bart={ratio:.2f} "
           f"peak_mem_ratio_40_10={peak_40 / peak_10:.3f}")
 

@@ -93,3 +93,13 @@ def test_kernel_width_shrinks_to_fit_few_acs_lines():
     assert fitting_kernel_width(CalibrationRegion(ky=(0, 8), kx=(0, 256)), 6) == 4
     with pytest.raises(CalibrationError, match="at least 5 ACS lines"):
         fitting_kernel_width(CalibrationRegion(ky=(0, 4), kx=(0, 256)), 6)
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (33, 50), (10, 64)])
+def test_pixel_operators_interpolated_from_a_small_grid_equal_the_full_computation(rng, shape):
+    from unrollinr.espirit import _image_space_kernels, _pixel_operators
+
+    kernels = torch.from_numpy(rng.standard_normal((7, 3, 5, 5)) + 1j * rng.standard_normal((7, 3, 5, 5)))
+    image_kernels = _image_space_kernels(kernels, shape)
+    direct = torch.einsum("kcyx,kdyx->yxcd", image_kernels, image_kernels.conj())
+    torch.testing.assert_close(_pixel_operators(kernels, shape), direct, rtol=1e-10, atol=1e-12)
