@@ -34,7 +34,7 @@ L1_LAMBDAS = (0.0003, 0.001, 0.003, 0.01, 0.03)
 TV_LAMBDAS = (0.0003, 0.001, 0.003, 0.01)
 # The paper's ablations, plus the pixel-image control that shows what the INR itself adds.
 ABLATIONS = {
-    "w/o R (CG-SENSE)": {"regularizer": "none"},
+    "w/o R (CG-SENSE)": {"regularizer": "none", "dc_solver": "cg"},
     "w/o DC (INR alone)": {"data_consistency": False},
     "w/o TV": {"tv": False, "zero_outside_maps": True},
     "DenseGrid (DINER-like)": {"encoding": "DenseGrid"},
