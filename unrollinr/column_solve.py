@@ -13,8 +13,9 @@ for any ``lambda``: two batched matrix-vector products instead of a CG loop, and
 exact solution rather than an approximation after a fixed number of iterations.
 
 Only rows where some coil map is non-zero take part (elsewhere ``G`` vanishes and the
-solution is ``b / lambda``), and eigenvalues below ``EIGENVALUE_CUTOFF`` times the largest
-are dropped: at float32 precision they are rounding noise.
+solution is ``b / lambda``), and eigenvalues below ``CUTOFF_EPSILONS`` machine epsilons
+of the largest are dropped: they are rounding noise (an error of at most that many
+epsilons over ``lambda``, relative, in their components).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from unrollinr.sense import SenseOp
 
-EIGENVALUE_CUTOFF = 1e-6
+CUTOFF_EPSILONS = 10
 
 
 class ColumnSolver:
@@ -91,7 +92,8 @@ def _decompose_slice(maps: torch.Tensor, projector: torch.Tensor) -> tuple[torch
     support_maps = torch.gather(maps, -1, order[:, None, :].expand(-1, maps.shape[1], -1)) * valid[:, None, :]
     normal = projector[order[:, :, None], order[:, None, :]] * (support_maps.mH @ support_maps)
     mu, basis = torch.linalg.eigh(normal)
-    kept = mu > EIGENVALUE_CUTOFF * mu.amax().clamp_min(torch.finfo(mu.dtype).tiny)
+    precision = torch.finfo(mu.dtype)
+    kept = mu > CUTOFF_EPSILONS * precision.eps * mu.amax().clamp_min(precision.tiny)
     rank = max(1, int(kept.sum(dim=-1).max()))
     # A dropped eigenvalue set to 0 contributes nothing: 1 / (0 + lam) - 1 / lam = 0.
     eigenvalues = torch.where(kept, mu, 0)[:, -rank:]

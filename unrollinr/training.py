@@ -92,7 +92,7 @@ def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor) -> Unrol
     dc = None
     if config.data_consistency:
         dc = DataConsistency(op, kspace, iterations=config.cg_iterations, tolerance=config.cg_tolerance,
-                             warm_start=config.cg_warm_start, column_solver=column_solver(config, op))
+                             warm_start=config.cg_warm_start, column_solver=exact_solver(config, op))
     priors = None
     if config.regularizer == "inr":
         priors = [INRImage((n_y, n_x), config, device, seed=config.seed + s) for s in range(n_slices)]
@@ -103,7 +103,7 @@ def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor) -> Unrol
     return UnrollINR(priors, dc, support, config.lam, config.lam_s).to(device)
 
 
-def column_solver(config: ReconConfig, op: SenseOp) -> ColumnSolver | None:
+def exact_solver(config: ReconConfig, op: SenseOp) -> ColumnSolver | None:
     """The exact DC solver that ``config.dc_solver`` asks for on ``op``; ``None`` for CG."""
     if config.dc_solver == "exact" and not op.line_mask:
         raise ValueError("dc_solver 'exact' needs a mask of whole ky lines; use 'cg' or 'auto' for this mask")
@@ -215,7 +215,7 @@ def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: Rec
     """Inference: one forward pass with every measured sample in the DC step."""
     if config.data_consistency:
         # Without a holdout training used this operator: its exact solver carries over.
-        solver = model.dc.column_solver if model.dc.op is op else column_solver(config, op)
+        solver = model.dc.column_solver if model.dc.op is op else exact_solver(config, op)
         model.dc = DataConsistency(op, kspace, iterations=config.cg_iterations,
                                    tolerance=config.cg_tolerance, warm_start=False, column_solver=solver)
     with torch.no_grad():
