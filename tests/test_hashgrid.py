@@ -59,8 +59,9 @@ def test_negative_inputs_wrap_as_unsigned():
     assert indices[0, 0].item() == (2**32 - 1) % 256
 
 
-def test_features_are_bilinear_sums_of_table_entries_and_gradients_flow():
-    config = {"otype": "HashGrid", "n_levels": 3, "n_features_per_level": 2, "log2_hashmap_size": 6,
+@pytest.mark.parametrize("log2_size", [6, 2])
+def test_features_are_bilinear_sums_of_table_entries_and_gradients_flow(log2_size):
+    config = {"otype": "HashGrid", "n_levels": 3, "n_features_per_level": 2, "log2_hashmap_size": log2_size,
               "base_resolution": 4, "per_level_scale": 2.0}
     encoding = GridEncoding(config, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -82,6 +83,11 @@ def test_features_are_bilinear_sums_of_table_entries_and_gradients_flow():
     encoding.table.grad = None
     (expected * weights).sum().backward()
     torch.testing.assert_close(sparse_grad, encoding.table.grad)
+
+    matrix, matrix_t = encoding.interpolation_matrices(coords)
+    torch.testing.assert_close(matrix_t.to_dense(), matrix.to_dense().t())
+    if log2_size == 2:  # 4 entries per level: corners of one cell share entries, merged in one row
+        assert int(matrix.crow_indices().diff().min()) < 4
 
 
 def test_initialisation_is_uniform_in_1e_minus_4():

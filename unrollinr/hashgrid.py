@@ -113,14 +113,19 @@ def interpolation_corners(level: GridLevel, coords: torch.Tensor) -> tuple[torch
     return torch.stack(indices, dim=-1), torch.stack(weights, dim=-1)
 
 
-def _compact_csr(matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix`` with 32-bit indices where they fit: the sparse products are bound by
-    reading the indices, and halving them halves that (measured x1.8 forward and backward
-    at 256 x 256 pixels, 16 levels)."""
-    if max(matrix.shape) >= 2**31 or matrix.values().numel() >= 2**31:
-        return matrix
-    return torch.sparse_csr_tensor(matrix.crow_indices().to(torch.int32), matrix.col_indices().to(torch.int32),
-                                   matrix.values(), matrix.shape)
+def _index_dtype(*sizes: int) -> torch.dtype:
+    """32-bit sparse indices where they fit: the sparse products are bound by reading the
+    indices, and halving them halves that (measured x1.8 forward and backward at
+    256 x 256 pixels, 16 levels)."""
+    return torch.int32 if max(sizes) < 2**31 else torch.int64
+
+
+def _sparse_csr(crow: torch.Tensor, columns: torch.Tensor, values: torch.Tensor,
+                shape: tuple[int, int]) -> torch.Tensor:
+    dtype = _index_dtype(*shape, values.numel())
+    with warnings.catch_warnings():  # "CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow.to(dtype), columns.to(dtype), values, shape)
 
 
 class _SparseProduct(torch.autograd.Function):
@@ -163,30 +168,43 @@ class GridEncoding(nn.Module):
         """Number of output features."""
         return len(self.levels) * self.n_features_per_level
 
-    def interpolation_matrix(self, coords: torch.Tensor) -> torch.Tensor:
-        """Sparse ``(points * n_levels, table_entries)`` matrix whose rows hold the bilinear
-        weights of one point at one level; duplicate corners are summed."""
+    def interpolation_matrices(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sparse ``(points * n_levels, table_entries)`` CSR matrix whose rows hold the
+        bilinear weights of one point at one level (corners that share a table entry are
+        summed), and its transpose, also in CSR."""
         n_points, n_levels = coords.shape[0], len(self.levels)
-        rows, cols, vals = [], [], []
-        point_rows = torch.arange(n_points, dtype=torch.int64) * n_levels
+        columns, weights = [], []
         for level_number, level in enumerate(self.levels):
-            indices, weights = interpolation_corners(level, coords.detach().cpu())
-            rows.append((point_rows + level_number).unsqueeze(1).expand(-1, 4).reshape(-1))
-            cols.append((indices + self.offsets[level_number]).reshape(-1))
-            vals.append(weights.reshape(-1))
-        matrix = torch.sparse_coo_tensor(
-            torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals),
-            size=(n_points * n_levels, self.offsets[-1]), check_invariants=True,
-        ).coalesce()
-        return matrix.to(self.table.device)
+            indices, corner_weights = interpolation_corners(level, coords.detach().cpu())
+            columns.append(indices + self.offsets[level_number])
+            weights.append(corner_weights)
+        # (points, levels, 4) flattened: row point * n_levels + level, its four corners in a row
+        columns_by_row, order = torch.stack(columns, dim=1).reshape(-1, 4).sort(dim=1)
+        weights_by_row = torch.stack(weights, dim=1).reshape(-1, 4).gather(1, order)
+        # Merge corners that hash to the same entry: keep the first of each run, add the rest to it.
+        first = torch.ones_like(columns_by_row, dtype=torch.bool)
+        first[:, 1:] = columns_by_row[:, 1:] != columns_by_row[:, :-1]
+        group = first.reshape(-1).cumsum(0) - 1
+        values = torch.zeros(int(group[-1]) + 1, dtype=weights_by_row.dtype)
+        values.index_add_(0, group, weights_by_row.reshape(-1))
+        entries = columns_by_row.reshape(-1)[first.reshape(-1)]
+        row_ends = first.sum(dim=1).cumsum(0)
+        n_rows, n_entries = n_points * n_levels, self.offsets[-1]
+        crow = torch.cat([row_ends.new_zeros(1), row_ends])
+        matrix = _sparse_csr(crow, entries, values, (n_rows, n_entries))
+        # The transpose: entries by column; the sort is stable, so rows stay ascending.
+        by_column = torch.sort(entries, stable=True).indices
+        rows = torch.repeat_interleave(torch.arange(n_rows), first.sum(dim=1))
+        column_ends = torch.bincount(entries, minlength=n_entries).cumsum(0)
+        crow_t = torch.cat([column_ends.new_zeros(1), column_ends])
+        matrix_t = _sparse_csr(crow_t, rows[by_column], values[by_column], (n_entries, n_rows))
+        device = self.table.device
+        return matrix.to(device), matrix_t.to(device)
 
     def _interpolation_plan(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (coords.data_ptr(), tuple(coords.shape), coords.device, coords._version)
         if self._plan is None or key != self._plan_key:
-            matrix = self.interpolation_matrix(coords)
-            with warnings.catch_warnings():  # "CSR support is in beta"
-                warnings.simplefilter("ignore", UserWarning)
-                self._plan = (_compact_csr(matrix.to_sparse_csr()), _compact_csr(matrix.t().coalesce().to_sparse_csr()))
+            self._plan = self.interpolation_matrices(coords)
             self._plan_key = key
         return self._plan
 
