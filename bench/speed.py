@@ -6,8 +6,9 @@ Prints, in one run on one machine:
   (``dc_solver=cg``);
 - the floor: the ``2 x (CG iterations + 1)`` SENSE normal-operator applications that one
   CG iteration must do, timed on the same operator between the timed iterations, and the
-  ratio of each iteration time to it; and the time of the prior's forward and backward
-  pass, the largest cost outside the DC step;
+  ratio of each iteration time to it; the same for a radial mask at the same R, where CG
+  is the default and the normal operator needs 2D FFTs; and the time of the prior's
+  forward and backward pass, the largest cost outside the DC step;
 - the time UnrollINR needs to come within 0.3 dB of the best PSNR it reaches, against
   the wall time of BART ``ecalib`` + ``pics -l1`` (best lambda of a grid) when installed;
 - peak memory of training with CG DC at 10 and at 40 CG iterations, and of the default
@@ -44,7 +45,7 @@ from unrollinr import baselines  # noqa: E402
 from unrollinr.config import ReconConfig  # noqa: E402
 from unrollinr.data import load_kspace  # noqa: E402
 from unrollinr.evaluate import L1_LAMBDAS, reference_image  # noqa: E402
-from unrollinr.masks import random_line_mask  # noqa: E402
+from unrollinr.masks import radial_mask, random_line_mask  # noqa: E402
 from unrollinr.metrics import psnr  # noqa: E402
 from unrollinr.model import INRImage  # noqa: E402
 from unrollinr.recon import (  # noqa: E402
@@ -211,6 +212,11 @@ def main() -> None:
     cg_config = ReconConfig.from_strings({"dc_solver": "cg"}, base=config)
     cg_iteration, cg_floor = iteration_and_floor_seconds(measured, mask, maps, cg_config, device,
                                                          args.timing_iterations)
+    radial = radial_mask(kspace.shape[1:], args.R)
+    radial_measured = (kspace * radial).astype(np.complex64)
+    _, radial_maps = prepare_maps(radial_measured, radial, None, config)
+    radial_iteration, radial_floor = iteration_and_floor_seconds(radial_measured, radial, radial_maps, config,
+                                                                 device, args.timing_iterations)
     prior = prior_seconds(mask.shape, config, device)
     applications = 2 * (config.cg_iterations + 1)
     print(f"training iteration with CG DC ({config.cg_iterations} CG iterations): {cg_iteration * 1e3:.1f} ms "
@@ -218,6 +224,8 @@ def main() -> None:
           f"ratio {cg_iteration / cg_floor:.2f}")
     print(f"training iteration, default configuration (dc_solver={config.dc_solver}): {iteration * 1e3:.1f} ms "
           f"(median); the CG floor timed beside it: {floor * 1e3:.1f} ms; ratio {iteration / floor:.2f}")
+    print(f"radial mask (CG DC, 2D FFTs): training iteration {radial_iteration * 1e3:.1f} ms (median); "
+          f"its floor {radial_floor * 1e3:.1f} ms; ratio {radial_iteration / radial_floor:.2f}")
     print(f"the prior's forward and backward (grid + MLP over {mask.size} pixels): "
           f"{prior * 1e3:.1f} ms ({prior / floor:.2f} of the CG floor)")
 
