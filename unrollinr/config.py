@@ -41,8 +41,9 @@ class ReconConfig:
         0.25) were chosen on ``brain_8ch_256`` at R = 6, 8, 10 (bench/RESULTS.md); the
         paper's presets are :meth:`retrospective` (0.01, 0.5) and :meth:`prospective`
         (0.05, 2.0). ``dc_solver`` ``"exact"`` solves the DC system exactly, column by
-        column, from one eigendecomposition per scan (whole-line masks only); ``"cg"`` runs
-        CG; ``"auto"`` is exact where the mask allows it, else CG. Each CG solve runs
+        column, from one eigendecomposition per scan (whole-line masks only; it keeps up
+        to ``x * y * y`` complex values per slice, 53 MB at 256 x 256 with ESPIRiT's cropped
+        maps); ``"cg"`` runs CG; ``"auto"`` is exact where the mask allows it, else CG. Each CG solve runs
         ``cg_iterations`` iterations, but only ``cg_warmup_iterations`` during the first
         ``cg_warmup_steps`` training steps (0: no warm-up), while the prior is far from its
         image; inference always runs ``cg_iterations``.
