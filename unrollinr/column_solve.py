@@ -91,7 +91,10 @@ def _decompose_slice(maps: torch.Tensor, projector: torch.Tensor) -> tuple[torch
     valid = torch.gather(inside, -1, order)
     support_maps = torch.gather(maps, -1, order[:, None, :].expand(-1, maps.shape[1], -1)) * valid[:, None, :]
     normal = projector[order[:, :, None], order[:, None, :]] * (support_maps.mH @ support_maps)
-    mu, basis = torch.linalg.eigh(normal)
+    # On CUDA, torch's batched eigh loops over matrices larger than 32 x 32, one at a time
+    # (pytorch/pytorch#175585, #174674), and recent releases are slower still (#183806):
+    # the decomposition runs on the CPU, once per scan, and its results move to the device.
+    mu, basis = (result.to(maps.device) for result in torch.linalg.eigh(normal.cpu()))
     precision = torch.finfo(mu.dtype)
     kept = mu > CUTOFF_EPSILONS * precision.eps * mu.amax().clamp_min(precision.tiny)
     rank = max(1, int(kept.sum(dim=-1).max()))
