@@ -27,11 +27,12 @@ def test_adjointness_dot_product(rng, kind, device):
     assert torch.allclose(lhs, rhs, rtol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["lines", "radial"])
-def test_normal_equals_adjoint_of_forward(rng, kind):
-    mask = random_line_mask((32, 16), 4, 6, seed=2) if kind == "lines" else radial_mask((32, 16), 3, acs=4)
+@pytest.mark.parametrize("kind, shape", [("lines", (32, 16)), ("radial", (32, 16)), ("lines", (33, 17)),
+                                         ("radial", (33, 17))])
+def test_normal_equals_adjoint_of_forward(rng, kind, shape):
+    mask = random_line_mask(shape, 4, 6, seed=2) if kind == "lines" else radial_mask(shape, 3, acs=4)
     op = _random_op(rng, mask)
-    x = torch.from_numpy(rng.standard_normal((2, 32, 16)) + 1j * rng.standard_normal((2, 32, 16)))
+    x = torch.from_numpy(rng.standard_normal((2, *shape)) + 1j * rng.standard_normal((2, *shape)))
     torch.testing.assert_close(op.normal(x), op.adjoint(op(x)), rtol=1e-10, atol=1e-10)
 
 

@@ -14,6 +14,8 @@ from torch import nn
 
 from unrollinr.fft import centred_dft_matrix, fft2c, fftc, ifft2c
 
+_IMAGE_DIMS = (-2, -1)
+
 
 def is_line_mask(mask: torch.Tensor) -> bool:
     """True when every phase-encode row ``ky`` is either fully sampled or empty,
@@ -36,6 +38,10 @@ class SenseOp(nn.Module):
     sampled rows of the centred DFT matrix. That path is exact, much cheaper than two 2D
     FFTs per coil, and used automatically; the coil images are then laid out
     ``(slices, y, coils, x)`` so that each product is a single matrix multiply.
+
+    Other masks take 2D FFTs. Their normal operator and loss work in FFT order: maps and
+    mask are stored ``ifftshift``-ed, so only the single-coil image is shifted, once on
+    the way in and once on the way out, instead of every coil array around each FFT.
     """
 
     def __init__(self, maps: torch.Tensor, mask: torch.Tensor) -> None:
@@ -49,7 +55,11 @@ class SenseOp(nn.Module):
         self.register_buffer("maps", maps)
         self.register_buffer("mask", mask.to(torch.bool))
         self.line_mask = is_line_mask(self.mask)
-        if self.line_mask:
+        if not self.line_mask:
+            self.register_buffer("maps_fft_order", torch.fft.ifftshift(maps, dim=_IMAGE_DIMS))
+            self.register_buffer("maps_fft_order_conj", self.maps_fft_order.conj().resolve_conj())
+            self.register_buffer("mask_fft_order", torch.fft.ifftshift(self.mask, dim=_IMAGE_DIMS).unsqueeze(1))
+        else:
             rows, indices = self._sampled_dft_rows()
             self.register_buffer("rows", rows)
             self.register_buffer("rows_h", rows.mH.resolve_conj().contiguous())
@@ -94,8 +104,10 @@ class SenseOp(nn.Module):
     def normal(self, image: torch.Tensor) -> torch.Tensor:
         """``E^H E x`` for an image ``(slices, y, x)``."""
         if not self.line_mask:
-            projected = ifft2c(fft2c(self.maps * image.unsqueeze(1)) * self.mask.unsqueeze(1))
-            return (self.maps.conj() * projected).sum(dim=1)
+            kspace = self._kspace_fft_order(image)
+            projected = torch.fft.ifft2(kspace, norm="ortho")
+            combined = (self.maps_fft_order_conj * projected).sum(dim=1)
+            return torch.fft.fftshift(combined, dim=_IMAGE_DIMS)
         projected = (self.rows_h @ (self.rows @ self._coil_rows(image))).reshape(self.maps_yc.shape)
         return (self.maps_yc_conj * projected).sum(dim=2)
 
@@ -104,14 +116,19 @@ class SenseOp(nn.Module):
         n_slices, n_y, _ = image.shape
         return (self.maps_yc * image.unsqueeze(2)).reshape(n_slices, n_y, -1)
 
+    def _kspace_fft_order(self, image: torch.Tensor) -> torch.Tensor:
+        """``M F C x`` in FFT order (DC at index 0), ``(slices, coils, ky, kx)``; 2D masks."""
+        coil_images = self.maps_fft_order * torch.fft.ifftshift(image, dim=_IMAGE_DIMS).unsqueeze(1)
+        return torch.fft.fft2(coil_images, norm="ortho") * self.mask_fft_order
+
     def measure(self, image: torch.Tensor) -> torch.Tensor:
         """The measured samples of ``E x``, in the layout of :meth:`samples`.
 
         Line masks give the sampled rows ``(slices, K, coils, kx)`` (computed from the
-        rows alone, without 2D FFTs); other masks the masked k-space.
+        rows alone, without 2D FFTs); other masks the masked k-space in FFT order.
         """
         if not self.line_mask:
-            return self.forward(image)
+            return self._kspace_fft_order(image)
         n_slices, _, n_x = image.shape
         rows = (self.rows @ self._coil_rows(image)).reshape(n_slices, -1, self.maps.shape[1], n_x)
         return fftc(rows, dim=-1)
@@ -120,7 +137,7 @@ class SenseOp(nn.Module):
         """The measured samples of k-space ``(slices, coils, ky, kx)``, as :meth:`measure`
         lays them out (padding rows are zero)."""
         if not self.line_mask:
-            return kspace * self.mask.unsqueeze(1)
+            return torch.fft.ifftshift(kspace, dim=_IMAGE_DIMS) * self.mask_fft_order
         gathered = kspace.gather(2, self.row_indices[:, None, :, None].expand(-1, kspace.shape[1], -1, kspace.shape[3]))
         valid = (self.rows.abs().sum(dim=-1) > 0)[:, :, None, None]  # (S, K, 1, 1)
         return gathered.permute(0, 2, 1, 3) * valid
