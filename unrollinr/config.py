@@ -27,7 +27,8 @@ class ReconConfig:
 
     Prior (``z``):
         ``regularizer``: ``"inr"`` (grid encoding + MLP), ``"pixel"`` (a learnable pixel
-        image, the control) or ``"none"`` (no prior: CG-SENSE, the "w/o R" ablation).
+        image, the control) or ``"none"`` (no prior: SENSE with Tikhonov weight ``lam``,
+        the "w/o R" ablation; CG-SENSE with ``dc_solver="cg"``).
         ``encoding``: ``"HashGrid"`` (Instant-NGP) or ``"DenseGrid"`` (one dense level
         at full resolution, a DINER-like table), with the tiny-cuda-nn grid settings
         ``hash_*``. ``hash_finest_resolution`` 0 means the image size: the per-level

@@ -92,7 +92,7 @@ class UnrollINR(nn.Module):
     ----------
     priors
         One prior module per slice, each returning ``(y, x)``; ``None`` for no prior
-        (then ``z = 0`` and the DC step is CG-SENSE with Tikhonov weight ``lambda``).
+        (then ``z = 0`` and the DC step is SENSE with Tikhonov weight ``lambda``).
     dc
         The data-consistency step, or ``None`` for the "w/o DC" ablation (``x = z``).
     support
