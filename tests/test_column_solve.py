@@ -101,3 +101,12 @@ def test_a_mask_that_is_not_made_of_lines_is_refused(rng):
     mask[:, 0, 0] = ~mask[:, 0, 0]
     with pytest.raises(ValueError, match="whole-line mask"):
         ColumnSolver(SenseOp(op.maps, mask))
+
+
+def test_the_solver_moves_with_the_model_and_stays_out_of_its_state(rng):
+    op = _problem(rng)
+    dc = DataConsistency(op, op(_random_images(rng, op)), column_solver=ColumnSolver(op))
+    assert not any(name.startswith("column_solver") for name in dc.state_dict())
+    # buffers are what Module.to(device) moves
+    assert {"column_solver.basis", "column_solver.eigenvalues", "column_solver.rows"} <= {
+        name for name, _ in dc.named_buffers()}

@@ -21,21 +21,24 @@ epsilons over ``lambda``, relative, in their components).
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from unrollinr.sense import SenseOp
 
 CUTOFF_EPSILONS = 10
 
 
-class ColumnSolver:
+class ColumnSolver(nn.Module):
     """``(E^H E + lambda I)^-1`` for a :class:`SenseOp` with a whole-line mask.
 
     Memory: ``slices * x * rows * rank`` complex values, where ``rows`` is the largest
     number of image rows inside the maps' support on one column and ``rank`` the largest
-    number of eigenvalues kept (at most ``rows``).
+    number of eigenvalues kept (at most ``rows``). They are non-persistent buffers: they
+    move with the module and stay out of its state dict (they follow from the operator).
     """
 
     def __init__(self, op: SenseOp) -> None:
+        super().__init__()
         if not op.line_mask:
             raise ValueError("exact column solves need a whole-line mask (every ky line fully sampled or empty)")
         n_y = op.image_shape[1]
@@ -49,9 +52,12 @@ class ColumnSolver:
         pad = torch.nn.functional.pad
         # Padding: rows point at row n_y (a zero row added to every column, so gathers read
         # zeros there and scatters land outside the image); extra eigenvalues are 0.
-        self.rows = torch.stack([pad(r, (0, n_rows - r.shape[-1]), value=n_y) for r, _, _ in parts])
-        self.eigenvalues = torch.stack([pad(e, (rank - e.shape[-1], 0)) for _, e, _ in parts])
-        self.basis = torch.stack([pad(b, (rank - b.shape[-1], 0, 0, n_rows - b.shape[-2])) for _, _, b in parts])
+        rows = torch.stack([pad(r, (0, n_rows - r.shape[-1]), value=n_y) for r, _, _ in parts])
+        eigenvalues = torch.stack([pad(e, (rank - e.shape[-1], 0)) for _, e, _ in parts])
+        basis = torch.stack([pad(b, (rank - b.shape[-1], 0, 0, n_rows - b.shape[-2])) for _, _, b in parts])
+        self.register_buffer("rows", rows, persistent=False)  # (slices, x, rows)
+        self.register_buffer("eigenvalues", eigenvalues, persistent=False)  # (slices, x, rank)
+        self.register_buffer("basis", basis, persistent=False)  # (slices, x, rows, rank)
         self.n_y = n_y
 
     def solve(self, rhs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
