@@ -43,11 +43,12 @@ class ReconConfig:
         paper's presets are :meth:`retrospective` (0.01, 0.5) and :meth:`prospective`
         (0.05, 2.0). ``dc_solver`` ``"exact"`` solves the DC system exactly, column by
         column, from one eigendecomposition per scan (whole-line masks only; it keeps up
-        to ``x * y * y`` complex values per slice, 53 MB at 256 x 256 with ESPIRiT's cropped
-        maps); ``"cg"`` runs CG; ``"auto"`` is exact where the mask allows it, else CG. Each CG solve runs
-        ``cg_iterations`` iterations, but only ``cg_warmup_iterations`` during the first
-        ``cg_warmup_steps`` training steps (0: no warm-up), while the prior is far from its
-        image; inference always runs ``cg_iterations``.
+        to ``x * y * y`` complex values per slice, 53 MB at 256 x 256 with ESPIRiT's
+        cropped maps); ``"cg"`` runs CG; ``"auto"`` is exact where the mask allows it,
+        else CG. Each CG solve runs ``cg_iterations`` iterations, but only
+        ``cg_warmup_iterations`` during the first ``cg_warmup_steps`` training steps (0: no
+        warm-up), while the prior is far from its image; inference always runs
+        ``cg_iterations``.
     Training:
         Adam at ``lr`` for the prior and ``lr_lam``/``lr_lam_s`` for the log-weights,
         at most ``iterations`` steps. With ``holdout_fraction`` > 0 a share of the

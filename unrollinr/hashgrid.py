@@ -188,13 +188,14 @@ class GridEncoding(nn.Module):
         values = torch.zeros(int(group[-1]) + 1, dtype=weights_by_row.dtype)
         values.index_add_(0, group, weights_by_row.reshape(-1))
         entries = columns_by_row.reshape(-1)[first.reshape(-1)]
-        row_ends = first.sum(dim=1).cumsum(0)
+        entries_per_row = first.sum(dim=1)
+        row_ends = entries_per_row.cumsum(0)
         n_rows, n_entries = n_points * n_levels, self.offsets[-1]
         crow = torch.cat([row_ends.new_zeros(1), row_ends])
         matrix = _sparse_csr(crow, entries, values, (n_rows, n_entries))
         # The transpose: entries by column; the sort is stable, so rows stay ascending.
         by_column = torch.sort(entries, stable=True).indices
-        rows = torch.repeat_interleave(torch.arange(n_rows), first.sum(dim=1))
+        rows = torch.repeat_interleave(torch.arange(n_rows), entries_per_row)
         column_ends = torch.bincount(entries, minlength=n_entries).cumsum(0)
         crow_t = torch.cat([column_ends.new_zeros(1), column_ends])
         matrix_t = _sparse_csr(crow_t, rows[by_column], values[by_column], (n_entries, n_rows))
