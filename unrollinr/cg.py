@@ -144,7 +144,7 @@ class DataConsistency(nn.Module):
         Start each solve from the previous call's solution (forward and backward separately).
     column_solver
         Solve exactly with this :class:`ColumnSolver` of ``op`` instead of by CG (the CG
-        settings are then unused).
+        settings, warm starts included, are then unused).
     """
 
     def __init__(self, op: SenseOp, kspace: torch.Tensor, *, iterations: int = 20,
@@ -155,7 +155,7 @@ class DataConsistency(nn.Module):
         self.register_buffer("adjoint_measurement", op.adjoint(kspace))
         self.iterations = iterations
         self.tolerance = tolerance
-        self.warm_start = warm_start
+        self.warm_start = warm_start and column_solver is None
         self.warm_starts = _WarmStarts()
         self.column_solver = column_solver
 
