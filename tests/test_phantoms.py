@@ -1,0 +1,23 @@
+import numpy as np
+import torch
+
+from unrollinr.fft import ifft2c
+from unrollinr.phantoms import birdcage_maps, multicoil_kspace, phantom_volume
+
+
+def test_every_slice_of_a_volume_holds_object_and_neighbours_differ():
+    for slices in (1, 2, 5):
+        volume = phantom_volume(slices, 32)
+        assert volume.shape == (slices, 32, 32) and volume.dtype == np.complex64
+        assert all(np.abs(plane).sum() > 0.1 * np.abs(volume).sum() / slices for plane in volume)
+    volume = phantom_volume(5, 32)
+    assert all(not np.allclose(volume[s], volume[s + 1]) for s in range(4))
+
+
+def test_multicoil_kspace_of_a_stack_is_each_image_seen_by_the_coils():
+    volume = phantom_volume(2, 24)
+    kspace = multicoil_kspace(volume, 3, noise=0.0)
+    assert kspace.shape == (2, 3, 24, 24)
+    np.testing.assert_allclose(kspace[1], multicoil_kspace(volume[1], 3, noise=0.0), atol=1e-6)
+    combined = (birdcage_maps(24, 3).conj() * ifft2c(torch.from_numpy(kspace)).numpy()).sum(axis=1)
+    np.testing.assert_allclose(combined, volume, atol=1e-5)
