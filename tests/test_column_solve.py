@@ -108,5 +108,5 @@ def test_the_solver_moves_with_the_model_and_stays_out_of_its_state(rng):
     dc = DataConsistency(op, op(_random_images(rng, op)), column_solver=ColumnSolver(op))
     assert not any(name.startswith("column_solver") for name in dc.state_dict())
     # buffers are what Module.to(device) moves
-    assert {"column_solver.basis", "column_solver.eigenvalues", "column_solver.rows"} <= {
+    assert {f"column_solver.slices.{s}.{name}" for s in range(2) for name in ("basis", "eigenvalues", "rows")} <= {
         name for name, _ in dc.named_buffers()}

@@ -31,47 +31,54 @@ CUTOFF_EPSILONS = 10
 class ColumnSolver(nn.Module):
     """``(E^H E + lambda I)^-1`` for a :class:`SenseOp` with a whole-line mask.
 
-    Memory: ``slices * x * rows * rank`` complex values, where ``rows`` is the largest
-    number of image rows inside the maps' support on one column and ``rank`` the largest
-    number of eigenvalues kept (at most ``rows``). They are non-persistent buffers: they
-    move with the module and stay out of its state dict (they follow from the operator).
+    Each slice keeps its own decomposition (:class:`_SliceColumns`), at its own size: a
+    slice gets the same result alone or in a batch, and a batch holds no padding.
+
+    Memory: ``x * rows * rank`` complex values per slice, where ``rows`` is the largest
+    number of image rows inside the maps' support on one of its columns and ``rank`` the
+    largest number of eigenvalues kept (at most ``rows``).
     """
 
     def __init__(self, op: SenseOp) -> None:
         super().__init__()
         if not op.line_mask:
             raise ValueError("exact column solves need a whole-line mask (every ky line fully sampled or empty)")
-        n_y = op.image_shape[1]
         maps = op.maps.permute(0, 3, 1, 2)  # (slices, x, coils, y)
-        projector = op.rows.mH @ op.rows  # (slices, y, y)
-        # Each slice is decomposed at its own size, so that it gets the same result alone
-        # or in a batch; the batch is then padded to the largest size.
-        parts = [_decompose_slice(maps[s], projector[s]) for s in range(maps.shape[0])]
-        n_rows = max(rows.shape[-1] for rows, _, _ in parts)
-        rank = max(eigenvalues.shape[-1] for _, eigenvalues, _ in parts)
-        pad = torch.nn.functional.pad
-        # Padding: rows point at row n_y (a zero row added to every column, so gathers read
-        # zeros there and scatters land outside the image); extra eigenvalues are 0.
-        rows = torch.stack([pad(r, (0, n_rows - r.shape[-1]), value=n_y) for r, _, _ in parts])
-        eigenvalues = torch.stack([pad(e, (rank - e.shape[-1], 0)) for _, e, _ in parts])
-        basis = torch.stack([pad(b, (rank - b.shape[-1], 0, 0, n_rows - b.shape[-2])) for _, _, b in parts])
-        self.register_buffer("rows", rows, persistent=False)  # (slices, x, rows)
-        self.register_buffer("eigenvalues", eigenvalues, persistent=False)  # (slices, x, rank)
-        self.register_buffer("basis", basis, persistent=False)  # (slices, x, rows, rank)
-        self.n_y = n_y
+        projectors = op.rows.mH @ op.rows  # (slices, y, y)
+        self.slices = nn.ModuleList(_SliceColumns(maps[s], projectors[s]) for s in range(maps.shape[0]))
 
     def solve(self, rhs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """Solve ``(E^H E + lam I) x = rhs`` for ``rhs`` ``(slices, y, x)`` and per-slice ``lam`` ``(slices,)``."""
-        columns = torch.nn.functional.pad(rhs.transpose(1, 2), (0, 1))  # (slices, x, y + 1)
-        lam = lam.to(self.eigenvalues.dtype).reshape(-1, 1, 1)
-        on_support = torch.gather(columns, -1, self.rows)  # (slices, x, rows)
+        return torch.stack([part.solve(rhs[s], lam[s]) for s, part in enumerate(self.slices)])
+
+
+class _SliceColumns(nn.Module):
+    """One slice's column decompositions, from :func:`_decompose_slice`, as non-persistent
+    buffers: they move with the module and stay out of its state dict (they follow from
+    the operator)."""
+
+    def __init__(self, maps: torch.Tensor, projector: torch.Tensor) -> None:
+        super().__init__()
+        rows, eigenvalues, basis = _decompose_slice(maps, projector)
+        self.register_buffer("rows", rows, persistent=False)  # (x, rows)
+        self.register_buffer("eigenvalues", eigenvalues, persistent=False)  # (x, rank)
+        self.register_buffer("basis", basis, persistent=False)  # (x, rows, rank)
+        self.n_y = maps.shape[-1]
+
+    def solve(self, rhs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """Solve for one slice: ``rhs`` ``(y, x)``, ``lam`` a scalar tensor; returns ``(y, x)``."""
+        # A zero row appended to every column: padded support rows point at it, so gathers
+        # read zeros there and scatters land outside the image.
+        columns = torch.nn.functional.pad(rhs.transpose(0, 1), (0, 1))  # (x, y + 1)
+        lam = lam.to(self.eigenvalues.dtype)
+        on_support = torch.gather(columns, -1, self.rows)  # (x, rows)
         # Row vectors times matrices (b^T U rather than U^T b) run several times faster as
         # batched products here; U^H b = conj(conj(b)^T U).
-        coefficients = (on_support.conj().unsqueeze(-2) @ self.basis).squeeze(-2).conj()  # (slices, x, rank)
+        coefficients = (on_support.conj().unsqueeze(-2) @ self.basis).squeeze(-2).conj()  # (x, rank)
         coefficients = coefficients * (1 / (self.eigenvalues + lam) - 1 / lam)
-        correction = (coefficients.unsqueeze(-2) @ self.basis.transpose(-2, -1)).squeeze(-2)  # (slices, x, rows)
+        correction = (coefficients.unsqueeze(-2) @ self.basis.transpose(-2, -1)).squeeze(-2)  # (x, rows)
         solution = (columns / lam).scatter_add(-1, self.rows, correction)
-        return solution[..., : self.n_y].transpose(1, 2).contiguous()
+        return solution[:, : self.n_y].transpose(0, 1)
 
 
 def _decompose_slice(maps: torch.Tensor, projector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,11 +106,13 @@ def _decompose_slice(maps: torch.Tensor, projector: torch.Tensor) -> tuple[torch
     normal = projector[order[:, :, None], order[:, None, :]] * (support_maps.mH @ support_maps)
     # On CUDA, torch's batched eigh loops over matrices larger than 32 x 32, one at a time
     # (pytorch/pytorch#175585, #174674), and recent releases are slower still (#183806):
-    # the decomposition runs on the CPU, once per scan, and its results move to the device.
-    mu, basis = (result.to(maps.device) for result in torch.linalg.eigh(normal.cpu()))
+    # the decomposition runs on the CPU, once per scan, and what is kept moves to the device.
+    mu, basis = torch.linalg.eigh(normal.cpu())
     precision = torch.finfo(mu.dtype)
     kept = mu > CUTOFF_EPSILONS * precision.eps * mu.amax().clamp_min(precision.tiny)
     rank = max(1, int(kept.sum(dim=-1).max()))
     # A dropped eigenvalue set to 0 contributes nothing: 1 / (0 + lam) - 1 / lam = 0.
     eigenvalues = torch.where(kept, mu, 0)[:, -rank:]
-    return torch.where(valid, order, n_y), eigenvalues, basis[:, :, -rank:]
+    # contiguous copies where eigenvalues were dropped, so that their eigenvectors are freed
+    return (torch.where(valid, order, n_y), eigenvalues.contiguous().to(maps.device),
+            basis[:, :, -rank:].contiguous().to(maps.device))
