@@ -3,7 +3,8 @@
 Micro-benchmarks (median ms): hash-grid encoding as a precomputed sparse matrix vs.
 gather + scatter-add; the line-mask normal operator vs. 2D FFTs, and the 2D-mask normal
 operator in FFT order vs. centred FFTs; the exact column solve
-of the DC system vs. 20 CG iterations; the MLP in float32 vs. bfloat16; ESPIRiT's pixel
+of the DC system vs. 20 CG iterations; the k-space loss with its l2 norms over the real
+view vs. complex ``vector_norm``; the MLP in float32 vs. bfloat16; ESPIRiT's pixel
 operators from a small grid vs. at full size. Whole reconstructions (seconds, PSNR at
 R = 8): exact vs. CG data consistency, CG iterations with and without warm starts, fewer
 CG iterations in the first training steps, and coil compression.
@@ -32,6 +33,7 @@ from unrollinr.espirit import _image_space_kernels, _pixel_operators  # noqa: E4
 from unrollinr.evaluate import reference_image  # noqa: E402
 from unrollinr.fft import fft2c, ifft2c  # noqa: E402
 from unrollinr.hashgrid import GridEncoding, interpolation_corners  # noqa: E402
+from unrollinr.loss import normalized_l1_l2  # noqa: E402
 from unrollinr.masks import radial_mask, random_line_mask  # noqa: E402
 from unrollinr.metrics import psnr  # noqa: E402
 from unrollinr.model import pixel_coordinates  # noqa: E402
@@ -105,6 +107,23 @@ def dc_solve_rows(maps: np.ndarray, mask: np.ndarray, config: ReconConfig) -> li
             f"{config.cg_iterations} CG iterations {cg:.2f} ms | x{cg / exact:.1f} |"]
 
 
+def _loss_with_complex_norms(predicted: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+    """:func:`normalized_l1_l2` with ``vector_norm`` taken on the complex values."""
+    error, reference = (predicted - measured).flatten(start_dim=1), measured.flatten(start_dim=1)
+    return (torch.linalg.vector_norm(error, dim=1) / torch.linalg.vector_norm(reference, dim=1)
+            + error.abs().sum(dim=1) / reference.abs().sum(dim=1))
+
+
+def loss_rows(kspace: np.ndarray, maps: np.ndarray, radial: np.ndarray) -> list[str]:
+    op = SenseOp(torch.from_numpy(maps)[None], torch.from_numpy(radial)[None])
+    samples = op.samples(torch.from_numpy((kspace * radial).astype(np.complex64))[None])
+    x = torch.randn(op.image_shape, dtype=torch.complex64, requires_grad=True)
+    kept = median_ms(lambda: normalized_l1_l2(op.measure(x), samples).sum().backward())
+    complex_norms = median_ms(lambda: _loss_with_complex_norms(op.measure(x), samples).sum().backward())
+    return [f"| k-space loss forward+backward (radial mask) | l2 norms over the real view {kept:.2f} ms | "
+            f"complex `vector_norm` {complex_norms:.2f} ms | x{complex_norms / kept:.1f} |"]
+
+
 def espirit_rows(shape: tuple[int, int], coils: int = 8, kernels: int = 55, width: int = 6) -> list[str]:
     generator = torch.Generator().manual_seed(0)
     kernel = torch.randn(kernels, coils, width, width, dtype=torch.complex64, generator=generator)
@@ -167,8 +186,10 @@ def main() -> None:
     _, maps = prepare_maps((kspace * mask).astype(np.complex64), mask, None, config)
     print(f"data {args.data.name} {kspace.shape}, R={args.R:g}, device {device_name(args.device)}")
     print("| idea | kept | alternative | effect |\n|---|---|---|---|")
-    rows = (encoding_rows(config, kspace.shape[1:]) + normal_rows(maps, mask, radial_mask(mask.shape, args.R)) + dc_solve_rows(maps, mask, config)
-            + mlp_rows(kspace.shape[1:]) + espirit_rows(kspace.shape[1:]))
+    radial = radial_mask(mask.shape, args.R)
+    rows = (encoding_rows(config, kspace.shape[1:]) + normal_rows(maps, mask, radial)
+            + dc_solve_rows(maps, mask, config) + loss_rows(kspace, maps, radial) + mlp_rows(kspace.shape[1:])
+            + espirit_rows(kspace.shape[1:]))
     if not args.no_reconstructions:
         rows += reconstruction_rows(kspace, mask, config)
     for row in rows:

@@ -10,7 +10,7 @@ from unrollinr.sense import SenseOp
 SHAPE = (10, 6)
 
 
-def _problem(rng, device=torch.device("cpu"), slices=2, coils=3):
+def _problem(rng, device: torch.device | None = None, slices=2, coils=3):
     """Two slices with their own line masks and maps that vanish on some rows of each
     column (a support that differs from column to column and slice to slice)."""
     masks = np.stack([random_line_mask(SHAPE, 2, 2, seed=s) for s in range(slices)])
@@ -33,7 +33,7 @@ def _dense_system(op: SenseOp, s: int, lam: float) -> torch.Tensor:
     return torch.stack(columns, dim=1) + lam * torch.eye(n, dtype=op.maps.dtype, device=op.maps.device)
 
 
-def _random_images(rng, op: SenseOp, device=torch.device("cpu")) -> torch.Tensor:
+def _random_images(rng, op: SenseOp, device: torch.device | None = None) -> torch.Tensor:
     shape = op.image_shape
     return torch.from_numpy(rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).to(device)
 
