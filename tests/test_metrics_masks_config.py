@@ -94,6 +94,16 @@ def test_grid_config_reaches_the_image_size():
     assert dense["n_levels"] == 1 and dense["base_resolution"] == 64
 
 
+def test_auto_hash_table_holds_the_finest_level_with_at_most_four_cells_per_entry():
+    for size, log2_size in ((64, 14), (256, 14), (257, 15), (368, 16), (512, 16), (600, 17)):
+        config = ReconConfig().grid_config(size)
+        assert config["log2_hashmap_size"] == log2_size
+        assert size**2 <= 4 * 2**log2_size and (log2_size == 14 or size**2 > 2 * 2**log2_size)
+    assert ReconConfig(hash_log2_size=12).grid_config(368)["log2_hashmap_size"] == 12
+    with pytest.raises(ValueError, match="hash_log2_size"):
+        ReconConfig(hash_log2_size=-1)
+
+
 def test_tv_off_needs_the_background_zeroed():
     with pytest.raises(ValueError, match="zero_outside_maps"):
         ReconConfig(tv=False)

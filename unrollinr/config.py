@@ -8,6 +8,7 @@ parameters. :meth:`ReconConfig.from_strings` is the single mapping from text to 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,9 @@ ENCODINGS = ("HashGrid", "DenseGrid")
 ENCODING_BACKENDS = ("auto", "torch", "tcnn")
 MLP_PRECISIONS = ("auto", "float32", "bfloat16")
 DC_SOLVERS = ("auto", "exact", "cg")
+# hash_log2_size 0: the table size rule of auto_log2_table_size
+AUTO_MIN_LOG2 = 14
+AUTO_CELLS_PER_ENTRY = 4
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -32,7 +36,9 @@ class ReconConfig:
         ``encoding``: ``"HashGrid"`` (Instant-NGP) or ``"DenseGrid"`` (one dense level
         at full resolution, a DINER-like table), with the tiny-cuda-nn grid settings
         ``hash_*``. ``hash_finest_resolution`` 0 means the image size: the per-level
-        scale is chosen so that the finest level matches it. ``mlp_precision`` ``"auto"``
+        scale is chosen so that the finest level matches it. ``hash_log2_size`` 0 picks
+        the smallest table, at least ``2^14``, that holds the finest level with at most
+        4 of its cells per entry (:func:`auto_log2_table_size`). ``mlp_precision`` ``"auto"``
         runs the MLP in bfloat16 where that is native (CUDA, CPUs with AVX512-BF16), else
         float32.
     Unrolled step:
@@ -69,7 +75,7 @@ class ReconConfig:
     encoding_backend: str = "auto"
     hash_levels: int = 16
     hash_features: int = 2
-    hash_log2_size: int = 14
+    hash_log2_size: int = 0
     hash_base_resolution: int = 16
     hash_finest_resolution: int = 0
     hidden_layers: int = 2
@@ -108,12 +114,12 @@ class ReconConfig:
         _check_choice("encoding_backend", self.encoding_backend, ENCODING_BACKENDS)
         _check_choice("mlp_precision", self.mlp_precision, MLP_PRECISIONS)
         _check_choice("dc_solver", self.dc_solver, DC_SOLVERS)
-        for name in ("hash_levels", "hash_features", "hash_log2_size", "hash_base_resolution",
+        for name in ("hash_levels", "hash_features", "hash_base_resolution",
                      "hidden_width", "cg_iterations", "cg_warmup_iterations", "iterations", "patience",
                      "espirit_kernel_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("hash_finest_resolution", "hidden_layers", "cg_warmup_steps", "espirit_calib_width",
+        for name in ("hash_log2_size", "hash_finest_resolution", "hidden_layers", "cg_warmup_steps", "espirit_calib_width",
                      "coil_compression", "cg_tolerance", "lr_lam", "lr_lam_s", "espirit_thresh"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -180,8 +186,22 @@ class ReconConfig:
         levels = self.hash_levels
         scale = (finest / self.hash_base_resolution) ** (1 / (levels - 1)) if levels > 1 else 1.0
         return {"otype": "HashGrid", "n_levels": levels, "n_features_per_level": self.hash_features,
-                "log2_hashmap_size": self.hash_log2_size, "base_resolution": self.hash_base_resolution,
+                "log2_hashmap_size": self.hash_log2_size or auto_log2_table_size(finest),
+                "base_resolution": self.hash_base_resolution,
                 "per_level_scale": max(scale, 1.0)}
+
+
+def auto_log2_table_size(finest_resolution: int) -> int:
+    """``log2`` of the hash table for a finest level of ``finest_resolution``^2 cells: at
+    most ``AUTO_CELLS_PER_ENTRY`` cells share an entry, and at least ``2^AUTO_MIN_LOG2``
+    entries: 2^14 up to 256 x 256, 2^15 up to 362 x 362, 2^16 up to 512 x 512.
+
+    Measured (``bench/RESULTS.md``): at 256 x 256 (4 cells per entry) 2^14 is as good as
+    2^16-2^18 on the brain data; at 368 x 368 and 384 x 384 (8-9 per entry) 2^14 costs
+    3.3-4.1 dB on the phantom exam against 2^16-2^18.
+    """
+    cells = finest_resolution**2
+    return max(AUTO_MIN_LOG2, math.ceil(math.log2(cells / AUTO_CELLS_PER_ENTRY)))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
