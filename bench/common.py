@@ -44,6 +44,12 @@ def device_name(device: str | None) -> str:
     return f"CPU, {torch.get_num_threads()} torch threads"
 
 
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that wall-clock timings cover it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def free_port() -> int:
     """A free TCP port on loopback."""
     import socket

@@ -35,18 +35,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device_name, overrides  # noqa: E402
+from common import device_name, overrides, synchronize  # noqa: E402
 
 from unrollinr.config import ReconConfig  # noqa: E402
 from unrollinr.masks import random_line_mask  # noqa: E402
 from unrollinr.metrics import psnr  # noqa: E402
 from unrollinr.phantoms import multicoil_kspace, phantom_volume  # noqa: E402
 from unrollinr.recon import default_device, prepare_maps, reconstruct_prepared  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def undersampled_exam(slices: int, size: int, coils: int, acceleration: float
@@ -63,7 +58,7 @@ def timed_reconstruction(measured: np.ndarray, masks: np.ndarray, config: ReconC
                          ) -> tuple[np.ndarray, float, float]:
     """Reconstruct all slices in one batched run: images ``(slices, y, x)``, seconds for the
     maps and seconds for the training (its set-up included)."""
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     prepared = [prepare_maps(measured[s], masks[s], None, config) for s in range(len(measured))]
     maps_seconds = time.perf_counter() - start
@@ -71,7 +66,7 @@ def timed_reconstruction(measured: np.ndarray, masks: np.ndarray, config: ReconC
     maps = np.stack([coil_maps for _, coil_maps in prepared])
     start = time.perf_counter()
     images, _ = reconstruct_prepared(data, masks, maps, config, device=device, progress=False)
-    _sync(device)
+    synchronize(device)
     return images, maps_seconds, time.perf_counter() - start
 
 

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import base_parser, device_name, overrides, setup  # noqa: E402
+from common import base_parser, device_name, overrides, setup, synchronize  # noqa: E402
 
 from unrollinr import baselines  # noqa: E402
 from unrollinr.config import ReconConfig  # noqa: E402
@@ -85,11 +85,11 @@ def iteration_and_floor_seconds(measured, mask, maps, config, device, iterations
     floors: list[float] = []
 
     def time_floor(_iteration: int, _image: np.ndarray) -> None:
-        _sync(device)
+        synchronize(device)
         entries.append(time.perf_counter())
         for _ in range(applications):
             op.normal(image)
-        _sync(device)
+        synchronize(device)
         exits.append(time.perf_counter())
         floors.append(exits[-1] - entries[-1])
 
@@ -106,17 +106,12 @@ def prior_seconds(shape, config, device, repeats: int = 7) -> float:
     prior = INRImage(shape, config, torch.device(device), seed=config.seed)
     timings = []
     for _ in range(repeats + 2):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         torch.view_as_real(prior()).sum().backward()
-        _sync(device)
+        synchronize(device)
         timings.append(time.perf_counter() - start)
     return statistics.median(timings[2:])
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_to_quality(measured, mask, reference, config, device) -> tuple[float, float, float]:
