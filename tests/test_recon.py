@@ -173,3 +173,31 @@ def test_bart_pics_rejects_an_unknown_regularizer(problem):
     measured, _, _ = problem
     with pytest.raises(ValueError, match="unknown BART regularizer"):
         bart_pics(measured, measured, 0.01, regularizer="wavelet")
+
+
+def test_training_can_start_from_another_fits_weights(problem):
+    from unrollinr.recon import reconstruct_prepared
+
+    measured, mask, _ = problem
+    data, masks, maps = measured[None], mask[None], espirit_maps(measured, mask)[None]
+    config = ReconConfig(iterations=8, mlp_precision="float32")
+    first, fitted = reconstruct_prepared(data, masks, maps, config)
+    assert set(fitted.parameters) == {"log_lam", "log_lam_s", "priors.0.encoding.table", "priors.0.mlp.0.weight",
+                                      "priors.0.mlp.0.bias", "priors.0.mlp.2.weight", "priors.0.mlp.2.bias",
+                                      "priors.0.mlp.4.weight", "priors.0.mlp.4.bias"}
+    seen = []
+    reconstruct_prepared(data, masks, maps, ReconConfig(iterations=1, mlp_precision="float32"),
+                         callback=lambda _, images: seen.append(images[0]),
+                         initial_parameters=fitted.parameters)
+    # the first training step's image is the first fit's final image
+    np.testing.assert_allclose(seen[0], first[0], rtol=1e-4, atol=1e-6 * np.abs(first).max())
+    cold = []
+    reconstruct_prepared(data, masks, maps, ReconConfig(iterations=1, mlp_precision="float32"),
+                         callback=lambda _, images: cold.append(images[0]))
+    assert _relative_difference(cold[0], first[0]) > 1e-2
+    with pytest.raises(ValueError, match="not in this model"):
+        reconstruct_prepared(data, masks, maps, config, initial_parameters={"mlp.0.weight": fitted.parameters[
+            "priors.0.mlp.0.weight"]})
+    wrong = {"priors.0.mlp.0.weight": fitted.parameters["priors.0.mlp.0.weight"][:, :3]}
+    with pytest.raises(ValueError, match="shape"):
+        reconstruct_prepared(data, masks, maps, config, initial_parameters=wrong)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -114,11 +114,13 @@ def reconstruct_with_details(kspace: np.ndarray, mask: np.ndarray | None = None,
 
 def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray, config: ReconConfig,
                          device: str | torch.device | None = None, progress: bool | None = None,
-                         callback: Callable[[int, np.ndarray], None] | None = None) -> tuple[np.ndarray, FitResult]:
+                         callback: Callable[[int, np.ndarray], None] | None = None,
+                         initial_parameters: Mapping[str, torch.Tensor] | None = None) -> tuple[np.ndarray, FitResult]:
     """Train on ``(slices, coils, ky, kx)`` k-space with its ``(slices, ky, kx)`` masks and
     ``(slices, coils, ky, kx)`` maps in one batch; each slice is normalised by its own
     zero-filled maximum and keeps its own prior. ``callback(iteration, images)`` sees the
-    ``(slices, ky, kx)`` images of each iteration on the scale of the data.
+    ``(slices, ky, kx)`` images of each iteration on the scale of the data;
+    ``initial_parameters`` are passed to :func:`~unrollinr.training.fit`.
 
     Returns ``(slices, ky, kx)`` complex64 images on the scale of the data.
     """
@@ -134,7 +136,8 @@ def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray
         def on_iteration(iteration: int, x: torch.Tensor) -> None:
             callback(iteration, (x * scales[:, None, None]).cpu().numpy())
     result = fit(op, kspace_t / scales[:, None, None, None], config, progress=progress,
-                 protected=torch.from_numpy(protected).to(device), callback=on_iteration)
+                 protected=torch.from_numpy(protected).to(device), callback=on_iteration,
+                 initial_parameters=initial_parameters)
     images = (result.image * scales[:, None, None]).cpu().numpy().astype(np.complex64)
     return images, result
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +28,8 @@ class FitResult:
 
     ``image`` and ``prior`` are ``(slices, y, x)`` complex, on the scale of the k-space
     that was fitted. ``history`` holds one dict per iteration (``loss``, ``holdout``,
-    ``lam``, ``lam_s``).
+    ``lam``, ``lam_s``); ``parameters`` the trained weights that gave ``image`` (by
+    :meth:`torch.nn.Module.named_parameters` name), which :func:`fit` can start from.
     """
 
     image: torch.Tensor
@@ -37,6 +38,7 @@ class FitResult:
     best_iteration: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    parameters: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def holdout_mask(mask: torch.Tensor, fraction: float, protected: torch.Tensor, seed: int) -> torch.Tensor:
@@ -127,7 +129,8 @@ def _show_progress(progress: bool | None) -> bool:
 
 def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: bool | None = None,
         protected: torch.Tensor | None = None,
-        callback: Callable[[int, torch.Tensor], None] | None = None) -> FitResult:
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+        initial_parameters: Mapping[str, torch.Tensor] | None = None) -> FitResult:
     """Train UnrollINR on one measurement and return the final forward pass.
 
     Parameters
@@ -144,6 +147,10 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     callback
         Called after each iteration with its number and the current image ``x``
         ``(slices, y, x)`` (detached), e.g. to track quality in benchmarks.
+    initial_parameters
+        Start from these weights (another fit's :attr:`FitResult.parameters`, of the same
+        configuration and image shape) instead of the seeded initialisation; a subset of
+        the names is allowed (e.g. the MLP's alone).
     """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -156,6 +163,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     held_samples = held_op.samples(kspace) if held_op is not None else None
 
     model = build_model(config, train_op, kspace * train_op.mask.unsqueeze(1))
+    if initial_parameters is not None:
+        _load_parameters(model, initial_parameters)
     optimizer = _optimizer(model, config)
     tv_scale = op.adjoint(kspace).abs().sum(dim=(-2, -1))
     best_score, best_iteration, best_state = float("inf"), 0, _parameters(model)
@@ -209,6 +218,20 @@ def _parameters(model: UnrollINR) -> dict[str, torch.Tensor]:
     return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
 
 
+def _load_parameters(model: UnrollINR, parameters: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``parameters`` into ``model``'s weights of the same names and shapes."""
+    own = dict(model.named_parameters())
+    unknown = sorted(set(parameters) - set(own))
+    if unknown:
+        raise ValueError(f"initial parameters not in this model: {unknown}")
+    with torch.no_grad():
+        for name, value in parameters.items():
+            if value.shape != own[name].shape:
+                raise ValueError(f"initial parameter {name} has shape {tuple(value.shape)}, "
+                                 f"the model's is {tuple(own[name].shape)}")
+            own[name].copy_(value)
+
+
 def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: ReconConfig,
                 like: torch.Tensor, start: float, history: list[dict[str, float]],
                 iterations: int, best_iteration: int) -> FitResult:
@@ -225,4 +248,4 @@ def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: Rec
                 iterations, best_iteration, seconds, float(model.lam.detach().mean()),
                 float(model.lam_s.detach().mean()))
     return FitResult(image=x, prior=z, iterations=iterations, best_iteration=best_iteration,
-                     seconds=seconds, history=history)
+                     seconds=seconds, history=history, parameters=_parameters(model))
