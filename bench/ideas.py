@@ -2,10 +2,10 @@
 
 Micro-benchmarks (median ms): hash-grid encoding as a precomputed sparse matrix vs.
 gather + scatter-add; the line-mask normal operator vs. 2D FFTs, and the 2D-mask normal
-operator in FFT order vs. centred FFTs; the exact column solve
-of the DC system vs. 20 CG iterations; the k-space loss with its l2 norms over the real
-view vs. complex ``vector_norm``; the MLP in float32 vs. bfloat16; ESPIRiT's pixel
-operators from a small grid vs. at full size. Whole reconstructions (seconds, PSNR at
+operator in FFT order vs. centred FFTs; the exact column solve of the DC system vs. 20
+CG iterations; CG eager vs. ``torch.compile``; the k-space loss with its l2 norms over
+the real view vs. complex ``vector_norm``; the MLP in float32 vs. bfloat16; ESPIRiT's
+pixel operators from a small grid vs. at full size. Whole reconstructions (seconds, PSNR at
 R = 8): exact vs. CG data consistency, CG iterations with and without warm starts, fewer
 CG iterations in the first training steps, and coil compression; and, on neighbouring
 slices of the 3D Shepp-Logan phantom (the data hold one slice), slice n+1's training
@@ -110,6 +110,28 @@ def dc_solve_rows(maps: np.ndarray, mask: np.ndarray, config: ReconConfig) -> li
                                               max_iterations=config.cg_iterations))
     return [f"| DC solve (line mask) | exact column solve {exact:.2f} ms (once per scan: {setup_ms:.0f} ms) | "
             f"{config.cg_iterations} CG iterations {cg:.2f} ms | x{cg / exact:.1f} |"]
+
+
+def compile_rows(maps: np.ndarray, masks: dict[str, np.ndarray], config: ReconConfig) -> list[str]:
+    """One CG solve of the DC system per mask, eager against ``torch.compile`` (the whole
+    solve, operator included, traced for one shape; the compile time is reported apart)."""
+    return [_compile_row(name, SenseOp(torch.from_numpy(maps)[None], torch.from_numpy(mask)[None]), config)
+            for name, mask in masks.items()]
+
+
+def _compile_row(name: str, op: SenseOp, config: ReconConfig) -> str:
+    rhs = torch.randn(op.image_shape, dtype=torch.complex64)
+
+    def solve(rhs: torch.Tensor) -> torch.Tensor:
+        return conjugate_gradient(lambda x: op.normal(x) + config.lam * x, rhs, max_iterations=config.cg_iterations)
+
+    compiled = torch.compile(solve, dynamic=False)
+    start = time.perf_counter()
+    compiled(rhs)
+    compile_seconds = time.perf_counter() - start
+    eager, fused = median_ms(lambda: solve(rhs)), median_ms(lambda: compiled(rhs))
+    return (f"| {config.cg_iterations} CG iterations ({name} mask) | eager {eager:.1f} ms | `torch.compile` "
+            f"{fused:.1f} ms (compiling: {compile_seconds:.0f} s per shape) | x{eager / fused:.2f} |")
 
 
 def _loss_with_complex_norms(predicted: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
@@ -234,7 +256,8 @@ def main() -> None:
     print("| idea | kept | alternative | effect |\n|---|---|---|---|")
     radial = radial_mask(mask.shape, args.R)
     rows = (encoding_rows(config, kspace.shape[1:]) + normal_rows(maps, mask, radial)
-            + dc_solve_rows(maps, mask, config) + loss_rows(kspace, maps, radial) + mlp_rows(kspace.shape[1:])
+            + dc_solve_rows(maps, mask, config) + compile_rows(maps, {"line": mask, "radial": radial}, config)
+            + loss_rows(kspace, maps, radial) + mlp_rows(kspace.shape[1:])
             + espirit_rows(kspace.shape[1:]))
     if not args.no_reconstructions:
         rows += reconstruction_rows(kspace, mask, config) + warm_start_rows(config, args.R)
