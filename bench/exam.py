@@ -7,7 +7,7 @@
    setting up to its 6000 iterations), which the default must match within 0.3 dB.
 2. An exam of 20 slices of 384 x 384 with 12 coils (the paper's prospective protocol) at
    R = 8, every slice trained in one batched run on one device: seconds for the maps (per
-   slice, on the CPU) and for the training, and the PSNR of each slice.
+   slice, on the same device) and for the training, and the PSNR of each slice.
 
 Data: slices of the 3D Shepp-Logan phantom with a smooth phase, birdcage coils and
 complex noise (``unrollinr.phantoms``), random line masks with Table I's ACS lines
@@ -60,7 +60,7 @@ def timed_reconstruction(measured: np.ndarray, masks: np.ndarray, config: ReconC
     maps and seconds for the training (its set-up included)."""
     synchronize(device)
     start = time.perf_counter()
-    prepared = [prepare_maps(measured[s], masks[s], None, config) for s in range(len(measured))]
+    prepared = [prepare_maps(measured[s], masks[s], None, config, device=device) for s in range(len(measured))]
     maps_seconds = time.perf_counter() - start
     data = np.stack([kspace for kspace, _ in prepared])
     maps = np.stack([coil_maps for _, coil_maps in prepared])

@@ -97,6 +97,7 @@ def espirit_maps(
     crop: float = 0.8,
     fill_holes: bool = True,
     method: str = "rectangular",
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """ESPIRiT coil maps from the ACS region.
 
@@ -115,6 +116,8 @@ def espirit_maps(
     method
         ``"rectangular"`` (:func:`unrollinr.espirit.espirit` on the whole ACS rectangle) or
         ``"sigpy"`` (sigpy's ``EspiritCalib`` on the largest centred square).
+    device
+        Torch device the rectangular method computes on (sigpy's runs on the CPU).
 
     Returns
     -------
@@ -124,7 +127,8 @@ def espirit_maps(
     kernel_width = fitting_kernel_width(region, kernel_width)
     kspace = np.asarray(kspace, dtype=np.complex64)
     if method == "rectangular":
-        maps, eigenvalues = _rectangular_espirit(kspace, region, calib_width or MAX_CALIBRATION, kernel_width, thresh)
+        maps, eigenvalues = _rectangular_espirit(kspace, region, calib_width or MAX_CALIBRATION, kernel_width, thresh,
+                                                 torch.device(device))
     elif method == "sigpy":
         maps, eigenvalues = _sigpy_espirit(kspace, region, calib_width, kernel_width, thresh)
     else:
@@ -161,15 +165,15 @@ def _centred_subrange(bounds: tuple[int, int], centre: int, width: int) -> slice
 
 
 def _rectangular_espirit(kspace: np.ndarray, region: CalibrationRegion, max_side: int, kernel_width: int,
-                         thresh: float) -> tuple[np.ndarray, np.ndarray]:
+                         thresh: float, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     _, n_y, n_x = kspace.shape
     rows = _centred_subrange(region.ky, n_y // 2, max_side)
     cols = _centred_subrange(region.kx, n_x // 2, max_side)
     logger.debug("ESPIRiT: ACS %s, calibrating on %d x %d", region.shape, rows.stop - rows.start,
                  cols.stop - cols.start)
-    calib = torch.from_numpy(np.ascontiguousarray(kspace[:, rows, cols]))
+    calib = torch.from_numpy(np.ascontiguousarray(kspace[:, rows, cols])).to(device)
     maps, eigenvalues = espirit(calib, (n_y, n_x), kernel_width=kernel_width, thresh=thresh)
-    return maps.numpy(), eigenvalues.numpy()
+    return maps.cpu().numpy(), eigenvalues.cpu().numpy()
 
 
 def _sigpy_espirit(kspace: np.ndarray, region: CalibrationRegion, calib_width: int, kernel_width: int,

@@ -53,7 +53,8 @@ def _validate(kspace: np.ndarray, mask: np.ndarray | None, csm: np.ndarray | Non
 
 
 def prepare_maps(kspace: np.ndarray, mask: np.ndarray, csm: np.ndarray | None, config: ReconConfig, *,
-                 calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 calibration: tuple[np.ndarray, np.ndarray] | None = None,
+                 device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Coil compression (if configured) and ESPIRiT maps (unless given).
 
     Parameters
@@ -63,6 +64,8 @@ def prepare_maps(kspace: np.ndarray, mask: np.ndarray, csm: np.ndarray | None, c
     calibration
         Optional separate calibration data ``(coils, ky, kx)`` and mask, e.g. separate ACS
         lines; by default the ACS region of ``kspace`` itself.
+    device
+        Torch device ESPIRiT computes on; ``None`` picks CUDA when available, else the CPU.
 
     Returns
     -------
@@ -77,7 +80,7 @@ def prepare_maps(kspace: np.ndarray, mask: np.ndarray, csm: np.ndarray | None, c
     if csm is None:
         csm = espirit_maps(calib_kspace, calib_mask, calib_width=config.espirit_calib_width,
                            kernel_width=config.espirit_kernel_width, thresh=config.espirit_thresh,
-                           crop=config.espirit_crop)
+                           crop=config.espirit_crop, device=default_device() if device is None else device)
     return kspace, np.asarray(csm, dtype=np.complex64)
 
 
@@ -104,8 +107,9 @@ def reconstruct_with_details(kspace: np.ndarray, mask: np.ndarray | None = None,
     ``(ky, kx)`` image of each training iteration on the scale of the data.
     """
     config = ReconConfig() if config is None else config
+    device = default_device() if device is None else torch.device(device)
     kspace, mask = _validate(kspace, mask, csm)
-    kspace, maps = prepare_maps(kspace, mask, csm, config, calibration=calibration)
+    kspace, maps = prepare_maps(kspace, mask, csm, config, calibration=calibration, device=device)
     slice_callback = None if callback is None else (lambda iteration, images: callback(iteration, images[0]))
     images, result = reconstruct_prepared(kspace[None], mask[None], maps[None], config, device=device,
                                           progress=progress, callback=slice_callback)
@@ -167,7 +171,7 @@ def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, c
     prepared = []
     for s in range(kspace.shape[0]):
         data, mask = _validate(kspace[s], None if masks is None else masks[s], None)
-        data, maps = prepare_maps(data, mask, None, config)
+        data, maps = prepare_maps(data, mask, None, config, device=device)
         prepared.append((data, mask, maps))
     stacked = [np.stack(parts) for parts in zip(*prepared, strict=True)]
     images, _ = reconstruct_prepared(*stacked, config, device=device, progress=progress)
