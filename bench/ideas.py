@@ -201,8 +201,10 @@ def reconstruction_rows(kspace: np.ndarray, mask: np.ndarray, config: ReconConfi
     return rows
 
 
-def _trained(data, mask, maps, config: ReconConfig, truth: np.ndarray, initial) -> tuple[float, list[float], dict]:
-    """(final PSNR, PSNR after each iteration, trained weights) of one slice's training."""
+def _trained(data: np.ndarray, mask: np.ndarray, maps: np.ndarray, config: ReconConfig, truth: np.ndarray,
+             initial: dict[str, torch.Tensor] | None) -> tuple[float, list[float], dict[str, torch.Tensor]]:
+    """(final PSNR, PSNR after each iteration, trained weights) of one slice's training on
+    ``(coils, ky, kx)`` data and maps with its ``(ky, kx)`` mask, against ``truth``."""
     trace: list[float] = []
     image, result = reconstruct_prepared(data[None], mask[None], maps[None], config, progress=False,
                                          callback=lambda _, x: trace.append(psnr(truth, x[0])),
