@@ -156,7 +156,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     torch.manual_seed(config.seed)
     like = torch.zeros(op.image_shape, dtype=kspace.dtype, device=kspace.device)
     if config.regularizer == "none":
-        return _final_pass(build_model(config, op, kspace), op, kspace, config, like, start, [], 0, 0)
+        model = build_model(config, op, kspace)
+        return _final_pass(model, op, kspace, config, like, start, [], 0, 0, _parameters(model))
 
     train_op, held_op = _split_holdout(op, config, protected)
     train_samples = train_op.samples(kspace)
@@ -203,7 +204,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
     bar.close()
     model.load_state_dict(best_state, strict=False)
-    return _final_pass(model, op, kspace, config, like, start, history, iteration + 1, best_iteration)
+    return _final_pass(model, op, kspace, config, like, start, history, iteration + 1, best_iteration, best_state)
 
 
 def cg_iterations_at(config: ReconConfig, step: int) -> int:
@@ -234,8 +235,9 @@ def _load_parameters(model: UnrollINR, parameters: Mapping[str, torch.Tensor]) -
 
 def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: ReconConfig,
                 like: torch.Tensor, start: float, history: list[dict[str, float]],
-                iterations: int, best_iteration: int) -> FitResult:
-    """Inference: one forward pass with every measured sample in the DC step."""
+                iterations: int, best_iteration: int, parameters: dict[str, torch.Tensor]) -> FitResult:
+    """Inference: one forward pass with every measured sample in the DC step; ``parameters``
+    is the copy of the model's weights that the result reports."""
     if config.data_consistency:
         # Without a holdout training used this operator: its exact solver carries over.
         solver = model.dc.column_solver if model.dc.op is op else exact_solver(config, op)
@@ -248,4 +250,4 @@ def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: Rec
                 iterations, best_iteration, seconds, float(model.lam.detach().mean()),
                 float(model.lam_s.detach().mean()))
     return FitResult(image=x, prior=z, iterations=iterations, best_iteration=best_iteration,
-                     seconds=seconds, history=history, parameters=_parameters(model))
+                     seconds=seconds, history=history, parameters=parameters)
