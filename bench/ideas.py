@@ -98,6 +98,11 @@ def normal_rows(maps: np.ndarray, mask: np.ndarray, radial: np.ndarray) -> list[
             f"{fft_order:.2f} ms | centred 2D FFTs of every coil array {centred:.2f} ms | x{centred / fft_order:.1f} |"]
 
 
+def _cg_solve(op: SenseOp, rhs: torch.Tensor, config: ReconConfig) -> torch.Tensor:
+    """``config.cg_iterations`` CG iterations on ``(E^H E + lam I) x = rhs`` ``(slices, y, x)``."""
+    return conjugate_gradient(lambda x: op.normal(x) + config.lam * x, rhs, max_iterations=config.cg_iterations)
+
+
 def dc_solve_rows(maps: np.ndarray, mask: np.ndarray, config: ReconConfig) -> list[str]:
     op = SenseOp(torch.from_numpy(maps)[None], torch.from_numpy(mask)[None])
     rhs = torch.randn(op.image_shape, dtype=torch.complex64)
@@ -106,8 +111,7 @@ def dc_solve_rows(maps: np.ndarray, mask: np.ndarray, config: ReconConfig) -> li
     solver = ColumnSolver(op)
     setup_ms = (time.perf_counter() - start) * 1e3
     exact = median_ms(lambda: solver.solve(rhs, lam))
-    cg = median_ms(lambda: conjugate_gradient(lambda x: op.normal(x) + config.lam * x, rhs,
-                                              max_iterations=config.cg_iterations))
+    cg = median_ms(lambda: _cg_solve(op, rhs, config))
     return [f"| DC solve (line mask) | exact column solve {exact:.2f} ms (once per scan: {setup_ms:.0f} ms) | "
             f"{config.cg_iterations} CG iterations {cg:.2f} ms | x{cg / exact:.1f} |"]
 
@@ -122,14 +126,11 @@ def compile_rows(maps: np.ndarray, masks: dict[str, np.ndarray], config: ReconCo
 def _compile_row(name: str, op: SenseOp, config: ReconConfig) -> str:
     rhs = torch.randn(op.image_shape, dtype=torch.complex64)
 
-    def solve(rhs: torch.Tensor) -> torch.Tensor:
-        return conjugate_gradient(lambda x: op.normal(x) + config.lam * x, rhs, max_iterations=config.cg_iterations)
-
-    compiled = torch.compile(solve, dynamic=False)
+    compiled = torch.compile(_cg_solve, dynamic=False)
     start = time.perf_counter()
-    compiled(rhs)
+    compiled(op, rhs, config)
     compile_seconds = time.perf_counter() - start
-    eager, fused = median_ms(lambda: solve(rhs)), median_ms(lambda: compiled(rhs))
+    eager, fused = median_ms(lambda: _cg_solve(op, rhs, config)), median_ms(lambda: compiled(op, rhs, config))
     return (f"| {config.cg_iterations} CG iterations ({name} mask) | eager {eager:.1f} ms | `torch.compile` "
             f"{fused:.1f} ms (compiling: {compile_seconds:.0f} s per shape) | x{eager / fused:.2f} |")
 
