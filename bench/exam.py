@@ -41,7 +41,7 @@ from unrollinr.config import ReconConfig  # noqa: E402
 from unrollinr.masks import random_line_mask  # noqa: E402
 from unrollinr.metrics import psnr  # noqa: E402
 from unrollinr.phantoms import multicoil_kspace, phantom_volume  # noqa: E402
-from unrollinr.recon import default_device, prepare_maps, reconstruct_prepared  # noqa: E402
+from unrollinr.recon import default_device, prepare_slices, reconstruct_prepared  # noqa: E402
 
 
 def undersampled_exam(slices: int, size: int, coils: int, acceleration: float
@@ -60,10 +60,8 @@ def timed_reconstruction(measured: np.ndarray, masks: np.ndarray, config: ReconC
     maps and seconds for the training (its set-up included)."""
     synchronize(device)
     start = time.perf_counter()
-    prepared = [prepare_maps(measured[s], masks[s], None, config, device=device) for s in range(len(measured))]
+    data, masks, maps = prepare_slices(measured, masks, config, device=device)
     maps_seconds = time.perf_counter() - start
-    data = np.stack([kspace for kspace, _ in prepared])
-    maps = np.stack([coil_maps for _, coil_maps in prepared])
     start = time.perf_counter()
     images, _ = reconstruct_prepared(data, masks, maps, config, device=device, progress=False)
     synchronize(device)

@@ -165,6 +165,27 @@ def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, c
     ``(slices, ky, kx)`` complex64 images; slice ``s`` uses prior seed ``config.seed + s``.
     """
     config = ReconConfig() if config is None else config
+    images, _ = reconstruct_prepared(*prepare_slices(kspace, masks, config, device=device), config, device=device,
+                                     progress=progress)
+    return images
+
+
+def prepare_slices(kspace: np.ndarray, masks: np.ndarray | None, config: ReconConfig, *,
+                   device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check each slice and run :func:`prepare_maps` on it, for :func:`reconstruct_prepared`.
+
+    Parameters
+    ----------
+    kspace
+        ``(slices, coils, ky, kx)`` complex, centred, zero where not sampled.
+    masks
+        ``(slices, ky, kx)`` boolean, or ``None`` to take the non-zero samples.
+
+    Returns
+    -------
+    ``(kspace, masks, maps)``: ``(slices, coils, ky, kx)`` complex64 (after compression),
+    ``(slices, ky, kx)`` boolean and ``(slices, coils, ky, kx)`` complex64.
+    """
     kspace = np.asarray(kspace)
     if kspace.ndim != 4:
         raise ValueError(f"kspace must be (slices, coils, ky, kx), got shape {kspace.shape}")
@@ -173,9 +194,8 @@ def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, c
         data, mask = _validate(kspace[s], None if masks is None else masks[s], None)
         data, maps = prepare_maps(data, mask, None, config, device=device)
         prepared.append((data, mask, maps))
-    stacked = [np.stack(parts) for parts in zip(*prepared, strict=True)]
-    images, _ = reconstruct_prepared(*stacked, config, device=device, progress=progress)
-    return images
+    data, masks, maps = (np.stack(parts) for parts in zip(*prepared, strict=True))
+    return data, masks, maps
 
 
 def reconstruct(kspace: np.ndarray, mask: np.ndarray | None = None, *, csm: np.ndarray | None = None,
