@@ -172,14 +172,8 @@ def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, c
 
 def prepare_slices(kspace: np.ndarray, masks: np.ndarray | None, config: ReconConfig, *,
                    device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Check each slice and run :func:`prepare_maps` on it, for :func:`reconstruct_prepared`.
-
-    Parameters
-    ----------
-    kspace
-        ``(slices, coils, ky, kx)`` complex, centred, zero where not sampled.
-    masks
-        ``(slices, ky, kx)`` boolean, or ``None`` to take the non-zero samples.
+    """Check each slice of ``kspace`` and ``masks`` (as :func:`reconstruct_slices` takes them)
+    and run :func:`prepare_maps` on it, for :func:`reconstruct_prepared`.
 
     Returns
     -------
