@@ -48,10 +48,13 @@ def main() -> None:
         ours = at_r["UnrollINR"]
         best_l1 = max((at_r[m] for m in ("L1-ESPIRiT", "BART L1-ESPIRiT") if m in at_r), key=lambda r: r.psnr)
         rivals = [at_r["CG-SENSE"], best_l1] + [at_r[m] for m in ("BART TV-SENSE",) if m in at_r]
-        wins = all(ours.psnr > r.psnr and ours.ssim > r.ssim for r in rivals)
+        beaten = [r.method for r in rivals if ours.psnr > r.psnr and ours.ssim > r.ssim]
+        unbeaten = [r.method for r in rivals if r.method not in beaten]
+        verdicts = ([f"beats {', '.join(beaten)}"] if beaten else []) + \
+                   ([f"does NOT beat {', '.join(unbeaten)}"] if unbeaten else [])
         print(f"R={acceleration:g}: UnrollINR {ours.psnr:.2f} dB / {ours.ssim:.4f} vs best L1-ESPIRiT "
-              f"({best_l1.method}) {best_l1.psnr:.2f} / {best_l1.ssim:.4f}: "
-              f"{'beats' if wins else 'does NOT beat'} {', '.join(r.method for r in rivals)} on both")
+              f"({best_l1.method}) {best_l1.psnr:.2f} / {best_l1.ssim:.4f}: {'; '.join(verdicts)} "
+              "(higher PSNR and SSIM)")
     at_8 = {r.method: r for r in results if r.acceleration == 8}
     if "UnrollINR" in at_8:
         best = max(at_8[m].psnr for m in ("L1-ESPIRiT", "BART L1-ESPIRiT") if m in at_8)
