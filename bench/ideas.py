@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import base_parser, device_name, overrides, setup  # noqa: E402
+from common import QUALITY_TOLERANCE_DB, base_parser, device_name, overrides, setup  # noqa: E402
 
 from unrollinr.cg import conjugate_gradient  # noqa: E402
 from unrollinr.column_solve import ColumnSolver  # noqa: E402
@@ -42,8 +42,6 @@ from unrollinr.model import pixel_coordinates  # noqa: E402
 from unrollinr.phantoms import multicoil_kspace, phantom_volume  # noqa: E402
 from unrollinr.recon import prepare_maps, reconstruct_prepared, reconstruct_with_details  # noqa: E402
 from unrollinr.sense import SenseOp  # noqa: E402
-
-QUALITY_TOLERANCE_DB = 0.3
 
 
 def median_ms(run, repeats: int = 15) -> float:

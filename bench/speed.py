@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import base_parser, device_name, overrides, setup, synchronize  # noqa: E402
+from common import QUALITY_TOLERANCE_DB, base_parser, device_name, overrides, setup, synchronize  # noqa: E402
 
 from unrollinr import baselines  # noqa: E402
 from unrollinr.config import ReconConfig  # noqa: E402
@@ -55,8 +55,6 @@ from unrollinr.recon import (  # noqa: E402
     reconstruct_with_details,
 )
 from unrollinr.sense import SenseOp  # noqa: E402
-
-QUALITY_TOLERANCE_DB = 0.3
 
 
 def _problem(args, config: ReconConfig):
