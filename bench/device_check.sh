@@ -46,11 +46,11 @@ fi
 } 2>&1 | tee "$out/machine.txt"
 
 # The tests that run on each device (the CUDA ones are skipped without a GPU).
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_sense.py tests/test_column_solve.py \
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_sense.py tests/test_column_solve.py \
     tests/test_hashgrid.py tests/test_coils.py tests/test_recon.py 2>&1 | tee "$out/tests.log"
 
 # Target 2: one 368^2 15-coil slice and the 20-slice 384^2 12-coil exam, then the slow
 # configuration's PSNR, each under its own time limit so that one overrun keeps the others.
-timeout 300 python3 bench/exam.py "${exam_sizes[@]}" --slow-iterations 0 2>&1 | tee "$out/exam.log"
+timeout 240 python3 bench/exam.py "${exam_sizes[@]}" --slow-iterations 0 2>&1 | tee "$out/exam.log"
 timeout 180 python3 bench/exam.py "${exam_sizes[@]}" --exam-slices 0 --slow-iterations "$slow_iterations" 2>&1 \
     | tee "$out/exam_slow.log"
