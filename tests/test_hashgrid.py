@@ -60,31 +60,33 @@ def test_negative_inputs_wrap_as_unsigned():
 
 
 @pytest.mark.parametrize("log2_size", [6, 2])
-def test_features_are_bilinear_sums_of_table_entries_and_gradients_flow(log2_size):
+def test_features_are_bilinear_sums_of_table_entries_and_gradients_flow(log2_size, device):
     config = {"otype": "HashGrid", "n_levels": 3, "n_features_per_level": 2, "log2_hashmap_size": log2_size,
               "base_resolution": 4, "per_level_scale": 2.0}
     encoding = GridEncoding(config, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         encoding.table.normal_()
     coords = torch.rand(50, 2, generator=torch.Generator().manual_seed(1))
-    features = encoding(coords)
-    assert features.shape == (50, 6)
+    # the reference: each corner's table entry times its weight, on the CPU
     expected = []
     for number, level in enumerate(encoding.levels):
         idx, w = interpolation_corners(level, coords)
         table = encoding.table[encoding.offsets[number]:encoding.offsets[number + 1]]
         expected.append((table[idx] * w.unsqueeze(-1)).sum(dim=1))
     expected = torch.cat(expected, dim=1)
-    torch.testing.assert_close(features, expected)
-
     weights = torch.randn(50, 6)
-    (features * weights).sum().backward()
-    sparse_grad = encoding.table.grad.clone()
-    encoding.table.grad = None
     (expected * weights).sum().backward()
-    torch.testing.assert_close(sparse_grad, encoding.table.grad)
+    expected_grad = encoding.table.grad.clone()
+    encoding.table.grad = None
 
-    matrix, matrix_t = encoding.interpolation_matrices(coords)
+    encoding.to(device)
+    features = encoding(coords.to(device))
+    assert features.shape == (50, 6) and features.device.type == device.type
+    torch.testing.assert_close(features.cpu(), expected.detach())
+    (features * weights.to(device)).sum().backward()
+    torch.testing.assert_close(encoding.table.grad.cpu(), expected_grad)
+
+    matrix, matrix_t = encoding.interpolation_matrices(coords.to(device))
     torch.testing.assert_close(matrix_t.to_dense(), matrix.to_dense().t())
     if log2_size == 2:  # 4 entries per level: corners of one cell share entries, merged in one row
         assert int(matrix.crow_indices().diff().min()) < 4

@@ -106,7 +106,7 @@ def interpolation_corners(level: GridLevel, coords: torch.Tensor) -> tuple[torch
     cell = cell.to(torch.int64)
     indices, weights = [], []
     for corner in range(4):
-        offset = torch.tensor([corner & 1, (corner >> 1) & 1], dtype=torch.int64)
+        offset = torch.tensor([corner & 1, (corner >> 1) & 1], dtype=torch.int64, device=coords.device)
         corner_weight = torch.where(offset.bool(), fraction, 1 - fraction).prod(dim=-1)
         indices.append(grid_index(level, cell + offset))
         weights.append(corner_weight)
@@ -171,11 +171,13 @@ class GridEncoding(nn.Module):
     def interpolation_matrices(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The sparse ``(points * n_levels, table_entries)`` CSR matrix whose rows hold the
         bilinear weights of one point at one level (corners that share a table entry are
-        summed), and its transpose, also in CSR."""
+        summed), and its transpose, also in CSR, built on the table's device."""
         n_points, n_levels = coords.shape[0], len(self.levels)
+        device = self.table.device
+        coords = coords.detach().to(device)
         columns, weights = [], []
         for level_number, level in enumerate(self.levels):
-            indices, corner_weights = interpolation_corners(level, coords.detach().cpu())
+            indices, corner_weights = interpolation_corners(level, coords)
             columns.append(indices + self.offsets[level_number])
             weights.append(corner_weights)
         # (points, levels, 4) flattened: row point * n_levels + level, its four corners in a row
@@ -185,7 +187,7 @@ class GridEncoding(nn.Module):
         first = torch.ones_like(columns_by_row, dtype=torch.bool)
         first[:, 1:] = columns_by_row[:, 1:] != columns_by_row[:, :-1]
         group = first.reshape(-1).cumsum(0) - 1
-        values = torch.zeros(int(group[-1]) + 1, dtype=weights_by_row.dtype)
+        values = weights_by_row.new_zeros(int(group[-1]) + 1)
         values.index_add_(0, group, weights_by_row.reshape(-1))
         entries = columns_by_row.reshape(-1)[first.reshape(-1)]
         entries_per_row = first.sum(dim=1)
@@ -195,12 +197,11 @@ class GridEncoding(nn.Module):
         matrix = _sparse_csr(crow, entries, values, (n_rows, n_entries))
         # The transpose: entries by column; the sort is stable, so rows stay ascending.
         by_column = torch.sort(entries, stable=True).indices
-        rows = torch.repeat_interleave(torch.arange(n_rows), entries_per_row)
+        rows = torch.repeat_interleave(torch.arange(n_rows, device=device), entries_per_row)
         column_ends = torch.bincount(entries, minlength=n_entries).cumsum(0)
         crow_t = torch.cat([column_ends.new_zeros(1), column_ends])
         matrix_t = _sparse_csr(crow_t, rows[by_column], values[by_column], (n_entries, n_rows))
-        device = self.table.device
-        return matrix.to(device), matrix_t.to(device)
+        return matrix, matrix_t
 
     def _interpolation_plan(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (coords.data_ptr(), tuple(coords.shape), coords.device, coords._version)
