@@ -30,7 +30,7 @@ def test_chain_is_valid(chain):
     else:
         assert int(connect.get("port")) > 0
     settings = GadgetSettings.from_properties(chain_properties(gadget_configuration(root)))
-    assert settings.recon.iterations > 0
+    assert settings.recon.training_iterations(256) > 0
     for gadget in root.findall("stream/gadget"):
         assert gadget.findtext("dll") and gadget.findtext("classname")
 

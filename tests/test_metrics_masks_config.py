@@ -104,6 +104,15 @@ def test_auto_hash_table_holds_the_finest_level_with_at_most_four_cells_per_entr
         ReconConfig(hash_log2_size=-1)
 
 
+def test_auto_iterations_by_image_size():
+    config = ReconConfig()
+    assert config.iterations == 0
+    assert [config.training_iterations(size) for size in (48, 256, 257, 384)] == [200, 200, 300, 300]
+    assert ReconConfig(iterations=7).training_iterations(384) == 7
+    with pytest.raises(ValueError, match="iterations must not be negative"):
+        ReconConfig(iterations=-1)
+
+
 def test_tv_off_needs_the_background_zeroed():
     with pytest.raises(ValueError, match="zero_outside_maps"):
         ReconConfig(tv=False)

@@ -49,14 +49,15 @@ def test_named_config_with_json_text_and_waveforms(server, raw_phantom):
 def test_chain_file_name_and_config_text(server, raw_phantom):
     raw = RawFile(raw_phantom)
     chain_text = (ConfigResolver().chains_dir / "unrollinr.xml").read_text()
-    chain_text = chain_text.replace('value="200"', 'value="12"').replace('value="20"', 'value="5"')
+    chain_text = chain_text.replace('name="iterations" value="0"', 'name="iterations" value="12"')
+    chain_text = chain_text.replace('value="20"', 'value="5"')
     with connect_with_retry(server.port) as sock:
         send_stream(sock, ConfigText(chain_text), raw.header(), raw.acquisitions())
         replies = read_replies(sock)
     assert replies.closed and len(replies.images) == 2
     assert "unrollinr.xml" in server.resolver.names()
     assert server.resolver.by_name("unrollinr_prospective").recon.lam_s == 2.0
-    assert server.resolver.by_name("unrollinr_buffered.xml").recon.iterations == 200
+    assert server.resolver.by_name("unrollinr_buffered.xml").recon.training_iterations(384) == 300
 
 
 def test_failing_slices_reach_the_client_and_the_server_goes_on(server, tmp_path, raw_phantom):

@@ -170,7 +170,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     tv_scale = op.adjoint(kspace).abs().sum(dim=(-2, -1))
     best_score, best_iteration, best_state = float("inf"), 0, _parameters(model)
     history: list[dict[str, float]] = []
-    bar = tqdm(range(config.iterations), desc="UnrollINR", unit="it", disable=not _show_progress(progress),
+    iterations = config.training_iterations(max(op.image_shape[-2:]))
+    bar = tqdm(range(iterations), desc="UnrollINR", unit="it", disable=not _show_progress(progress),
                leave=False)
     iteration = 0
     for iteration in bar:
