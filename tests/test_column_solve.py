@@ -110,3 +110,23 @@ def test_the_solver_moves_with_the_model_and_stays_out_of_its_state(rng):
     # buffers are what Module.to(device) moves
     assert {f"column_solver.slices.{s}.{name}" for s in range(2) for name in ("basis", "eigenvalues", "rows")} <= {
         name for name, _ in dc.named_buffers()}
+
+
+def test_decomposition_workers_run_single_threaded_and_restore_the_thread_count_also_on_errors():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from unrollinr.column_solve import _map_on_one_thread_workers
+
+    def count_in_a_new_thread() -> int:
+        with ThreadPoolExecutor(max_workers=1) as fresh:
+            return fresh.submit(torch.get_num_threads).result()
+
+    before = torch.get_num_threads(), count_in_a_new_thread()
+    assert _map_on_one_thread_workers(lambda item: (item, torch.get_num_threads()), [1, 2]) == [(1, 1), (2, 1)]
+
+    def fail(item: int) -> int:
+        raise RuntimeError("eigh failed")
+
+    with pytest.raises(RuntimeError, match="eigh failed"):
+        _map_on_one_thread_workers(fail, [1])
+    assert (torch.get_num_threads(), count_in_a_new_thread()) == before

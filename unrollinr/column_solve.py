@@ -20,7 +20,9 @@ epsilons over ``lambda``, relative, in their components).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -28,6 +30,8 @@ from torch import nn
 from unrollinr.sense import SenseOp
 
 CUTOFF_EPSILONS = 10
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class ColumnSolver(nn.Module):
@@ -145,14 +149,20 @@ def _eigh_by_support_size(normal: torch.Tensor, sizes: torch.Tensor) -> tuple[to
         size, columns = group
         return torch.linalg.eigh(normal[columns][:, :size, :size])
 
+    for (size, columns), (values, vectors) in zip(groups, _map_on_one_thread_workers(decompose, groups), strict=True):
+        eigenvalues[columns, n - size:] = values
+        eigenvectors[columns, :size, n - size:] = vectors
+    return eigenvalues, eigenvectors
+
+
+def _map_on_one_thread_workers(function: Callable[[T], R], items: list[T]) -> list[R]:
+    """``[function(item) for item in items]`` on ``torch.get_num_threads()`` worker threads
+    whose torch ops run on one thread each. ``torch.set_num_threads`` sets the calling
+    thread's count and the one new threads start with; both are restored afterwards."""
     workers = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            decompositions = list(pool.map(decompose, groups))
+            return list(pool.map(function, items))
     finally:
         torch.set_num_threads(workers)
-    for (size, columns), (values, vectors) in zip(groups, decompositions, strict=True):
-        eigenvalues[columns, n - size:] = values
-        eigenvectors[columns, :size, n - size:] = vectors
-    return eigenvalues, eigenvectors
