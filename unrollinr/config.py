@@ -220,9 +220,9 @@ def auto_iterations(image_size: int) -> int:
 
     Measured (``bench/RESULTS.md``): at 256 x 256 the brain data gain nothing from more
     than 200 (+0.02 dB at 300); on an H200, the 20-slice 384 x 384 12-coil exam's median
-    PSNR rose from 35.36 to 35.99 dB with 300 (range 33.67-38.45 to 33.95-37.59) at no
-    measurable cost in time there, and one 368 x 368 15-coil slice from 40.29-41.13 dB
-    (four runs) to 40.11-41.70 dB (four runs; means 40.64 and 40.91).
+    PSNR rose from 35.36 dB to 35.83-35.99 dB with 300 at no measurable cost in time there,
+    and one 368 x 368 15-coil slice from a mean of 40.64 dB (four runs, 40.29-41.13) to
+    41.18 dB (six runs, 40.11-41.96). On the CPU the extra 100 cost 50% more time.
     """
     return AUTO_ITERATIONS_LARGE if image_size > AUTO_LARGE_IMAGE else AUTO_ITERATIONS
 
