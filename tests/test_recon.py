@@ -148,8 +148,10 @@ def test_mlp_precision_choice():
         ReconConfig(mlp_precision="half")
 
 
-def _batched_and_separate(problem, phantom_48, config: ReconConfig, device: str) -> tuple[np.ndarray, list]:
-    """Two slices reconstructed as one batch ``(2, 48, 48)`` and each alone, with the seeds the batch gives them."""
+def _batched_and_separate(problem, phantom_48, device: str) -> tuple[np.ndarray, list]:
+    """Two slices reconstructed as one batch ``(2, 48, 48)`` and each alone, with the seeds the batch gives
+    them, after 15 iterations with a float32 MLP."""
+    config = ReconConfig(iterations=15, cg_iterations=6, mlp_precision="float32")
     measured, mask, _ = problem
     second = phantom_48[:, ::-1].copy() * mask
     batch = reconstruct_slices(np.stack([measured, second]), np.stack([mask, mask]), config=config, device=device)
@@ -161,8 +163,7 @@ def _batched_and_separate(problem, phantom_48, config: ReconConfig, device: str)
 
 
 def test_batched_slices_match_separate_reconstructions(problem, phantom_48):
-    config = ReconConfig(iterations=15, cg_iterations=6, mlp_precision="float32")
-    batch, alone = _batched_and_separate(problem, phantom_48, config, "cpu")
+    batch, alone = _batched_and_separate(problem, phantom_48, "cpu")
     for s in range(2):
         # every per-slice quantity is computed per slice, so the batch changes no rounding
         np.testing.assert_array_equal(batch[s], alone[s])
@@ -177,8 +178,7 @@ def test_batched_slices_match_separate_reconstructions_on_cuda(problem, phantom_
     # on an H200 after these 15 iterations: 0.1% of the image maximum between two runs alone,
     # 0.8% between the batch and a run alone), so on CUDA the batch is held to a tolerance.
     # Another prior seed moves this image by 4.8% of its maximum, lambda 0.1 for 0.05 by 9.5% (CPU).
-    config = ReconConfig(iterations=15, cg_iterations=6, mlp_precision="float32")
-    batch, alone = _batched_and_separate(problem, phantom_48, config, "cuda")
+    batch, alone = _batched_and_separate(problem, phantom_48, "cuda")
     for s in range(2):
         assert np.abs(batch[s] - alone[s]).max() < 0.02 * np.abs(alone[s]).max()
 
