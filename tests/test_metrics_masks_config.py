@@ -119,6 +119,15 @@ def test_tv_off_needs_the_background_zeroed():
     assert ReconConfig(tv=False, zero_outside_maps=True).tv is False
 
 
+def test_loss_options_are_validated():
+    with pytest.raises(ValueError, match="tv_second_order"):
+        ReconConfig(tv_second_order=1.5)
+    with pytest.raises(ValueError, match="tv_log_scale"):
+        ReconConfig(tv_log_scale=-0.1)
+    paper = ReconConfig.from_strings({"tv_second_order": "0", "tv_log_scale": "0", "coil_l1": "false"})
+    assert (paper.tv_second_order, paper.tv_log_scale, paper.coil_l1) == (0.0, 0.0, False)
+
+
 def test_cg_warmup_schedule():
     config = ReconConfig(cg_iterations=20, cg_warmup_iterations=5, cg_warmup_steps=3)
     assert [cg_iterations_at(config, step) for step in range(5)] == [5, 5, 5, 20, 20]

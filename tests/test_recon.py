@@ -165,8 +165,12 @@ def _batched_and_separate(problem, phantom_48, device: str) -> tuple[np.ndarray,
 def test_batched_slices_match_separate_reconstructions(problem, phantom_48):
     batch, alone = _batched_and_separate(problem, phantom_48, "cpu")
     for s in range(2):
-        # every per-slice quantity is computed per slice, so the batch changes no rounding
-        np.testing.assert_array_equal(batch[s], alone[s])
+        # Every per-slice quantity is computed per slice, but vectorised CPU loops round their
+        # last few elements differently when the batch changes a tensor's size (the TV
+        # gradients of a batch and of its slices alone differ by 1e-7), and Adam carries that
+        # on: 1.2e-5 and 6.2e-4 of the image maximum after these 15 iterations. Another prior
+        # seed moves the first image by 4.7% of its maximum, lambda 0.1 for 0.05 by 12%.
+        assert np.abs(batch[s] - alone[s]).max() < 0.005 * np.abs(alone[s]).max()
     with pytest.raises(ValueError, match="slices, coils, ky, kx"):
         reconstruct_slices(problem[0])
 
@@ -177,7 +181,7 @@ def test_batched_slices_match_separate_reconstructions_on_cuda(problem, phantom_
     # and Adam turns rounding-level gradient differences into different iterates (measured
     # on an H200 after these 15 iterations: 0.1% of the image maximum between two runs alone,
     # 0.8% between the batch and a run alone), so on CUDA the batch is held to a tolerance.
-    # Another prior seed moves this image by 4.8% of its maximum, lambda 0.1 for 0.05 by 9.5% (CPU).
+    # Another prior seed moves this image by 4.7% of its maximum, lambda 0.1 for 0.05 by 12% (CPU).
     batch, alone = _batched_and_separate(problem, phantom_48, "cuda")
     for s in range(2):
         assert np.abs(batch[s] - alone[s]).max() < 0.02 * np.abs(alone[s]).max()

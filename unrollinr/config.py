@@ -49,7 +49,7 @@ class ReconConfig:
         ``data_consistency`` off gives the "w/o DC" ablation (the INR image is the
         output). ``lam`` is the initial DC weight, ``lam_s`` the initial TV weight
         (``tv`` off: "w/o TV"). TV is normalised by ``||x0||_1``. The defaults (0.05,
-        0.25) were chosen on ``brain_8ch_256`` at R = 6, 8, 10 (bench/RESULTS.md); the
+        0.35) were chosen on ``brain_8ch_256`` at R = 6, 8, 10 (bench/RESULTS.md); the
         paper's presets are :meth:`retrospective` (0.01, 0.5) and :meth:`prospective`
         (0.05, 2.0). ``dc_solver`` ``"exact"`` solves the DC system exactly, column by
         column, from one eigendecomposition per scan (whole-line masks only; it keeps up
@@ -59,6 +59,12 @@ class ReconConfig:
         ``cg_warmup_iterations`` during the first ``cg_warmup_steps`` training steps (0: no
         warm-up), while the prior is far from its image; inference always runs
         ``cg_iterations``.
+    Loss (``tv_second_order=0, tv_log_scale=0, coil_l1=False`` is the paper's):
+        ``tv_second_order`` mixes second-order differences into the TV term (0: first
+        order only, 1: second order only); ``tv_log_scale`` > 0 penalises each difference
+        ``d`` by ``e log(1 + |d| / e)`` instead of ``|d|``, with ``e`` relative to the
+        zero-filled image's maximum; ``coil_l1`` sums each k-space sample's coil-vector
+        norm in the l1 term instead of each coil's entry (:mod:`unrollinr.loss`).
     Training:
         Adam at ``lr`` for the prior and ``lr_lam``/``lr_lam_s`` for the log-weights,
         at most ``iterations`` steps; 0 picks them by image size, 200 up to 256 x 256 and
@@ -89,8 +95,11 @@ class ReconConfig:
 
     data_consistency: bool = True
     lam: float = 0.05
-    lam_s: float = 0.25
+    lam_s: float = 0.35
     tv: bool = True
+    tv_second_order: float = 0.5
+    tv_log_scale: float = 0.1
+    coil_l1: bool = True
     dc_solver: str = "auto"
     cg_iterations: int = 20
     cg_warmup_iterations: int = 5
@@ -125,7 +134,8 @@ class ReconConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("iterations", "hash_log2_size", "hash_finest_resolution", "hidden_layers", "cg_warmup_steps",
-                     "espirit_calib_width", "coil_compression", "cg_tolerance", "lr_lam", "lr_lam_s", "espirit_thresh"):
+                     "espirit_calib_width", "coil_compression", "cg_tolerance", "lr_lam", "lr_lam_s", "espirit_thresh",
+                     "tv_log_scale"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("lam", "lam_s", "lr"):
@@ -133,6 +143,8 @@ class ReconConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.hash_features not in (1, 2, 4, 8):
             raise ValueError(f"hash_features must be 1, 2, 4 or 8 (tiny-cuda-nn), got {self.hash_features}")
+        if not 0 <= self.tv_second_order <= 1:
+            raise ValueError(f"tv_second_order must be in [0, 1], got {self.tv_second_order}")
         if not 0 <= self.holdout_fraction < 0.5:
             raise ValueError(f"holdout_fraction must be in [0, 0.5), got {self.holdout_fraction}")
         if not 0 <= self.espirit_crop < 1:

@@ -32,8 +32,10 @@ T = TypeVar("T")
 L1_LAMBDAS = (0.0003, 0.001, 0.003, 0.01, 0.03)
 # Each converged TV run takes ~30 s at 256^2, so a shorter grid than for l1
 TV_LAMBDAS = (0.0003, 0.001, 0.003, 0.01)
-# The paper's ablations, plus the pixel-image control that shows what the INR itself adds.
+# The paper's ablations, the paper's loss in place of ours, and the pixel-image control
+# that shows what the INR itself adds.
 ABLATIONS = {
+    "paper's loss (l1 TV, per-coil l1)": {"tv_second_order": 0.0, "tv_log_scale": 0.0, "coil_l1": False},
     "w/o R (CG-SENSE)": {"regularizer": "none", "dc_solver": "cg"},
     "w/o DC (INR alone)": {"data_consistency": False},
     "w/o TV": {"tv": False, "zero_outside_maps": True},

@@ -88,6 +88,11 @@ class SenseOp(nn.Module):
         s, _, y, x = self.maps.shape
         return (s, y, x)
 
+    @property
+    def sample_coil_dim(self) -> int:
+        """The coil axis in the layout of :meth:`measure` and :meth:`samples`."""
+        return 2 if self.line_mask else 1
+
     def coil_kspace(self, image: torch.Tensor) -> torch.Tensor:
         """``F C x`` before masking: image ``(slices, y, x)`` to ``(slices, coils, ky, kx)``."""
         return fft2c(self.maps * image.unsqueeze(1))

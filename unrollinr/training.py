@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -168,6 +169,9 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         _load_parameters(model, initial_parameters)
     optimizer = _optimizer(model, config)
     tv_scale = op.adjoint(kspace).abs().sum(dim=(-2, -1))
+    data_loss = functools.partial(normalized_l1_l2, coil_dim=train_op.sample_coil_dim if config.coil_l1 else None)
+    edge_penalty = functools.partial(total_variation, second_order=config.tv_second_order,
+                                     log_scale=config.tv_log_scale)
     best_score, best_iteration, best_state = float("inf"), 0, _parameters(model)
     history: list[dict[str, float]] = []
     iterations = config.training_iterations(max(op.image_shape[-2:]))
@@ -179,9 +183,9 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
             model.dc.iterations = cg_iterations_at(config, iteration)
         optimizer.zero_grad(set_to_none=True)
         x, _ = model(like)
-        loss = normalized_l1_l2(train_op.measure(x), train_samples)
+        loss = data_loss(train_op.measure(x), train_samples)
         if config.tv:
-            loss = loss + model.lam_s * total_variation(x) / tv_scale
+            loss = loss + model.lam_s * edge_penalty(x) / tv_scale
         loss.sum().backward()
         optimizer.step()
 
@@ -189,7 +193,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
                   "lam_s": float(model.lam_s.detach().mean())}
         if held_op is not None:
             with torch.no_grad():
-                record["holdout"] = float(normalized_l1_l2(held_op.measure(x), held_samples).sum())
+                record["holdout"] = float(data_loss(held_op.measure(x), held_samples).sum())
             score = record["holdout"]
         else:
             score = record["loss"]
