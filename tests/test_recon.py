@@ -113,6 +113,20 @@ def test_holdout_stops_early_and_keeps_the_best_iterate(problem):
     assert holdout[result.best_iteration] == min(holdout)
 
 
+def test_a_fading_tv_weight_stops_training_at_the_best_fixed_weight_objective(problem):
+    # A fast-learned lambda_s falls towards 0, and the loss with it: watching the loss
+    # would train to the end while TV fades. The objective at the initial weight stops it.
+    measured, mask, _ = problem
+    _, result = reconstruct_with_details(measured, mask, config=ReconConfig(
+        iterations=400, cg_iterations=5, lr_lam_s=0.1, patience=30))
+    history = result.history
+    objective = [h["objective"] for h in history]
+    assert result.iterations < 400
+    assert history[-1]["loss"] < history[result.best_iteration]["loss"]
+    assert history[-1]["lam_s"] < history[result.best_iteration]["lam_s"] < ReconConfig().lam_s
+    assert objective[result.best_iteration] == min(objective)
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(kspace=np.zeros((4, 8), np.complex64)), "coils, ky, kx"),
     (dict(kspace=np.zeros((2, 8, 8), np.float32)), "complex"),

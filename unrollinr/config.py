@@ -68,10 +68,13 @@ class ReconConfig:
     Training:
         Adam at ``lr`` for the prior and ``lr_lam``/``lr_lam_s`` for the log-weights,
         at most ``iterations`` steps; 0 picks them by image size, 200 up to 256 x 256 and
-        300 above (:func:`auto_iterations`). With ``holdout_fraction`` > 0 a share of the
-        measured phase-encode lines outside the ACS is held out of training and the
-        iterate with the lowest held-out loss is kept; ``patience`` steps without
-        improvement stop training.
+        300 above (:func:`auto_iterations`). The iterate with the lowest loss at the
+        initial TV weight ``lam_s`` is kept (the learned weight only falls, and the loss
+        with it, so the loss itself would keep "improving" while TV fades and the image
+        fills with noise); with ``holdout_fraction`` > 0 a share of the measured
+        phase-encode lines outside the ACS is held out of training and the iterate with
+        the lowest held-out loss is kept instead. ``patience`` steps without improvement
+        stop training.
     Image support:
         ``zero_outside_maps`` zeroes ``z`` where the coil maps vanish (no data constrain
         the image there); off, the prior fills those pixels smoothly.

@@ -28,8 +28,10 @@ class FitResult:
     """What :func:`fit` returns.
 
     ``image`` and ``prior`` are ``(slices, y, x)`` complex, on the scale of the k-space
-    that was fitted. ``history`` holds one dict per iteration (``loss``, ``holdout``,
-    ``lam``, ``lam_s``); ``parameters`` the trained weights that gave ``image`` (by
+    that was fitted. ``history`` holds one dict per iteration (``loss``; ``objective``, the
+    loss at the initial TV weight ``config.lam_s``, which early stopping watches unless there
+    is a holdout; ``holdout``; ``lam``, ``lam_s``); ``parameters`` the trained weights that
+    gave ``image`` (by
     :meth:`torch.nn.Module.named_parameters` name), which :func:`fit` can start from.
     """
 
@@ -183,29 +185,28 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
             model.dc.iterations = cg_iterations_at(config, iteration)
         optimizer.zero_grad(set_to_none=True)
         x, _ = model(like)
-        loss = data_loss(train_op.measure(x), train_samples)
-        if config.tv:
-            loss = loss + model.lam_s * edge_penalty(x) / tv_scale
+        data = data_loss(train_op.measure(x), train_samples)
+        penalty = edge_penalty(x) / tv_scale if config.tv else torch.zeros_like(data)
+        loss = data + model.lam_s * penalty
         loss.sum().backward()
-        optimizer.step()
 
-        record = {"loss": float(loss.detach().sum()), "lam": float(model.lam.detach().mean()),
-                  "lam_s": float(model.lam_s.detach().mean())}
+        record = {"loss": float(loss.detach().sum()),
+                  "objective": float((data + config.lam_s * penalty).detach().sum()),
+                  "lam": float(model.lam.detach().mean()), "lam_s": float(model.lam_s.detach().mean())}
         if held_op is not None:
             with torch.no_grad():
                 record["holdout"] = float(data_loss(held_op.measure(x), held_samples).sum())
-            score = record["holdout"]
-        else:
-            score = record["loss"]
         history.append(record)
         if callback is not None:
             callback(iteration, x.detach())
+        score = record["holdout"] if held_op is not None else record["objective"]
         if score < best_score * (1 - _MIN_RELATIVE_IMPROVEMENT):
             best_score, best_iteration = score, iteration
-            best_state = _parameters(model)
+            best_state = _parameters(model)  # the weights that gave x, before this step
         elif iteration - best_iteration >= config.patience:
             logger.info("early stop at iteration %d (best %d)", iteration, best_iteration)
             break
+        optimizer.step()
         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
     bar.close()
     model.load_state_dict(best_state, strict=False)
