@@ -35,7 +35,7 @@ TV_LAMBDAS = (0.0003, 0.001, 0.003, 0.01)
 # The paper's ablations, the paper's loss in place of ours, and the pixel-image control
 # that shows what the INR itself adds.
 ABLATIONS = {
-    "paper's loss (l1 TV, per-coil l1)": {"tv_second_order": 0.0, "tv_log_scale": 0.0, "coil_l1": False},
+    "paper's loss (TV, l1 per coil entry)": {"tv_second_order": 0.0, "tv_log_scale": 0.0, "coil_l1": False},
     "w/o R (CG-SENSE)": {"regularizer": "none", "dc_solver": "cg"},
     "w/o DC (INR alone)": {"data_consistency": False},
     "w/o TV": {"tv": False, "zero_outside_maps": True},
