@@ -82,8 +82,6 @@ def total_variation(image: torch.Tensor, *, second_order: float = 0.0, log_scale
     first = _edge_cost(dy, log_scale) + _edge_cost(dx, log_scale)
     if second_order == 0:
         return first
-    # from the image, not as differences of dy and dx: on the CPU the gradient of those
-    # would then depend on the batch size at the rounding level
     dyy = image[:, 2:, :] - 2 * image[:, 1:-1, :] + image[:, :-2, :]
     dxx = image[:, :, 2:] - 2 * image[:, :, 1:-1] + image[:, :, :-2]
     dxy = image[:, 1:, 1:] - image[:, 1:, :-1] - image[:, :-1, 1:] + image[:, :-1, :-1]

@@ -31,8 +31,8 @@ class FitResult:
     that was fitted. ``history`` holds one dict per iteration (``loss``; ``objective``, the
     loss at the initial TV weight ``config.lam_s``, which early stopping watches unless there
     is a holdout; ``holdout``; ``lam``, ``lam_s``); ``parameters`` the trained weights that
-    gave ``image`` (by
-    :meth:`torch.nn.Module.named_parameters` name), which :func:`fit` can start from.
+    gave ``image`` (by :meth:`torch.nn.Module.named_parameters` name), which :func:`fit` can
+    start from.
     """
 
     image: torch.Tensor
