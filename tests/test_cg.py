@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -6,19 +8,24 @@ from unrollinr.masks import random_line_mask
 from unrollinr.sense import SenseOp
 
 
-def _small_problem(rng, slices=2, shape=(8, 6), coils=3):
+def _small_problem(rng, slices=2, shape=(8, 6), coils=3, sets=2):
+    """A problem with ``sets`` sets of random maps; images are ``(slices, sets, *shape)``."""
     mask = torch.from_numpy(random_line_mask(shape, 2, 2, seed=3))
-    shape_c = (slices, coils, *shape)
+    shape_c = (slices, sets, coils, *shape)
     maps = torch.from_numpy(rng.standard_normal(shape_c) + 1j * rng.standard_normal(shape_c))
     op = SenseOp(maps, mask)
-    kspace = op(torch.from_numpy(rng.standard_normal((slices, *shape)) + 1j * rng.standard_normal((slices, *shape))))
+    kspace = op(_random(rng, op.image_shape))
     return op, kspace
 
 
+def _random(rng, shape) -> torch.Tensor:
+    return torch.from_numpy(rng.standard_normal(shape) + 1j * rng.standard_normal(shape))
+
+
 def _dense_normal(op: SenseOp, s: int) -> torch.Tensor:
-    _, n_y, n_x = op.image_shape
-    n = n_y * n_x
-    basis = torch.eye(n, dtype=torch.complex128).reshape(n, n_y, n_x)
+    image_shape = op.image_shape[1:]
+    n = math.prod(image_shape)
+    basis = torch.eye(n, dtype=torch.complex128).reshape(n, *image_shape)
     columns = []
     for b in basis:
         image = torch.zeros(op.image_shape, dtype=torch.complex128)
@@ -31,10 +38,10 @@ def test_cg_matches_direct_solve(rng):
     op, kspace = _small_problem(rng)
     lam = torch.tensor([0.05, 0.3], dtype=torch.float64)
     rhs = op.adjoint(kspace)
-    solution = conjugate_gradient(lambda x: op.normal(x) + lam[:, None, None] * x, rhs, max_iterations=200,
+    solution = conjugate_gradient(lambda x: op.normal(x) + lam[:, None, None, None] * x, rhs, max_iterations=200,
                                   tolerance=1e-13)
     for s in range(2):
-        a = _dense_normal(op, s) + lam[s] * torch.eye(48, dtype=torch.complex128)
+        a = _dense_normal(op, s) + lam[s] * torch.eye(96, dtype=torch.complex128)
         direct = torch.linalg.solve(a, rhs[s].flatten())
         torch.testing.assert_close(solution[s].flatten(), direct, rtol=1e-9, atol=1e-9)
 
@@ -59,9 +66,9 @@ def test_implicit_backward_matches_autograd_through_unrolled_cg(rng):
     op, kspace = _small_problem(rng)
     iterations = 200
     dc = DataConsistency(op, kspace, iterations=iterations, tolerance=1e-14)
-    z = torch.from_numpy(rng.standard_normal((2, 8, 6)) + 1j * rng.standard_normal((2, 8, 6))).requires_grad_()
+    z = _random(rng, op.image_shape).requires_grad_()
     lam = torch.tensor([0.05, 0.2], dtype=torch.float64, requires_grad=True)
-    weights = torch.from_numpy(rng.standard_normal((2, 8, 6)) + 1j * rng.standard_normal((2, 8, 6)))
+    weights = _random(rng, op.image_shape)
 
     def loss_of(x):
         return (weights.conj() * x).real.sum() + x.abs().pow(2).sum()
@@ -71,8 +78,8 @@ def test_implicit_backward_matches_autograd_through_unrolled_cg(rng):
     z.grad = None
     lam.grad = None
 
-    rhs = dc.adjoint_measurement + lam[:, None, None] * z
-    unrolled = conjugate_gradient(lambda x: op.normal(x) + lam[:, None, None] * x, rhs, max_iterations=48)
+    rhs = dc.adjoint_measurement + lam[:, None, None, None] * z
+    unrolled = conjugate_gradient(lambda x: op.normal(x) + lam[:, None, None, None] * x, rhs, max_iterations=96)
     loss_of(unrolled).backward()
     torch.testing.assert_close(implicit[0], z.grad, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(implicit[1], lam.grad, rtol=1e-7, atol=1e-9)
@@ -81,7 +88,7 @@ def test_implicit_backward_matches_autograd_through_unrolled_cg(rng):
 def test_implicit_backward_passes_gradcheck_in_complex128(rng):
     op, kspace = _small_problem(rng, slices=1, shape=(6, 4), coils=2)
     dc = DataConsistency(op, kspace, iterations=100, tolerance=1e-15)
-    z = torch.from_numpy(rng.standard_normal((1, 6, 4)) + 1j * rng.standard_normal((1, 6, 4))).requires_grad_()
+    z = _random(rng, op.image_shape).requires_grad_()
     lam = torch.tensor([0.1], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(dc, (z, lam), eps=1e-6, atol=1e-6)
 
@@ -89,7 +96,7 @@ def test_implicit_backward_passes_gradcheck_in_complex128(rng):
 def test_backward_stores_no_cg_intermediates(rng):
     """The autograd graph holds z, lambda and x only, whatever the CG iteration count."""
     op, kspace = _small_problem(rng)
-    z = torch.zeros(2, 8, 6, dtype=torch.complex128, requires_grad=True)
+    z = torch.zeros(op.image_shape, dtype=torch.complex128, requires_grad=True)
     lam = torch.full((2,), 0.1, dtype=torch.float64, requires_grad=True)
     for iterations in (5, 50):
         x = DataConsistency(op, kspace, iterations=iterations)(z, lam)
@@ -100,13 +107,13 @@ def test_backward_stores_no_cg_intermediates(rng):
 def test_warm_start_gives_the_same_solution(rng, warm_start):
     op, kspace = _small_problem(rng)
     dc = DataConsistency(op, kspace, iterations=100, tolerance=1e-12, warm_start=warm_start)
-    z = torch.zeros(2, 8, 6, dtype=torch.complex128)
+    z = torch.zeros(op.image_shape, dtype=torch.complex128)
     lam = torch.full((2,), 0.1, dtype=torch.float64)
     first = dc(z, lam)
     second = dc(z + 0.01, lam)
     reference = DataConsistency(op, kspace, iterations=100, tolerance=1e-12)(z + 0.01, lam)
     torch.testing.assert_close(second, reference, rtol=1e-8, atol=1e-8)
-    assert first.shape == (2, 8, 6)
+    assert first.shape == (2, 2, 8, 6)
 
 
 def test_a_converged_slice_stays_put_while_others_iterate(rng):
@@ -114,7 +121,7 @@ def test_a_converged_slice_stays_put_while_others_iterate(rng):
     lam = torch.full((2,), 0.1, dtype=torch.float64)
     rhs = op.adjoint(kspace)
     rhs[0] = 0
-    solution = conjugate_gradient(lambda x: op.normal(x) + lam[:, None, None] * x, rhs, max_iterations=30)
+    solution = conjugate_gradient(lambda x: op.normal(x) + lam[:, None, None, None] * x, rhs, max_iterations=30)
     assert torch.equal(solution[0], torch.zeros_like(solution[0]))
     second = SenseOp(op.maps[1:], op.mask[1:])
     alone = conjugate_gradient(lambda x: second.normal(x) + lam[1] * x, rhs[1:], max_iterations=30)

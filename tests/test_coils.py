@@ -11,7 +11,7 @@ from unrollinr.coils import (
     prewhitening_matrix,
 )
 from unrollinr.masks import random_line_mask
-from unrollinr.phantoms import birdcage_maps, phantom_image
+from unrollinr.phantoms import birdcage_maps, phantom_image, phantom_kspace
 
 
 def test_calibration_region_of_a_line_mask():
@@ -58,8 +58,9 @@ def _check_maps_against_the_truth(method: str, device: str | torch.device) -> No
     kspace = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(true_maps * image, axes=(-2, -1)), norm="ortho"),
                              axes=(-2, -1)).astype(np.complex64)
     mask = random_line_mask((size, size), 3, acs_lines=16, seed=0)
-    maps = espirit_maps(kspace * mask, mask, crop=0.8, method=method, device=device)
-    assert maps.dtype == np.complex64
+    sets = espirit_maps(kspace * mask, mask, crop=0.8, method=method, device=device)
+    assert sets.dtype == np.complex64 and sets.shape == (1, coils, size, size)
+    maps = sets[0]
     inside = np.abs(image) > 0.05
     energy = np.sum(np.abs(maps) ** 2, axis=0)
     assert (energy[inside] > 0.99).all()
@@ -111,3 +112,22 @@ def test_pixel_operators_interpolated_from_a_small_grid_equal_the_full_computati
     image_kernels = _image_space_kernels(kernels, shape)
     direct = torch.einsum("kcyx,kdyx->yxcd", image_kernels, image_kernels.conj())
     torch.testing.assert_close(_pixel_operators(kernels, shape), direct, rtol=1e-10, atol=1e-12)
+
+
+def test_a_second_set_of_maps_appears_only_where_the_object_wraps():
+    """Half the phase-encode field of view folds the phantom onto itself: one sensitivity
+    vector per pixel no longer explains the coil signals there, and ESPIRiT's second
+    eigenvector becomes a second set of maps. The whole field of view needs none."""
+    kspace = phantom_kspace(64, 8, noise=0.002, seed=0)
+    wrapped = kspace[:, ::2] * np.sqrt(2)
+    full_mask = random_line_mask((64, 64), 2, acs_lines=12, seed=0)
+    wrapped_mask = random_line_mask((32, 64), 2, acs_lines=12, seed=0)
+    whole = espirit_maps(kspace * full_mask, full_mask, sets=2, crop=0.85)
+    assert whole.shape == (2, 8, 64, 64) and not whole[1].any()
+    maps = espirit_maps(wrapped * wrapped_mask, wrapped_mask, sets=2, crop=0.85)
+    assert maps.shape == (2, 8, 32, 64)
+    second = np.sum(np.abs(maps[1]) ** 2, axis=0)
+    assert 0.1 < (second > 0.99).mean() < 0.6  # the folded band, not everywhere
+    # both sets are unit-norm vectors, orthogonal where both exist
+    overlap = np.abs(np.sum(maps[0].conj() * maps[1], axis=0))
+    assert overlap[second > 0.99].max() < 1e-3

@@ -10,23 +10,25 @@ from unrollinr.sense import SenseOp
 SHAPE = (10, 6)
 
 
-def _problem(rng, device: torch.device | None = None, slices=2, coils=3):
-    """Two slices with their own line masks and maps that vanish on some rows of each
-    column (a support that differs from column to column and slice to slice)."""
+def _problem(rng, device: torch.device | None = None, slices=2, coils=3, sets=2):
+    """Two slices with their own line masks and ``sets`` sets of maps that vanish on some
+    rows of each column (a support that differs from column to column, set to set and
+    slice to slice; the second set's is smaller, as ESPIRiT's is)."""
     masks = np.stack([random_line_mask(SHAPE, 2, 2, seed=s) for s in range(slices)])
-    maps = rng.standard_normal((slices, coils, *SHAPE)) + 1j * rng.standard_normal((slices, coils, *SHAPE))
-    outside = rng.random((slices, *SHAPE)) < 0.3
-    outside[0, :, 0] = True  # a column with no support at all
-    maps = maps * ~outside[:, None]
+    shape = (slices, sets, coils, *SHAPE)
+    maps = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+    outside = rng.random((slices, sets, *SHAPE)) < np.array([0.3, 0.7][:sets])[:, None, None]
+    outside[0, :, :, 0] = True  # a column with no support at all
+    maps = maps * ~outside[:, :, None]
     return SenseOp(torch.from_numpy(maps).to(device), torch.from_numpy(masks).to(device))
 
 
 def _dense_system(op: SenseOp, s: int, lam: float) -> torch.Tensor:
-    """``E^H E + lam I`` of slice ``s`` as a dense ``(y * x, y * x)`` matrix."""
-    _, n_y, n_x = op.image_shape
-    n = n_y * n_x
+    """``E^H E + lam I`` of slice ``s`` as a dense ``(sets * y * x, sets * y * x)`` matrix."""
+    _, n_sets, n_y, n_x = op.image_shape
+    n = n_sets * n_y * n_x
     columns = []
-    for b in torch.eye(n, dtype=op.maps.dtype, device=op.maps.device).reshape(n, n_y, n_x):
+    for b in torch.eye(n, dtype=op.maps.dtype, device=op.maps.device).reshape(n, n_sets, n_y, n_x):
         image = torch.zeros(op.image_shape, dtype=op.maps.dtype, device=op.maps.device)
         image[s] = b
         columns.append(op.normal(image)[s].flatten())
@@ -61,7 +63,7 @@ def test_a_batch_solves_as_its_slices_alone(rng):
 
 def test_float32_solve_is_accurate_to_single_precision(rng):
     op64 = _problem(rng)
-    maps = op64.maps / op64.maps.abs().pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-30)  # sum |S|^2 = 1
+    maps = op64.maps / op64.maps.abs().pow(2).sum(dim=2, keepdim=True).sqrt().clamp_min(1e-30)  # sum |S|^2 = 1
     op = SenseOp(maps.to(torch.complex64), op64.mask)
     lam = torch.tensor([0.05, 0.05])
     rhs = _random_images(rng, op).to(torch.complex64)

@@ -22,13 +22,13 @@ def test_coil_l1_sums_each_samples_coil_vector():
 
 def _sense_case(line_mask: bool) -> tuple[SenseOp, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    maps = torch.randn(1, 3, 8, 6, dtype=torch.complex128, generator=generator)
+    maps = torch.randn(1, 1, 3, 8, 6, dtype=torch.complex128, generator=generator)
     mask = torch.zeros(8, 6, dtype=torch.bool)
     if line_mask:
         mask[[1, 4, 5]] = True
     else:
         mask[1, 2] = mask[4, :3] = mask[6, 5] = True
-    image = torch.randn(1, 8, 6, dtype=torch.complex128, generator=generator)
+    image = torch.randn(1, 1, 8, 6, dtype=torch.complex128, generator=generator)
     return SenseOp(maps, mask), image, torch.randn(1, 3, 8, 6, dtype=torch.complex128, generator=generator)
 
 
@@ -70,6 +70,13 @@ def test_second_order_tv_does_not_penalise_ramps():
     ramp = ((1 + 0.5j) * rows + 2 * cols).to(torch.complex64)[None]
     assert total_variation(ramp).item() > 0
     assert total_variation(ramp, second_order=1.0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_total_variation_sums_the_sets_of_each_slice():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 2, 5, 4, dtype=torch.complex64, generator=generator)
+    per_set = [total_variation(images[:, s], second_order=0.5, log_scale=0.1) for s in range(2)]
+    torch.testing.assert_close(total_variation(images, second_order=0.5, log_scale=0.1), per_set[0] + per_set[1])
 
 
 def test_log_penalty_is_tv_for_small_differences_and_cheaper_on_edges():

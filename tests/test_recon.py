@@ -104,13 +104,14 @@ def test_the_default_iteration_count_follows_the_image_size(problem):
     assert result.iterations == len(result.history) == 200
 
 
-def test_holdout_stops_early_and_keeps_the_best_iterate(problem):
-    measured, mask, _ = problem
-    _, result = reconstruct_with_details(measured, mask, config=ReconConfig(
-        iterations=300, cg_iterations=5, holdout_fraction=0.15, patience=10, lr=5e-2))
-    holdout = [h["holdout"] for h in result.history]
-    assert result.iterations < 300
-    assert holdout[result.best_iteration] == min(holdout)
+def test_the_safety_net_keeps_a_good_unrollinr_image_and_records_the_held_out_loss(problem):
+    measured, mask, reference = problem
+    image, result = reconstruct_with_details(measured, mask, config=ReconConfig(**FAST, holdout_fraction=0.15))
+    assert result.returned == "unrollinr"
+    assert "predicts held-out k-space best" in result.verdicts[0].reason
+    assert all(np.isfinite(h["holdout"]) for h in result.history)
+    maps = espirit_maps(measured, mask)
+    assert psnr(reference, image) > psnr(reference, cg_sense(measured, mask, maps, iterations=10)) + 1
 
 
 def test_a_fading_tv_weight_stops_training_at_the_best_fixed_weight_objective(problem):
@@ -124,7 +125,8 @@ def test_a_fading_tv_weight_stops_training_at_the_best_fixed_weight_objective(pr
     assert result.iterations < 400
     assert history[-1]["loss"] < history[result.best_iteration]["loss"]
     assert history[-1]["lam_s"] < history[result.best_iteration]["lam_s"] < ReconConfig().lam_s
-    assert objective[result.best_iteration] == min(objective)
+    # the best iterate, up to the relative improvement that counts (1e-4)
+    assert min(objective) <= objective[result.best_iteration] <= min(objective) * (1 + 1e-4)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -222,13 +224,14 @@ def test_training_can_start_from_another_fits_weights(problem):
 
     measured, mask, _ = problem
     data, masks, maps = measured[None], mask[None], espirit_maps(measured, mask)[None]
-    config = ReconConfig(iterations=8, mlp_precision="float32")
+    # no holdout: training then uses the final pass's data-consistency step
+    config = ReconConfig(iterations=8, mlp_precision="float32", holdout_fraction=0)
     first, fitted = reconstruct_prepared(data, masks, maps, config)
     assert set(fitted.parameters) == {"log_lam", "log_lam_s", "priors.0.encoding.table", "priors.0.mlp.0.weight",
                                       "priors.0.mlp.0.bias", "priors.0.mlp.2.weight", "priors.0.mlp.2.bias",
                                       "priors.0.mlp.4.weight", "priors.0.mlp.4.bias"}
     seen = []
-    reconstruct_prepared(data, masks, maps, ReconConfig(iterations=1, mlp_precision="float32"),
+    reconstruct_prepared(data, masks, maps, ReconConfig(iterations=1, mlp_precision="float32", holdout_fraction=0),
                          callback=lambda _, images: seen.append(images[0]),
                          initial_parameters=fitted.parameters)
     # the first training step's image is the first fit's final image

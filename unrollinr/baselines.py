@@ -2,7 +2,9 @@
 (sigpy) and BART ``pics`` when ``bart`` is on PATH.
 
 All take zero-filled k-space ``(coils, ky, kx)`` and a ``(ky, kx)`` mask and return a
-complex ``(ky, kx)`` image on the scale of the data.
+complex ``(ky, kx)`` image on the scale of the data. Coil maps are ``(coils, ky, kx)`` or
+``(sets, coils, ky, kx)``; the images of several sets are combined as
+:func:`~unrollinr.sense.combine_sets` does (sigpy's L1-wavelet takes one set).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from unrollinr.cg import conjugate_gradient
 from unrollinr.fft import ifft2c
 from unrollinr.metrics import root_sum_of_squares
-from unrollinr.sense import SenseOp
+from unrollinr.sense import SenseOp, combine_sets
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +36,19 @@ def zero_filled(kspace: np.ndarray) -> np.ndarray:
     return kspace_rss(kspace).astype(np.complex64)
 
 
+def _map_sets(maps: np.ndarray) -> np.ndarray:
+    """``(sets, coils, ky, kx)`` from maps with or without the sets axis."""
+    maps = np.asarray(maps, dtype=np.complex64)
+    return maps if maps.ndim == 4 else maps[None]
+
+
 def cg_sense(kspace: np.ndarray, mask: np.ndarray, maps: np.ndarray, *, iterations: int = 30,
              lam: float = 0.0) -> np.ndarray:
     """CG-SENSE: CG on ``(E^H E + lam I) x = E^H y`` from zero (early stopping regularises)."""
-    op = SenseOp(torch.from_numpy(maps)[None], torch.from_numpy(mask)[None])
+    op = SenseOp(torch.from_numpy(_map_sets(maps))[None], torch.from_numpy(mask)[None])
     rhs = op.adjoint(torch.from_numpy(kspace)[None])
     image = conjugate_gradient(lambda x: op.normal(x) + lam * x, rhs, max_iterations=iterations)
-    return image[0].numpy()
+    return combine_sets(image)[0].numpy()
 
 
 def l1_wavelet(kspace: np.ndarray, mask: np.ndarray, maps: np.ndarray, lam: float, *,
@@ -50,7 +58,7 @@ def l1_wavelet(kspace: np.ndarray, mask: np.ndarray, maps: np.ndarray, lam: floa
 
     scale = np.abs(zero_filled(kspace)).max()
     image = sigpy.mri.app.L1WaveletRecon(
-        kspace / scale, maps, lam, weights=mask.astype(np.float32), max_iter=iterations, show_pbar=False
+        kspace / scale, _map_sets(maps)[0], lam, weights=mask.astype(np.float32), max_iter=iterations, show_pbar=False
     ).run()
     return (np.asarray(image) * scale).astype(np.complex64)
 
@@ -74,15 +82,16 @@ def _read_cfl(path: Path) -> np.ndarray:
     return data.reshape(dims[::-1]).T
 
 
-def bart_maps(kspace: np.ndarray, *, crop: float = 0.8, kernel_width: int = 6) -> np.ndarray:
-    """BART ``ecalib -m1 -k kernel_width`` maps ``(coils, ky, kx)``."""
+def bart_maps(kspace: np.ndarray, *, crop: float = 0.8, kernel_width: int = 6, sets: int = 1) -> np.ndarray:
+    """BART ``ecalib -m sets -k kernel_width`` maps ``(sets, coils, ky, kx)``."""
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder)
         _write_cfl(base / "ksp", kspace.transpose(2, 1, 0)[:, :, None, :])
-        subprocess.run(["bart", "ecalib", "-m1", "-c", str(crop), "-k", str(kernel_width),
+        subprocess.run(["bart", "ecalib", f"-m{sets}", "-c", str(crop), "-k", str(kernel_width),
                         str(base / "ksp"), str(base / "maps")],
                        check=True, capture_output=True)
-        return _read_cfl(base / "maps")[:, :, 0, :].transpose(2, 1, 0).astype(np.complex64)
+        maps = _read_cfl(base / "maps").reshape(*kspace.shape[:0:-1], 1, kspace.shape[0], sets)
+        return maps[:, :, 0].transpose(3, 2, 1, 0).astype(np.complex64)
 
 
 # pics flags per regulariser, and the iterations each needs to converge on normalised data
@@ -103,12 +112,14 @@ def bart_pics(kspace: np.ndarray, maps: np.ndarray, lam: float, *, regularizer: 
     flags = [flag.format(lam=lam) for flag in BART_REGULARIZERS[regularizer]]
     iterations = BART_ITERATIONS[regularizer] if iterations is None else iterations
     scale = np.abs(zero_filled(kspace)).max()
+    maps = _map_sets(maps)
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder)
         _write_cfl(base / "ksp", (kspace / scale).transpose(2, 1, 0)[:, :, None, :])
-        _write_cfl(base / "maps", maps.transpose(2, 1, 0)[:, :, None, :])
+        _write_cfl(base / "maps", maps.transpose(3, 2, 1, 0)[:, :, None, :, :])
         subprocess.run(["bart", "pics", "-S", *flags, "-i", str(iterations),
                         str(base / "ksp"), str(base / "maps"), str(base / "out")],
                        check=True, capture_output=True)
-        image = _read_cfl(base / "out")
-    return (image.reshape(image.shape[0], image.shape[1]).T * scale).astype(np.complex64)
+        image = _read_cfl(base / "out").reshape(kspace.shape[2], kspace.shape[1], len(maps))
+    sets = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 1, 0)))[None]
+    return (combine_sets(sets)[0].numpy() * scale).astype(np.complex64)

@@ -31,8 +31,13 @@ def _real_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _slice_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Real part of ``<a, b>`` per slice: complex ``(slices, y, x)`` pairs to ``(slices,)``."""
+    """Real part of ``<a, b>`` per slice: complex ``(slices, ...)`` pairs to ``(slices,)``."""
     return _real_dot(torch.view_as_real(a), torch.view_as_real(b))
+
+
+def per_slice(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(slices,)`` values shaped to broadcast against ``like`` ``(slices, ...)``."""
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def conjugate_gradient(
@@ -48,11 +53,11 @@ def conjugate_gradient(
     Parameters
     ----------
     apply_a
-        Callable applying ``A`` to ``(slices, y, x)``.
+        Callable applying ``A`` to ``(slices, ...)`` images, e.g. ``(slices, sets, y, x)``.
     rhs
-        Right-hand side ``(slices, y, x)``.
+        Right-hand side ``(slices, ...)``.
     initial
-        Warm start ``(slices, y, x)``; zeros when ``None``.
+        Warm start, shaped as ``rhs``; zeros when ``None``.
     max_iterations
         Upper bound on CG iterations.
     tolerance
@@ -60,9 +65,9 @@ def conjugate_gradient(
 
     Returns
     -------
-    The solution ``(slices, y, x)``.
+    The solution, shaped as ``rhs``.
     """
-    # CG runs on real views (slices, y, x, 2): each update is one fused multiply-add.
+    # CG runs on real views (slices, ..., 2): each update is one fused multiply-add.
     rhs_real = torch.view_as_real(rhs.resolve_conj())
     if initial is None:
         x = torch.zeros_like(rhs_real)
@@ -82,11 +87,11 @@ def conjugate_gradient(
         a_direction = torch.view_as_real(apply_a(torch.view_as_complex(direction)))
         curvature = _real_dot(direction, a_direction)
         # A converged slice has zero residual and direction: its step and beta are 0 / tiny = 0.
-        step = (residual_norm2 / curvature.clamp_min(tiny)).reshape(-1, 1, 1, 1)
+        step = per_slice(residual_norm2 / curvature.clamp_min(tiny), x)
         x = torch.addcmul(x, step, direction)
         residual = torch.addcmul(residual, step, a_direction, value=-1)
         new_norm2 = _real_dot(residual, residual)
-        beta = (new_norm2 / residual_norm2.clamp_min(tiny)).reshape(-1, 1, 1, 1)
+        beta = per_slice(new_norm2 / residual_norm2.clamp_min(tiny), x)
         direction = torch.addcmul(residual, beta, direction)
         residual_norm2 = new_norm2
     return torch.view_as_complex(x)
@@ -106,7 +111,7 @@ class _ImplicitSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, lam, dc):  # type: ignore[override]
         with torch.no_grad():
-            rhs = dc.adjoint_measurement + lam[:, None, None] * z
+            rhs = dc.adjoint_measurement + per_slice(lam, z) * z
             x = dc.solve(rhs, lam, dc.warm_starts.solution)
         if dc.warm_start:
             dc.warm_starts.solution = x.detach()
@@ -122,7 +127,7 @@ class _ImplicitSolve(torch.autograd.Function):
             v = dc.solve(grad_x, lam, dc.warm_starts.adjoint_solution)
         if dc.warm_start:
             dc.warm_starts.adjoint_solution = v
-        grad_z = lam[:, None, None].to(v.dtype) * v if ctx.needs_input_grad[0] else None
+        grad_z = per_slice(lam, v).to(v.dtype) * v if ctx.needs_input_grad[0] else None
         grad_lam = _slice_dot(v, z - x) if ctx.needs_input_grad[1] else None
         return grad_z, grad_lam, None
 
@@ -160,11 +165,11 @@ class DataConsistency(nn.Module):
         self.column_solver = column_solver
 
     def solve(self, rhs: torch.Tensor, lam: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
-        """Solve ``(E^H E + lam I) x = rhs`` for ``(slices, y, x)`` with per-slice ``lam`` ``(slices,)``:
-        exactly with the column solver, else by CG from ``initial``."""
+        """Solve ``(E^H E + lam I) x = rhs`` for ``(slices, sets, y, x)`` with per-slice ``lam``
+        ``(slices,)``: exactly with the column solver, else by CG from ``initial``."""
         if self.column_solver is not None:
             return self.column_solver.solve(rhs, lam)
-        shift = lam.to(rhs.real.dtype).reshape(-1, 1, 1, 1)
+        shift = per_slice(lam.to(rhs.real.dtype), torch.view_as_real(rhs))
 
         def apply_a(image: torch.Tensor) -> torch.Tensor:
             normal = torch.view_as_real(self.op.normal(image))
@@ -174,5 +179,5 @@ class DataConsistency(nn.Module):
                                   tolerance=self.tolerance)
 
     def forward(self, z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """Image ``z`` ``(slices, y, x)`` and ``lam`` ``(slices,)`` to the DC image ``(slices, y, x)``."""
+        """Image ``z`` ``(slices, sets, y, x)`` and ``lam`` ``(slices,)`` to the DC image, shaped as ``z``."""
         return _ImplicitSolve.apply(z, lam, self)

@@ -97,9 +97,10 @@ def espirit_maps(
     crop: float = 0.8,
     fill_holes: bool = True,
     method: str = "rectangular",
+    sets: int = 1,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
-    """ESPIRiT coil maps from the ACS region.
+    """ESPIRiT coil maps from the ACS region: one set, or more (soft SENSE).
 
     Parameters
     ----------
@@ -111,32 +112,42 @@ def espirit_maps(
         Largest calibration extent per side; 0 means :data:`MAX_CALIBRATION` for the
         rectangular method and the largest centred square for sigpy's.
     crop
-        Eigenvalue threshold below which the maps are zeroed (background). Holes inside
-        the support are filled, so that the maps never vanish inside the object.
+        Eigenvalue threshold below which each set of maps is zeroed (the background, and
+        for the second set every pixel that one sensitivity vector explains). Holes inside
+        the first set's support are filled, so that the maps never vanish inside the object.
     method
         ``"rectangular"`` (:func:`unrollinr.espirit.espirit` on the whole ACS rectangle) or
-        ``"sigpy"`` (sigpy's ``EspiritCalib`` on the largest centred square).
+        ``"sigpy"`` (sigpy's ``EspiritCalib`` on the largest centred square; one set only).
+    sets
+        How many sets of maps (:func:`unrollinr.espirit.espirit`). Each set after the first
+        is non-zero only where its eigenvalue passes ``crop``, that is where the data call
+        for it (nowhere, for an object well inside the field of view).
     device
         Torch device the rectangular method computes on (sigpy's runs on the CPU).
 
     Returns
     -------
-    ``(coils, ky, kx)`` complex64 maps with ``sum |S|^2`` 1 inside the support, 0 outside.
+    ``(sets, coils, ky, kx)`` complex64 maps with ``sum |S|^2`` 1 inside each set's support,
+    0 outside.
     """
     region = find_calibration_region(mask)
     kernel_width = fitting_kernel_width(region, kernel_width)
     kspace = np.asarray(kspace, dtype=np.complex64)
     if method == "rectangular":
         maps, eigenvalues = _rectangular_espirit(kspace, region, calib_width or MAX_CALIBRATION, kernel_width, thresh,
-                                                 torch.device(device))
+                                                 sets, torch.device(device))
     elif method == "sigpy":
+        if sets != 1:
+            raise ValueError("sigpy's ESPIRiT gives one set of maps; use method 'rectangular' for more")
         maps, eigenvalues = _sigpy_espirit(kspace, region, calib_width, kernel_width, thresh)
     else:
         raise ValueError(f"unknown ESPIRiT method {method!r}; expected 'rectangular' or 'sigpy'")
     support = eigenvalues > crop
     if fill_holes:
-        support = ndimage.binary_fill_holes(support)
-    return (maps * support).astype(np.complex64)
+        support[0] = ndimage.binary_fill_holes(support[0])
+    for s in range(1, len(support)):
+        logger.debug("ESPIRiT: set %d of maps on %.1f%% of the image", s + 1, 100 * support[s].mean())
+    return (maps * support[:, None]).astype(np.complex64)
 
 
 def fitting_kernel_width(region: CalibrationRegion, kernel_width: int) -> int:
@@ -165,14 +176,14 @@ def _centred_subrange(bounds: tuple[int, int], centre: int, width: int) -> slice
 
 
 def _rectangular_espirit(kspace: np.ndarray, region: CalibrationRegion, max_side: int, kernel_width: int,
-                         thresh: float, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+                         thresh: float, sets: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     _, n_y, n_x = kspace.shape
     rows = _centred_subrange(region.ky, n_y // 2, max_side)
     cols = _centred_subrange(region.kx, n_x // 2, max_side)
     logger.debug("ESPIRiT: ACS %s, calibrating on %d x %d", region.shape, rows.stop - rows.start,
                  cols.stop - cols.start)
     calib = torch.from_numpy(np.ascontiguousarray(kspace[:, rows, cols])).to(device)
-    maps, eigenvalues = espirit(calib, (n_y, n_x), kernel_width=kernel_width, thresh=thresh)
+    maps, eigenvalues = espirit(calib, (n_y, n_x), kernel_width=kernel_width, thresh=thresh, sets=sets)
     return maps.cpu().numpy(), eigenvalues.cpu().numpy()
 
 
@@ -188,7 +199,7 @@ def _sigpy_espirit(kspace: np.ndarray, region: CalibrationRegion, calib_width: i
     maps, eigenvalues = sigpy.mri.app.EspiritCalib(
         kspace, calib_width=width, thresh=thresh, kernel_width=kernel_width, crop=0.0,
         output_eigenvalue=True, show_pbar=False).run()
-    return np.asarray(maps), np.asarray(eigenvalues)
+    return np.asarray(maps)[None], np.asarray(eigenvalues).reshape(1, *kspace.shape[1:])
 
 
 def coil_compression_matrix(kspace: np.ndarray, n_virtual: int) -> np.ndarray:

@@ -6,7 +6,9 @@ it is the ``(y, y)`` matrix
     G_x = Q * (S_x^H S_x)        (element-wise product)
 
 where ``Q = P^H P`` projects onto the sampled rows of the centred DFT along ``y`` and
-``S_x`` ``(coils, y)`` holds the coil maps on that column. One eigendecomposition
+``S_x`` ``(coils, y)`` holds the coil maps on that column. With several sets of maps the
+unknowns of a column are its pixels of every set, ``(sets * y)``: ``S_x`` is then
+``(coils, sets * y)`` and ``Q`` is tiled ``sets x sets`` times. One eigendecomposition
 ``G_x = U diag(mu) U^H`` per column, computed once per scan, then gives
 ``(G_x + lambda I)^-1 b = b / lambda + U diag(1 / (mu + lambda) - 1 / lambda) U^H b``
 for any ``lambda``: two batched matrix-vector products instead of a CG loop, and the
@@ -49,13 +51,19 @@ class ColumnSolver(nn.Module):
         super().__init__()
         if not op.line_mask:
             raise ValueError("exact column solves need a whole-line mask (every ky line fully sampled or empty)")
-        maps = op.maps.permute(0, 3, 1, 2)  # (slices, x, coils, y)
-        projectors = op.rows.mH @ op.rows  # (slices, y, y)
-        self.slices = nn.ModuleList(_SliceColumns(maps[s], projectors[s]) for s in range(maps.shape[0]))
+        n_slices, n_sets, n_coils, n_y, n_x = op.maps.shape
+        # unknowns of a column: (set, y) pairs
+        maps = op.maps.permute(0, 4, 2, 1, 3).reshape(n_slices, n_x, n_coils, n_sets * n_y)
+        projectors = (op.rows.mH @ op.rows).repeat(1, n_sets, n_sets)  # (slices, sets * y, sets * y)
+        self.slices = nn.ModuleList(_SliceColumns(maps[s], projectors[s]) for s in range(n_slices))
 
     def solve(self, rhs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """Solve ``(E^H E + lam I) x = rhs`` for ``rhs`` ``(slices, y, x)`` and per-slice ``lam`` ``(slices,)``."""
-        return torch.stack([part.solve(rhs[s], lam[s]) for s, part in enumerate(self.slices)])
+        """Solve ``(E^H E + lam I) x = rhs`` for ``rhs`` ``(slices, sets, y, x)`` and per-slice
+        ``lam`` ``(slices,)``."""
+        n_slices, n_sets, n_y, n_x = rhs.shape
+        columns = rhs.reshape(n_slices, n_sets * n_y, n_x)
+        solved = torch.stack([part.solve(columns[s], lam[s]) for s, part in enumerate(self.slices)])
+        return solved.reshape(rhs.shape)
 
 
 class _SliceColumns(nn.Module):
@@ -72,7 +80,7 @@ class _SliceColumns(nn.Module):
         self.n_y = maps.shape[-1]
 
     def solve(self, rhs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """Solve for one slice: ``rhs`` ``(y, x)``, ``lam`` a scalar tensor; returns ``(y, x)``."""
+        """Solve for one slice: ``rhs`` ``(sets * y, x)``, ``lam`` a scalar tensor; returns ``(sets * y, x)``."""
         # A zero row appended to every column: padded support rows point at it, so gathers
         # read zeros there and scatters land outside the image.
         columns = torch.nn.functional.pad(rhs.transpose(0, 1), (0, 1))  # (x, y + 1)
@@ -93,9 +101,9 @@ def _decompose_slice(maps: torch.Tensor, projector: torch.Tensor) -> tuple[torch
     Parameters
     ----------
     maps
-        ``(x, coils, y)`` coil maps by column.
+        ``(x, coils, n)`` coil maps by column, ``n`` unknowns per column (``sets * y``).
     projector
-        ``(y, y)`` ``Q = P^H P``.
+        ``(n, n)`` ``Q = P^H P``, tiled over the sets.
 
     Returns
     -------

@@ -71,16 +71,22 @@ class ReconConfig:
         300 above (:func:`auto_iterations`). The iterate with the lowest loss at the
         initial TV weight ``lam_s`` is kept (the learned weight only falls, and the loss
         with it, so the loss itself would keep "improving" while TV fades and the image
-        fills with noise); with ``holdout_fraction`` > 0 a share of the measured
-        phase-encode lines outside the ACS is held out of training and the iterate with
-        the lowest held-out loss is kept instead. ``patience`` steps without improvement
-        stop training.
+        fills with noise). ``patience`` steps without improvement stop a slice.
+    Safety net (:mod:`unrollinr.safety`):
+        ``holdout_fraction`` of the measured phase-encode lines outside the ACS (of the
+        samples, for 2D masks; at least one) is held out of training. At the end each
+        slice returns UnrollINR's image, SENSE's, or the zero-filled root-sum-of-squares,
+        whichever predicts the held-out samples best; the final DC step uses every sample.
+        0 turns the net off.
     Image support:
         ``zero_outside_maps`` zeroes ``z`` where the coil maps vanish (no data constrain
         the image there); off, the prior fills those pixels smoothly.
     Coil maps:
         ESPIRiT on the whole ACS rectangle, with ``espirit_*`` settings; ``espirit_crop``
         zeroes the maps in the background, and holes inside the support are filled.
+        ``espirit_sets`` 2 adds ESPIRiT's second set of maps where its eigenvalue passes
+        the crop (soft SENSE: wrapped or cut fields of view); the prior then proposes one
+        image per set, and the output is their root-sum-of-squares with the first set's phase.
         ``coil_compression`` > 0 compresses to that many virtual coils first.
     """
 
@@ -115,7 +121,7 @@ class ReconConfig:
     lr: float = 1e-2
     lr_lam: float = 1e-3
     lr_lam_s: float = 1e-3
-    holdout_fraction: float = 0.0
+    holdout_fraction: float = 0.05
     patience: int = 100
     seed: int = 0
 
@@ -123,6 +129,7 @@ class ReconConfig:
     espirit_kernel_width: int = 6
     espirit_thresh: float = 0.03
     espirit_crop: float = 0.85
+    espirit_sets: int = 2
     coil_compression: int = 0
 
     def __post_init__(self) -> None:
@@ -144,6 +151,8 @@ class ReconConfig:
         for name in ("lam", "lam_s", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.espirit_sets not in (1, 2):
+            raise ValueError(f"espirit_sets must be 1 or 2, got {self.espirit_sets}")
         if self.hash_features not in (1, 2, 4, 8):
             raise ValueError(f"hash_features must be 1, 2, 4 or 8 (tiny-cuda-nn), got {self.hash_features}")
         if not 0 <= self.tv_second_order <= 1:

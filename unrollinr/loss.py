@@ -58,18 +58,19 @@ def normalized_l1_l2(predicted: torch.Tensor, measured: torch.Tensor, *,
 
 
 def _edge_cost(differences: torch.Tensor, log_scale: float) -> torch.Tensor:
-    """Sum over the last two axes of ``phi(|d|)``: ``phi(t) = t``, or with ``log_scale``
+    """Sum per slice (over all axes but the first) of ``phi(|d|)``: ``phi(t) = t``, or with ``log_scale``
     ``e`` > 0, ``e log(1 + t / e)``, which matches ``t`` for small differences and grows
     only logarithmically across edges, so that strong edges are not flattened as TV
     flattens them."""
     magnitude = differences.abs()
     if log_scale > 0:
         magnitude = log_scale * torch.log1p(magnitude / log_scale)
-    return magnitude.sum(dim=(-2, -1))
+    return _per_slice(magnitude).sum(dim=1)
 
 
 def total_variation(image: torch.Tensor, *, second_order: float = 0.0, log_scale: float = 0.0) -> torch.Tensor:
-    """Anisotropic TV ``sum phi(|G x|)`` of complex images ``(slices, y, x)``, as ``(slices,)``.
+    """Anisotropic TV ``sum phi(|G x|)`` of complex images ``(slices, ..., y, x)`` (summed over
+    the middle axes, e.g. sets of maps), as ``(slices,)``.
 
     With the defaults this is ``||G x||_1``. ``second_order`` ``w`` in [0, 1] mixes in
     second-order differences: ``(1 - w) TV1 + w TV2`` with ``TV2 = (|d_yy| + |d_xx| +
@@ -77,13 +78,13 @@ def total_variation(image: torch.Tensor, *, second_order: float = 0.0, log_scale
     nothing. ``log_scale`` > 0 penalises each difference by ``phi`` of
     :func:`_edge_cost`, on the image's own scale.
     """
-    dy = image[:, 1:, :] - image[:, :-1, :]
-    dx = image[:, :, 1:] - image[:, :, :-1]
+    dy = image[..., 1:, :] - image[..., :-1, :]
+    dx = image[..., :, 1:] - image[..., :, :-1]
     first = _edge_cost(dy, log_scale) + _edge_cost(dx, log_scale)
     if second_order == 0:
         return first
-    dyy = image[:, 2:, :] - 2 * image[:, 1:-1, :] + image[:, :-2, :]
-    dxx = image[:, :, 2:] - 2 * image[:, :, 1:-1] + image[:, :, :-2]
-    dxy = image[:, 1:, 1:] - image[:, 1:, :-1] - image[:, :-1, 1:] + image[:, :-1, :-1]
+    dyy = image[..., 2:, :] - 2 * image[..., 1:-1, :] + image[..., :-2, :]
+    dxx = image[..., :, 2:] - 2 * image[..., :, 1:-1] + image[..., :, :-2]
+    dxy = image[..., 1:, 1:] - image[..., 1:, :-1] - image[..., :-1, 1:] + image[..., :-1, :-1]
     second = (_edge_cost(dyy, log_scale) + _edge_cost(dxx, log_scale)) / 2 + _edge_cost(dxy, log_scale)
     return (1 - second_order) * first + second_order * second

@@ -12,7 +12,7 @@ import numpy as np
 PAPER_ACS_LINES_AT_368 = {6: 18, 8: 16, 10: 12}
 # ESPIRiT needs a calibration window wider than its kernel: never scale below this.
 MIN_ACS_LINES = 8
-MASK_KINDS = ("random", "uniform", "radial", "spiral")
+MASK_KINDS = ("random", "uniform", "radial", "spiral", "variable-density")
 
 
 def paper_acs_lines(acceleration: float, n_ky: int) -> int:
@@ -117,8 +117,27 @@ def spiral_mask(shape: tuple[int, int], acceleration: float = 10, acs: int = 16)
     return _closest_count(lambda n: _with_acs_square(_spiral(shape, n), acs), target, max(shape))
 
 
+def variable_density_mask(shape: tuple[int, int], acceleration: float, acs: int = 24, *, seed: int = 0,
+                          power: float = 2.0) -> np.ndarray:
+    """2D variable-density random samples: a centred ``acs x acs`` square, and each other
+    point drawn with probability falling as ``(1 - r)^power`` with its distance ``r``
+    from the centre (1 at the corners), scaled so that ``1 / acceleration`` of the points
+    are sampled."""
+    n_y, n_x = shape
+    mask = _with_acs_square(np.zeros(shape, dtype=bool), acs)
+    y, x = np.meshgrid(np.linspace(-1, 1, n_y), np.linspace(-1, 1, n_x), indexing="ij")
+    density = (1 - np.sqrt((y**2 + x**2) / 2)) ** power
+    wanted = max(round(mask.size / acceleration) - int(mask.sum()), 0)
+    free = ~mask
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(np.flatnonzero(free), size=min(wanted, int(free.sum())), replace=False,
+                        p=density[free] / density[free].sum())
+    mask.flat[chosen] = True
+    return mask
+
+
 def make_mask(kind: str, shape: tuple[int, int], acceleration: float, *, seed: int = 0) -> np.ndarray:
-    """A mask by name: ``random``, ``uniform``, ``radial`` or ``spiral``."""
+    """A mask by name: ``random``, ``uniform``, ``radial``, ``spiral`` or ``variable-density``."""
     if kind == "random":
         return random_line_mask(shape, acceleration, seed=seed)
     if kind == "uniform":
@@ -127,6 +146,8 @@ def make_mask(kind: str, shape: tuple[int, int], acceleration: float, *, seed: i
         return radial_mask(shape, acceleration)
     if kind == "spiral":
         return spiral_mask(shape, acceleration)
+    if kind == "variable-density":
+        return variable_density_mask(shape, acceleration, seed=seed)
     raise ValueError(f"unknown mask kind {kind!r}; expected one of {MASK_KINDS}")
 
 

@@ -21,13 +21,13 @@ def pixel_coordinates(shape: tuple[int, int], device: torch.device | None = None
     return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)
 
 
-def _mlp(n_inputs: int, hidden_layers: int, width: int) -> nn.Sequential:
+def _mlp(n_inputs: int, hidden_layers: int, width: int, n_outputs: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     size = n_inputs
     for _ in range(hidden_layers):
         layers += [nn.Linear(size, width), nn.ReLU()]
         size = width
-    layers.append(nn.Linear(size, 2))
+    layers.append(nn.Linear(size, n_outputs))
     return nn.Sequential(*layers)
 
 
@@ -50,38 +50,44 @@ def mlp_dtype(config: ReconConfig, device: torch.device) -> torch.dtype:
 class INRImage(nn.Module):
     """``z = f_theta(phi(v))`` for one slice: grid encoding and MLP over the pixel centres.
 
-    ``forward()`` returns the complex image ``(y, x)``. The MLP runs under autocast in
-    ``compute_dtype`` (weights, the encoding and the output stay float32).
+    ``shape`` is ``(sets, y, x)``: the MLP has a complex output per set of coil maps, all
+    from one encoding. ``forward()`` returns the complex images ``(sets, y, x)``. The MLP
+    runs under autocast in ``compute_dtype`` (weights, the encoding and the output stay
+    float32).
     """
 
-    def __init__(self, shape: tuple[int, int], config: ReconConfig, device: torch.device, seed: int) -> None:
+    def __init__(self, shape: tuple[int, int, int], config: ReconConfig, device: torch.device, seed: int) -> None:
         super().__init__()
         self.shape = shape
+        n_sets, n_y, n_x = shape
         self.compute_dtype = mlp_dtype(config, device)
-        self.encoding = make_grid_encoding(config.grid_config(max(shape)), device, seed=seed,
+        self.encoding = make_grid_encoding(config.grid_config(max(n_y, n_x)), device, seed=seed,
                                            backend=config.encoding_backend)
         torch.manual_seed(seed)
-        self.mlp = _mlp(self.encoding.n_output_dims, config.hidden_layers, config.hidden_width).to(device)
-        self.register_buffer("coords", pixel_coordinates(shape, device))
+        self.mlp = _mlp(self.encoding.n_output_dims, config.hidden_layers, config.hidden_width, 2 * n_sets).to(device)
+        self.register_buffer("coords", pixel_coordinates((n_y, n_x), device))
 
     def forward(self) -> torch.Tensor:
-        """The prior image ``(y, x)``, complex64."""
+        """The prior images ``(sets, y, x)``, complex64."""
         features = self.encoding(self.coords)
         with torch.autocast(self.coords.device.type, dtype=self.compute_dtype,
                             enabled=self.compute_dtype != torch.float32):
             out = self.mlp(features)
-        return torch.view_as_complex(out.float()).reshape(self.shape)
+        n_sets, n_y, n_x = self.shape
+        pairs = out.float().reshape(n_y, n_x, n_sets, 2).permute(2, 0, 1, 3)
+        return torch.view_as_complex(pairs.contiguous())
 
 
 class PixelImage(nn.Module):
-    """A learnable pixel image, the control for what the INR adds. Starts at ``initial``."""
+    """A learnable pixel image per set of maps, the control for what the INR adds. Starts at
+    ``initial`` ``(sets, y, x)``."""
 
     def __init__(self, initial: torch.Tensor) -> None:
         super().__init__()
         self.image = nn.Parameter(torch.view_as_real(initial.detach().clone()))
 
     def forward(self) -> torch.Tensor:
-        """The prior image ``(y, x)``, complex."""
+        """The prior images ``(sets, y, x)``, complex."""
         return torch.view_as_complex(self.image)
 
 
@@ -91,13 +97,15 @@ class UnrollINR(nn.Module):
     Parameters
     ----------
     priors
-        One prior module per slice, each returning ``(y, x)``; ``None`` for no prior
+        One prior module per slice, each returning ``(sets, y, x)``; ``None`` for no prior
         (then ``z = 0`` and the DC step is SENSE with Tikhonov weight ``lambda``).
     dc
         The data-consistency step, or ``None`` for the "w/o DC" ablation (``x = z``).
     support
-        ``(slices, y, x)`` boolean: where the coil maps are non-zero. Outside it no data
-        constrain the image, so ``z`` is zeroed there.
+        ``(slices, sets, y, x)`` boolean: where ``z`` may be non-zero, at most where the
+        set's coil maps are. Outside the maps no data constrain the image; there the first
+        set's prior may fill the background smoothly, while every other set is zero (its
+        maps exist only where one sensitivity vector does not explain the data).
     lam, lam_s
         Initial positive weights, learned in log space, one per slice.
     """
@@ -124,7 +132,7 @@ class UnrollINR(nn.Module):
         return self.log_lam_s.exp()
 
     def prior(self, like: torch.Tensor) -> torch.Tensor:
-        """The prior images ``z`` ``(slices, y, x)``, zero outside the support; zeros without priors."""
+        """The prior images ``z`` ``(slices, sets, y, x)``, zero outside the support; zeros without priors."""
         if self.priors is None:
             return torch.zeros_like(like)
         images = [prior() for prior in self.priors]
@@ -132,7 +140,7 @@ class UnrollINR(nn.Module):
         return z if self.full_support else z * self.support
 
     def forward(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(x, z)``, both ``(slices, y, x)``; ``like`` gives shape and dtype of ``z``."""
+        """Return ``(x, z)``, both ``(slices, sets, y, x)``; ``like`` gives shape and dtype of ``z``."""
         z = self.prior(like).to(like.dtype)
         x = self.dc(z, self.lam) if self.dc is not None else z
         return x, z

@@ -16,7 +16,7 @@ from unrollinr.coils import (
     find_calibration_region,
 )
 from unrollinr.config import ReconConfig
-from unrollinr.sense import SenseOp
+from unrollinr.sense import SenseOp, combine_sets
 from unrollinr.training import FitResult, fit
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,9 @@ def _validate(kspace: np.ndarray, mask: np.ndarray | None, csm: np.ndarray | Non
         raise ValueError(f"mask must be boolean, got {mask.dtype}")
     if not mask.any():
         raise ValueError("the mask samples nothing")
-    if csm is not None and np.shape(csm) != kspace.shape:
-        raise ValueError(f"csm shape {np.shape(csm)} does not match kspace {kspace.shape}")
+    if csm is not None and (np.ndim(csm) not in (3, 4) or np.shape(csm)[-3:] != kspace.shape):
+        raise ValueError(f"csm shape {np.shape(csm)} must be (coils, ky, kx) or (sets, coils, ky, kx) "
+                         f"with (coils, ky, kx) = {kspace.shape}")
     return (kspace * mask).astype(np.complex64), mask
 
 
@@ -69,7 +70,8 @@ def prepare_maps(kspace: np.ndarray, mask: np.ndarray, csm: np.ndarray | None, c
 
     Returns
     -------
-    ``(kspace, maps)``, both ``(coils, ky, kx)`` complex64 after compression.
+    ``(kspace, maps)``: ``(coils, ky, kx)`` and ``(sets, coils, ky, kx)`` complex64, after
+    compression; given ``(coils, ky, kx)`` maps are one set.
     """
     calib_kspace, calib_mask = (kspace, mask) if calibration is None else calibration
     if config.coil_compression and config.coil_compression < kspace.shape[0]:
@@ -80,8 +82,10 @@ def prepare_maps(kspace: np.ndarray, mask: np.ndarray, csm: np.ndarray | None, c
     if csm is None:
         csm = espirit_maps(calib_kspace, calib_mask, calib_width=config.espirit_calib_width,
                            kernel_width=config.espirit_kernel_width, thresh=config.espirit_thresh,
-                           crop=config.espirit_crop, device=default_device() if device is None else device)
-    return kspace, np.asarray(csm, dtype=np.complex64)
+                           crop=config.espirit_crop, sets=config.espirit_sets,
+                           device=default_device() if device is None else device)
+    csm = np.asarray(csm, dtype=np.complex64)
+    return kspace, csm if csm.ndim == 4 else csm[None]
 
 
 def _protected_rows(mask: np.ndarray) -> np.ndarray:
@@ -121,8 +125,9 @@ def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray
                          callback: Callable[[int, np.ndarray], None] | None = None,
                          initial_parameters: Mapping[str, torch.Tensor] | None = None) -> tuple[np.ndarray, FitResult]:
     """Train on ``(slices, coils, ky, kx)`` k-space with its ``(slices, ky, kx)`` masks and
-    ``(slices, coils, ky, kx)`` maps in one batch; each slice is normalised by its own
-    zero-filled maximum and keeps its own prior. ``callback(iteration, images)`` sees the
+    ``(slices, sets, coils, ky, kx)`` maps in one batch; each slice is normalised by its own
+    zero-filled maximum and keeps its own prior. With several sets of maps the images of
+    the sets are combined (:func:`~unrollinr.sense.combine_sets`). ``callback(iteration, images)`` sees the
     ``(slices, ky, kx)`` images of each iteration on the scale of the data;
     ``initial_parameters`` are passed to :func:`~unrollinr.training.fit`.
 
@@ -131,19 +136,22 @@ def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray
     device = default_device() if device is None else torch.device(device)
     op = SenseOp(torch.from_numpy(maps).to(device), torch.from_numpy(masks).to(device))
     kspace_t = torch.from_numpy(kspace).to(device)
-    scales = op.adjoint(kspace_t).abs().amax(dim=(-2, -1))
+    scales = op.adjoint(kspace_t).abs().flatten(start_dim=1).amax(dim=1)
     if bool((scales == 0).any()):
         raise ValueError("the coil maps and data give an all-zero image: check the maps' support")
     protected = np.logical_or.reduce([_protected_rows(m) for m in masks])
+
+    def on_data_scale(x: torch.Tensor) -> np.ndarray:
+        return (combine_sets(x) * scales[:, None, None]).cpu().numpy().astype(np.complex64)
+
     on_iteration = None
     if callback is not None:
         def on_iteration(iteration: int, x: torch.Tensor) -> None:
-            callback(iteration, (x * scales[:, None, None]).cpu().numpy())
+            callback(iteration, on_data_scale(x))
     result = fit(op, kspace_t / scales[:, None, None, None], config, progress=progress,
                  protected=torch.from_numpy(protected).to(device), callback=on_iteration,
                  initial_parameters=initial_parameters)
-    images = (result.image * scales[:, None, None]).cpu().numpy().astype(np.complex64)
-    return images, result
+    return on_data_scale(result.image), result
 
 
 def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, config: ReconConfig | None = None,
@@ -178,7 +186,7 @@ def prepare_slices(kspace: np.ndarray, masks: np.ndarray | None, config: ReconCo
     Returns
     -------
     ``(kspace, masks, maps)``: ``(slices, coils, ky, kx)`` complex64 (after compression),
-    ``(slices, ky, kx)`` boolean and ``(slices, coils, ky, kx)`` complex64.
+    ``(slices, ky, kx)`` boolean and ``(slices, sets, coils, ky, kx)`` complex64.
     """
     kspace = np.asarray(kspace)
     if kspace.ndim != 4:
@@ -203,7 +211,8 @@ def reconstruct(kspace: np.ndarray, mask: np.ndarray | None = None, *, csm: np.n
     mask
         ``(ky, kx)`` boolean sampling mask; ``None`` takes the non-zero samples.
     csm
-        Optional ``(coils, ky, kx)`` coil maps; without them ESPIRiT runs on the ACS region.
+        Optional ``(coils, ky, kx)`` coil maps, or ``(sets, coils, ky, kx)`` sets of them;
+        without them ESPIRiT runs on the ACS region.
     config
         :class:`~unrollinr.config.ReconConfig`; ``None`` is the default configuration.
     device

@@ -2,9 +2,15 @@
 
 Dimension order, used throughout the package:
 
-- image ``x``: ``(slices, y, x)``
-- coil maps ``C`` and k-space ``y``: ``(slices, coils, ky, kx)``
+- image ``x``: ``(slices, sets, y, x)``, one image per set of coil maps
+- coil maps ``C``: ``(slices, sets, coils, y, x)``
+- k-space ``y``: ``(slices, coils, ky, kx)``
 - sampling mask ``M``: ``(slices, ky, kx)`` boolean
+
+With one set of maps this is SENSE. With two (ESPIRiT's second eigenvectors, "soft
+SENSE"), a pixel whose coil signals fit no single sensitivity vector, where the object
+wraps or is cut at the edge of the field of view, is the sum of two images:
+``E x = M F sum_s C_s x_s``.
 """
 
 from __future__ import annotations
@@ -23,13 +29,24 @@ def is_line_mask(mask: torch.Tensor) -> bool:
     return bool((mask == mask[..., :1]).all())
 
 
+def combine_sets(images: torch.Tensor) -> torch.Tensor:
+    """One image per slice from ``(slices, sets, y, x)``: the root-sum-of-squares of the
+    sets' magnitudes (as BART combines them) with the first set's phase, ``(slices, y, x)``."""
+    first = images[:, 0]
+    if images.shape[1] == 1:
+        return first
+    magnitude = torch.linalg.vector_norm(images, dim=1)
+    phase = torch.sgn(first)
+    return torch.where(phase == 0, magnitude.to(images.dtype), phase * magnitude)
+
+
 class SenseOp(nn.Module):
     """``E = M F C`` with forward, adjoint and normal (``E^H E``) applications.
 
     Parameters
     ----------
     maps
-        Coil sensitivities ``(slices, coils, y, x)``, complex.
+        Coil sensitivities ``(slices, sets, coils, y, x)``, complex.
     mask
         Sampling mask ``(slices, ky, kx)`` or ``(ky, kx)``, boolean.
 
@@ -37,7 +54,8 @@ class SenseOp(nn.Module):
     FFT at all: ``F^H M F`` acts along ``y`` only, as ``P^H P`` where ``P`` holds the
     sampled rows of the centred DFT matrix. That path is exact, much cheaper than two 2D
     FFTs per coil, and used automatically; the coil images are then laid out
-    ``(slices, y, coils, x)`` so that each product is a single matrix multiply.
+    ``(slices, y, coils, x)`` (maps ``(slices, sets, y, coils, x)``) so that each product
+    is a single matrix multiply.
 
     Other masks take 2D FFTs. Their normal operator and loss work in FFT order: maps and
     mask are stored ``ifftshift``-ed, so only the single-coil image is shifted, once on
@@ -46,8 +64,8 @@ class SenseOp(nn.Module):
 
     def __init__(self, maps: torch.Tensor, mask: torch.Tensor) -> None:
         super().__init__()
-        if maps.ndim != 4 or not maps.is_complex():
-            raise ValueError(f"maps must be complex (slices, coils, y, x), got {tuple(maps.shape)} {maps.dtype}")
+        if maps.ndim != 5 or not maps.is_complex():
+            raise ValueError(f"maps must be complex (slices, sets, coils, y, x), got {tuple(maps.shape)} {maps.dtype}")
         if mask.ndim == 2:
             mask = mask.expand(maps.shape[0], *mask.shape)
         if mask.shape != (maps.shape[0], *maps.shape[-2:]):
@@ -64,7 +82,7 @@ class SenseOp(nn.Module):
             self.register_buffer("rows", rows)
             self.register_buffer("rows_h", rows.mH.resolve_conj().contiguous())
             self.register_buffer("row_indices", indices)
-            self.register_buffer("maps_yc", maps.permute(0, 2, 1, 3).contiguous())
+            self.register_buffer("maps_yc", maps.permute(0, 1, 3, 2, 4).contiguous())
             self.register_buffer("maps_yc_conj", self.maps_yc.conj().resolve_conj())
 
     def _sampled_dft_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,10 +101,10 @@ class SenseOp(nn.Module):
         return rows, indices
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """``(slices, y, x)``."""
-        s, _, y, x = self.maps.shape
-        return (s, y, x)
+    def image_shape(self) -> tuple[int, int, int, int]:
+        """``(slices, sets, y, x)``."""
+        s, sets, _, y, x = self.maps.shape
+        return (s, sets, y, x)
 
     @property
     def sample_coil_dim(self) -> int:
@@ -94,36 +112,38 @@ class SenseOp(nn.Module):
         return 2 if self.line_mask else 1
 
     def coil_kspace(self, image: torch.Tensor) -> torch.Tensor:
-        """``F C x`` before masking: image ``(slices, y, x)`` to ``(slices, coils, ky, kx)``."""
-        return fft2c(self.maps * image.unsqueeze(1))
+        """``F C x`` before masking: image ``(slices, sets, y, x)`` to ``(slices, coils, ky, kx)``."""
+        return fft2c((self.maps * image.unsqueeze(2)).sum(dim=1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """``E x``: image ``(slices, y, x)`` to masked k-space ``(slices, coils, ky, kx)``."""
+        """``E x``: image ``(slices, sets, y, x)`` to masked k-space ``(slices, coils, ky, kx)``."""
         return self.coil_kspace(image) * self.mask.unsqueeze(1)
 
     def adjoint(self, kspace: torch.Tensor) -> torch.Tensor:
-        """``E^H y``: k-space ``(slices, coils, ky, kx)`` to image ``(slices, y, x)``."""
+        """``E^H y``: k-space ``(slices, coils, ky, kx)`` to image ``(slices, sets, y, x)``."""
         coil_images = ifft2c(kspace * self.mask.unsqueeze(1))
-        return (self.maps.conj() * coil_images).sum(dim=1)
+        return (self.maps.conj() * coil_images.unsqueeze(1)).sum(dim=2)
 
     def normal(self, image: torch.Tensor) -> torch.Tensor:
-        """``E^H E x`` for an image ``(slices, y, x)``."""
+        """``E^H E x`` for an image ``(slices, sets, y, x)``."""
         if not self.line_mask:
             kspace = self._kspace_fft_order(image)
             projected = torch.fft.ifft2(kspace, norm="ortho")
-            combined = (self.maps_fft_order_conj * projected).sum(dim=1)
+            combined = (self.maps_fft_order_conj * projected.unsqueeze(1)).sum(dim=2)
             return torch.fft.fftshift(combined, dim=_IMAGE_DIMS)
-        projected = (self.rows_h @ (self.rows @ self._coil_rows(image))).reshape(self.maps_yc.shape)
-        return (self.maps_yc_conj * projected).sum(dim=2)
+        n_slices, _, n_y, n_coils, n_x = self.maps_yc.shape
+        projected = (self.rows_h @ (self.rows @ self._coil_rows(image))).reshape(n_slices, 1, n_y, n_coils, n_x)
+        return (self.maps_yc_conj * projected).sum(dim=3)
 
     def _coil_rows(self, image: torch.Tensor) -> torch.Tensor:
         """Coil images ``C x`` laid out ``(slices, y, coils * x)`` for the row products."""
-        n_slices, n_y, _ = image.shape
-        return (self.maps_yc * image.unsqueeze(2)).reshape(n_slices, n_y, -1)
+        n_slices, _, n_y, _ = image.shape
+        return (self.maps_yc * image.unsqueeze(3)).sum(dim=1).reshape(n_slices, n_y, -1)
 
     def _kspace_fft_order(self, image: torch.Tensor) -> torch.Tensor:
         """``M F C x`` in FFT order (DC at index 0), ``(slices, coils, ky, kx)``; 2D masks."""
-        coil_images = self.maps_fft_order * torch.fft.ifftshift(image, dim=_IMAGE_DIMS).unsqueeze(1)
+        shifted = torch.fft.ifftshift(image, dim=_IMAGE_DIMS).unsqueeze(2)
+        coil_images = (self.maps_fft_order * shifted).sum(dim=1)
         return torch.fft.fft2(coil_images, norm="ortho") * self.mask_fft_order
 
     def measure(self, image: torch.Tensor) -> torch.Tensor:
@@ -134,8 +154,8 @@ class SenseOp(nn.Module):
         """
         if not self.line_mask:
             return self._kspace_fft_order(image)
-        n_slices, _, n_x = image.shape
-        rows = (self.rows @ self._coil_rows(image)).reshape(n_slices, -1, self.maps.shape[1], n_x)
+        n_slices, _, _, n_x = image.shape
+        rows = (self.rows @ self._coil_rows(image)).reshape(n_slices, -1, self.maps.shape[2], n_x)
         return fftc(rows, dim=-1)
 
     def samples(self, kspace: torch.Tensor) -> torch.Tensor:
