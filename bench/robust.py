@@ -133,18 +133,20 @@ VARIANTS: list[tuple[str, Callable[[np.ndarray], np.ndarray], float, str]] = [
 
 def cases(path: Path, names: set[str] | None, seed: int) -> list[Case]:
     full = load_kspace(path)
-    found = []
+    found: dict[tuple[str, float], Case] = {}
     for name, make, acceleration, kind in VARIANTS:
         if names and name not in names:
             continue
         kspace = make(full)
         rate = min(acceleration, max_acceleration(kspace.shape[1]))
+        if (name, rate) in found:  # a capped R repeats a case
+            continue
         if kind == "lines":
             mask = line_mask(kspace.shape[1:], rate, seed)
         else:
             mask = variable_density_mask(kspace.shape[1:], rate, acs=min(24, kspace.shape[1] // 4), seed=seed)
-        found.append(Case(path.stem, name, rate, kspace, mask))
-    return found
+        found[name, rate] = Case(path.stem, name, rate, kspace, mask)
+    return list(found.values())
 
 
 def _timed(run: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:

@@ -85,8 +85,14 @@ class ReconConfig:
         ESPIRiT on the whole ACS rectangle, with ``espirit_*`` settings; ``espirit_crop``
         zeroes the maps in the background, and holes inside the support are filled.
         ``espirit_sets`` 2 adds ESPIRiT's second set of maps where its eigenvalue passes
-        the crop (soft SENSE: wrapped or cut fields of view); the prior then proposes one
-        image per set, and the output is their root-sum-of-squares with the first set's phase.
+        the crop (soft SENSE: wrapped or cut fields of view); the prior
+        proposes one image per set, and the output is their root-sum-of-squares with the
+        first set's phase. When the safety net rejects UnrollINR's image and
+        ``retry_wider_maps`` is on, the slice is reconstructed once more with maps cropped
+        at ``espirit_retry_crop``, and the retry is kept if its returned image predicts
+        the held-out samples better (an object cut by the field of view splits its signal
+        between two eigenvectors near the cut, where the first eigenvalue then misses the
+        crop).
         ``coil_compression`` > 0 compresses to that many virtual coils first.
     """
 
@@ -130,6 +136,8 @@ class ReconConfig:
     espirit_thresh: float = 0.03
     espirit_crop: float = 0.85
     espirit_sets: int = 2
+    retry_wider_maps: bool = True
+    espirit_retry_crop: float = 0.5
     coil_compression: int = 0
 
     def __post_init__(self) -> None:
@@ -159,8 +167,9 @@ class ReconConfig:
             raise ValueError(f"tv_second_order must be in [0, 1], got {self.tv_second_order}")
         if not 0 <= self.holdout_fraction < 0.5:
             raise ValueError(f"holdout_fraction must be in [0, 0.5), got {self.holdout_fraction}")
-        if not 0 <= self.espirit_crop < 1:
-            raise ValueError(f"espirit_crop must be in [0, 1), got {self.espirit_crop}")
+        for name in ("espirit_crop", "espirit_retry_crop"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not self.tv and not self.zero_outside_maps and self.regularizer != "none":
             raise ValueError("without TV nothing constrains the prior outside the coil maps: "
                              "set zero_outside_maps=True when tv is off")

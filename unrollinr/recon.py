@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 
@@ -16,6 +17,7 @@ from unrollinr.coils import (
     find_calibration_region,
 )
 from unrollinr.config import ReconConfig
+from unrollinr.safety import UNROLLINR
 from unrollinr.sense import SenseOp, combine_sets
 from unrollinr.training import FitResult, fit
 
@@ -113,11 +115,38 @@ def reconstruct_with_details(kspace: np.ndarray, mask: np.ndarray | None = None,
     config = ReconConfig() if config is None else config
     device = default_device() if device is None else torch.device(device)
     kspace, mask = _validate(kspace, mask, csm)
-    kspace, maps = prepare_maps(kspace, mask, csm, config, calibration=calibration, device=device)
+    data, maps = prepare_maps(kspace, mask, csm, config, calibration=calibration, device=device)
     slice_callback = None if callback is None else (lambda iteration, images: callback(iteration, images[0]))
-    images, result = reconstruct_prepared(kspace[None], mask[None], maps[None], config, device=device,
+    images, result = reconstruct_prepared(data[None], mask[None], maps[None], config, device=device,
                                           progress=progress, callback=slice_callback)
-    return images[0], result
+    if csm is not None:
+        return images[0], result
+    return _retry_with_wider_maps(kspace, mask, config, device, images[0], result, calibration=calibration)
+
+
+def _retry_with_wider_maps(kspace: np.ndarray, mask: np.ndarray, config: ReconConfig, device: torch.device,
+                           image: np.ndarray, result: FitResult, *,
+                           calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, FitResult]:
+    """When the safety net rejected UnrollINR's image of one slice ``(coils, ky, kx)``,
+    reconstruct it again with ESPIRiT maps cropped at ``config.espirit_retry_crop``; keep
+    whichever returned image predicts the held-out samples (the same in both runs) best."""
+    first = result.verdicts[0]
+    if first.returned == UNROLLINR or not config.retry_wider_maps or config.espirit_retry_crop >= config.espirit_crop:
+        return image, result
+    wider = dataclasses.replace(config, espirit_crop=config.espirit_retry_crop)
+    data, maps = prepare_maps(kspace, mask, None, wider, calibration=calibration, device=device)
+    images, retry = reconstruct_prepared(data[None], mask[None], maps[None], wider, device=device, progress=False)
+    second = retry.verdicts[0]
+    keep = second.held_out_loss < first.held_out_loss
+    logger.info("retry with ESPIRiT crop %g returns %s, held-out loss %.4f against %.4f: %s", wider.espirit_crop,
+                second.returned, second.held_out_loss, first.held_out_loss, "kept" if keep else "discarded")
+    if not keep:
+        return image, result
+    retry.verdicts = [dataclasses.replace(
+        second, reason=f"with the coil maps cropped at {wider.espirit_crop:g} after the first run's "
+                       f"{first.returned}: {second.reason}")]
+    retry.seconds += result.seconds
+    return images[0], retry
 
 
 def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray, config: ReconConfig,
@@ -173,8 +202,15 @@ def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, c
     ``(slices, ky, kx)`` complex64 images; slice ``s`` uses prior seed ``config.seed + s``.
     """
     config = ReconConfig() if config is None else config
-    images, _ = reconstruct_prepared(*prepare_slices(kspace, masks, config, device=device), config, device=device,
-                                     progress=progress)
+    device = default_device() if device is None else torch.device(device)
+    data, masks, maps = prepare_slices(kspace, masks, config, device=device)
+    images, result = reconstruct_prepared(data, masks, maps, config, device=device, progress=progress)
+    for s, verdict in enumerate(result.verdicts):
+        if verdict.returned != UNROLLINR:  # as the slice alone would, with its own seed
+            alone = dataclasses.replace(config, seed=config.seed + s)
+            single = dataclasses.replace(result, verdicts=[verdict])
+            slice_kspace, slice_mask = _validate(kspace[s], masks[s], None)
+            images[s], _ = _retry_with_wider_maps(slice_kspace, slice_mask, alone, device, images[s], single)
     return images
 
 

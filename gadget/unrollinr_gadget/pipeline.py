@@ -15,6 +15,7 @@ import numpy as np
 
 from unrollinr.config import ReconConfig
 from unrollinr.recon import reconstruct_with_details
+from unrollinr.safety import UNROLLINR
 from unrollinr_gadget.assembly import SliceAssembler, SliceData, SliceKey
 from unrollinr_gadget.buffers import slices_from_recon_data
 from unrollinr_gadget.images import ImageFactory
@@ -98,7 +99,11 @@ class ReconPipeline:
                 image, result = reconstruct_with_details(
                     data.kspace, data.mask, config=self.config, device=self.device, progress=False,
                     calibration=(data.calibration, data.calibration_mask))
-            details = {"UnrollINRIterations": str(result.iterations), "UnrollINRSeconds": f"{result.seconds:.2f}"}
+            verdict = result.verdicts[0]
+            details = {"UnrollINRIterations": str(result.iterations), "UnrollINRSeconds": f"{result.seconds:.2f}",
+                       "UnrollINRReturned": verdict.returned, "UnrollINRVerdict": verdict.reason}
+            if verdict.returned != UNROLLINR:
+                details["ImageComment"] = f"{self.factory.comment} fallback: {verdict.returned}"
             return self.factory.make(image, data, details=details)
         except Exception as error:  # noqa: BLE001 - one failed slice must not end the exam
             logger.error("%s failed: %s", data.key, error, exc_info=logger.isEnabledFor(logging.DEBUG))
