@@ -83,7 +83,8 @@ def one_slice(args: argparse.Namespace, config: ReconConfig, device: torch.devic
           f"(maps {maps_seconds:.1f} s, training {train_seconds:.1f} s), PSNR {quality:.2f} dB")
     if args.slow_iterations == 0:
         return seconds, float("nan")
-    slow = ReconConfig.from_strings({"dc_solver": "cg", "cg_warmup_steps": 0, "iterations": args.slow_iterations,
+    slow = ReconConfig.from_strings({"dc_solver": "cg", "cg_training_iterations": config.cg_iterations,
+                                     "iterations": args.slow_iterations,
                                      "patience": args.slow_iterations}, base=config)
     slow_images, slow_maps, slow_train = timed_reconstruction(measured, masks, slow, device)
     slow_quality = psnrs(truth, slow_images)[0]

@@ -182,11 +182,11 @@ def reconstruction_rows(kspace: np.ndarray, mask: np.ndarray, config: ReconConfi
     measured = (kspace * mask).astype(np.complex64)
     variants = {
         "default (exact DC solves)": {},
-        "CG DC: 20 CG, warm start, 5 CG for the first 50 steps": {"dc_solver": "cg"},
-        "CG DC without warm-up (20 CG from the start)": {"dc_solver": "cg", "cg_warmup_steps": 0},
-        "CG DC: 20 CG, cold start": {"dc_solver": "cg", "cg_warm_start": False},
-        "CG DC: 10 CG, warm start": {"dc_solver": "cg", "cg_iterations": 10},
-        "CG DC: 5 CG, warm start": {"dc_solver": "cg", "cg_iterations": 5},
+        "CG DC: 5 CG in training (warm start), 20 at inference": {"dc_solver": "cg"},
+        "CG DC: 20 CG in training, warm start": {"dc_solver": "cg", "cg_training_iterations": 20},
+        "CG DC: 20 CG in training, cold start": {"dc_solver": "cg", "cg_training_iterations": 20,
+                                                 "cg_warm_start": False},
+        "CG DC: 10 CG in training, warm start": {"dc_solver": "cg", "cg_training_iterations": 10},
         "coil compression 8 -> 5": {"coil_compression": 5},
     }
     rows = []

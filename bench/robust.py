@@ -27,6 +27,7 @@ that of the best classic method. The last line is machine-readable:
 from __future__ import annotations
 
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -159,7 +160,11 @@ def bart_best(measured: np.ndarray, reference: np.ndarray, kernel: int, sets: in
     """Oracle-tuned BART L1-ESPIRiT: the best PSNR over lambda and crop, its SSIM and setting."""
     best = (-np.inf, 0.0, "")
     for crop in BART_CROPS:
-        maps = baselines.bart_maps(measured, crop=crop, kernel_width=kernel, sets=sets)
+        try:
+            maps = baselines.bart_maps(measured, crop=crop, kernel_width=kernel, sets=sets)
+        except subprocess.CalledProcessError as error:  # BART's ecalib can crash on small calibration regions
+            print(f"BART ecalib -m{sets} -c {crop} failed: {error}", file=sys.stderr)
+            continue
         for lam in BART_LAMBDAS:
             image = baselines.bart_pics(measured, maps, lam)
             score = psnr(reference, image)

@@ -72,9 +72,9 @@ def iteration_and_floor_seconds(measured, mask, maps, config, device, iterations
     iteration on the same operator, and nothing else. Interleaving keeps both under the
     same machine load.
     """
-    # Every timed iteration runs the full CG count, as the floor assumes (no warm-up).
-    config = ReconConfig.from_strings({"iterations": iterations, "patience": iterations, "cg_warmup_steps": 0},
-                                      base=config)
+    # Every timed iteration runs the full CG count, as the floor assumes.
+    config = ReconConfig.from_strings({"iterations": iterations, "patience": iterations,
+                                       "cg_training_iterations": config.cg_iterations}, base=config)
     op = SenseOp(torch.from_numpy(maps)[None].to(device), torch.from_numpy(mask)[None].to(device))
     image = torch.randn(op.image_shape, dtype=torch.complex64, device=device)
     applications = 2 * (config.cg_iterations + 1)
@@ -159,7 +159,7 @@ def measure_memory(args, config: ReconConfig) -> None:
     maps = np.load(args.maps)
     device = torch.device(args.device) if args.device else default_device()
     config = ReconConfig.from_strings({"iterations": 5, "cg_iterations": args.measure_memory,
-                                       "cg_warmup_steps": 0}, base=config)
+                                       "cg_training_iterations": args.measure_memory}, base=config)
     batch = [np.repeat(a[None], args.slices, axis=0) for a in (measured, mask, maps)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

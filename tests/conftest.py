@@ -49,3 +49,20 @@ def raw_phantom(tmp_path_factory) -> Path:
 
 
 FAST_PROPERTIES = {"iterations": "30", "cg_iterations": "5", "seed": "0"}
+
+
+def reconstruct_with_a_broken_prior(measured: np.ndarray, mask: np.ndarray):
+    """One training step from a prior made to fail (its last layer scaled 1000 times, so
+    that it proposes a huge image of nonsense), with a held-out share; returns
+    ``(images, result, config)`` of :func:`~unrollinr.recon.reconstruct_prepared`."""
+    from unrollinr import ReconConfig
+    from unrollinr.coils import espirit_maps
+    from unrollinr.recon import reconstruct_prepared
+
+    data, masks, maps = measured[None], mask[None], espirit_maps(measured, mask)[None]
+    config = ReconConfig(iterations=1, mlp_precision="float32", holdout_fraction=0.15)
+    _, fitted = reconstruct_prepared(data, masks, maps, config)
+    broken = {name: value * 1000 if name.startswith("priors.0.mlp.4") else value
+              for name, value in fitted.parameters.items()}
+    images, result = reconstruct_prepared(data, masks, maps, config, initial_parameters=broken)
+    return images, result, config

@@ -8,13 +8,15 @@ import sys
 import ismrmrd
 import numpy as np
 import pytest
-from conftest import FAST_PROPERTIES
+from conftest import FAST_PROPERTIES, reconstruct_with_a_broken_prior
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription, write_recon_data
 from ismrmrd.serialization import ConfigText, ProtocolSerializer
 from peers import connect_with_retry, properties_xml, read_replies, send_stream
 from unrollinr_gadget.assembly import SliceAssembler
+from unrollinr_gadget.pipeline import ReconPipeline, image_details
 from unrollinr_gadget.rawdata import RawFile, simulate_raw
 
+from unrollinr.config import ReconConfig
 from unrollinr.masks import random_line_mask
 from unrollinr.phantoms import phantom_kspace
 
@@ -61,7 +63,9 @@ def check_images(images, raw: RawFile, output_dtype=np.uint16):
         assert tuple(head.slice_dir) == pytest.approx(tuple(source.slice_dir))
         meta = image.meta
         assert meta["DataRole"] == "Image"
-        assert meta["ImageComment"] == "UnrollINR"
+        fallback = meta["UnrollINRReturned"] != "unrollinr"
+        assert meta["ImageComment"] == ("UnrollINR fallback: " + meta["UnrollINRReturned"] if fallback else "UnrollINR")
+        assert "held-out loss" in meta["UnrollINRVerdict"]
         assert meta["ImageProcessingHistory"] == "UNROLLINR"
         assert int(meta["WindowWidth"]) > 0 and int(meta["WindowCenter"]) > 0
         assert image.data.max() > 0
@@ -168,3 +172,15 @@ def test_a_vanished_peer_ends_the_gadget_instead_of_hanging(raw_phantom):
         finally:
             process.kill()
     assert b"connection lost" in stderr
+
+
+def test_a_fallback_is_named_in_the_image_meta(raw_phantom):
+    raw = RawFile(raw_phantom)
+    pipeline = ReconPipeline(raw.header(), ReconConfig())
+    data = next(s for a in raw.acquisitions() for s in pipeline.assembler.add(a))
+    images, result, _ = reconstruct_with_a_broken_prior(data.kspace, data.mask)
+    image = pipeline.factory.make(images[0], data, details=image_details(result, pipeline.factory.comment))
+    meta = ismrmrd.Meta.deserialize(image.meta.serialize())
+    assert meta["ImageComment"] == "UnrollINR fallback: sense"
+    assert meta["UnrollINRReturned"] == "sense"
+    assert meta["UnrollINRVerdict"].startswith("SENSE predicts held-out k-space better")

@@ -12,7 +12,6 @@ from unrollinr.masks import (
     uniform_line_mask,
 )
 from unrollinr.metrics import nrmse, psnr, ssim
-from unrollinr.training import cg_iterations_at
 
 
 def test_ssim_matches_scikit_image(rng):
@@ -128,12 +127,15 @@ def test_loss_options_are_validated():
     assert (paper.tv_second_order, paper.tv_log_scale, paper.coil_l1) == (0.0, 0.0, False)
 
 
-def test_cg_warmup_schedule():
-    config = ReconConfig(cg_iterations=20, cg_warmup_iterations=5, cg_warmup_steps=3)
-    assert [cg_iterations_at(config, step) for step in range(5)] == [5, 5, 5, 20, 20]
-    assert cg_iterations_at(ReconConfig(cg_iterations=3), 0) == 3
-    assert cg_iterations_at(ReconConfig(cg_warmup_steps=0), 0) == 20
-    with pytest.raises(ValueError, match="cg_warmup_steps must not be negative"):
-        ReconConfig(cg_warmup_steps=-1)
-    with pytest.raises(ValueError, match="cg_warmup_iterations must be at least 1"):
-        ReconConfig(cg_warmup_iterations=0)
+def test_training_runs_at_most_the_inference_cg_iterations():
+    import torch
+
+    from unrollinr.sense import SenseOp
+    from unrollinr.training import build_model
+
+    op = SenseOp(torch.ones(1, 1, 2, 8, 8, dtype=torch.complex64), torch.ones(1, 8, 8, dtype=torch.bool))
+    kspace = torch.ones(1, 2, 8, 8, dtype=torch.complex64)
+    assert build_model(ReconConfig(cg_iterations=20, cg_training_iterations=5), op, kspace).dc.iterations == 5
+    assert build_model(ReconConfig(cg_iterations=3, cg_training_iterations=5), op, kspace).dc.iterations == 3
+    with pytest.raises(ValueError, match="cg_training_iterations must be at least 1"):
+        ReconConfig(cg_training_iterations=0)

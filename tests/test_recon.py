@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from conftest import reconstruct_with_a_broken_prior
 
 from unrollinr import ReconConfig, reconstruct
 from unrollinr.baselines import bart_available, bart_maps, bart_pics, cg_sense, zero_filled
@@ -7,6 +8,7 @@ from unrollinr.coils import espirit_maps
 from unrollinr.evaluate import reference_image
 from unrollinr.masks import random_line_mask
 from unrollinr.metrics import psnr, ssim
+from unrollinr.phantoms import phantom_kspace
 from unrollinr.recon import reconstruct_slices, reconstruct_with_details
 
 FAST = dict(iterations=40, cg_iterations=8)
@@ -36,12 +38,12 @@ def test_image_is_on_the_scale_of_the_data(problem):
     assert 0.8 < ratio < 1.2
 
 
-def test_training_uses_the_cg_warmup(problem):
+def test_training_runs_its_own_cg_iteration_count(problem):
     measured, mask, _ = problem
-    config = ReconConfig(iterations=6, dc_solver="cg", cg_iterations=8, cg_warmup_steps=0)
+    config = ReconConfig(iterations=6, dc_solver="cg", cg_iterations=8, cg_training_iterations=8)
     full = reconstruct(measured, mask, config=config)
-    warmup = ReconConfig(**{**config.__dict__, "cg_warmup_iterations": 1, "cg_warmup_steps": 6})
-    assert not np.allclose(reconstruct(measured, mask, config=warmup), full)
+    fewer = ReconConfig(**{**config.__dict__, "cg_training_iterations": 1})
+    assert not np.allclose(reconstruct(measured, mask, config=fewer), full)
 
 
 def _relative_difference(image: np.ndarray, reference: np.ndarray) -> float:
@@ -50,7 +52,7 @@ def _relative_difference(image: np.ndarray, reference: np.ndarray) -> float:
 
 def test_exact_and_cg_training_give_the_same_image(problem):
     measured, mask, _ = problem
-    config = ReconConfig(iterations=5, mlp_precision="float32", cg_iterations=60, cg_warmup_steps=0)
+    config = ReconConfig(iterations=5, mlp_precision="float32", cg_iterations=60, cg_training_iterations=60)
     exact = reconstruct(measured, mask, config=config)
     cg = reconstruct(measured, mask, config=ReconConfig(**{**config.__dict__, "dc_solver": "cg"}))
     assert not np.array_equal(exact, cg)  # two different solvers ran
@@ -87,7 +89,7 @@ def test_seeded_runs_are_reproducible_and_the_mask_is_inferred(problem):
     dict(coil_compression=4),
     dict(dc_solver="cg"),
     dict(dc_solver="cg", cg_tolerance=1e-3, cg_warm_start=False),
-    dict(dc_solver="cg", cg_warmup_steps=0),
+    dict(dc_solver="cg", cg_training_iterations=20),
 ])
 def test_every_ablation_runs_and_improves_on_zero_filled(problem, overrides):
     measured, mask, reference = problem
@@ -246,3 +248,59 @@ def test_training_can_start_from_another_fits_weights(problem):
     wrong = {"priors.0.mlp.0.weight": fitted.parameters["priors.0.mlp.0.weight"][:, :3]}
     with pytest.raises(ValueError, match="shape"):
         reconstruct_prepared(data, masks, maps, config, initial_parameters=wrong)
+
+
+def _cut_readout(kspace: np.ndarray) -> np.ndarray:
+    """The central half of x: the object is cut at both readout edges of the field of view."""
+    images = np.fft.ifftshift(np.fft.ifft2(np.fft.ifftshift(kspace, axes=(-2, -1))), axes=(-2, -1))
+    n_x = kspace.shape[-1]
+    cut = images[..., n_x // 4: n_x // 4 + n_x // 2]
+    return np.fft.fftshift(np.fft.fft2(np.fft.fftshift(cut, axes=(-2, -1))), axes=(-2, -1)).astype(np.complex64)
+
+
+def _wrapped(kspace: np.ndarray) -> np.ndarray:
+    """Every other phase-encode line: half the PE field of view, and the object folds onto itself."""
+    return (kspace[:, ::2] * np.sqrt(2)).astype(np.complex64)
+
+
+@pytest.mark.parametrize("variant", [_cut_readout, _wrapped])
+def test_a_field_of_view_that_cuts_or_wraps_the_object_is_no_worse_than_cg_sense(variant):
+    full = variant(phantom_kspace(64, 8, noise=0.002, seed=0))
+    mask = random_line_mask(full.shape[1:], 2, acs_lines=12, seed=0)
+    measured, reference = full * mask, reference_image(full)
+    image, result = reconstruct_with_details(measured, mask, config=ReconConfig(iterations=60, cg_iterations=8))
+    one_map = espirit_maps(measured, mask, crop=ReconConfig().espirit_crop)
+    classic = psnr(reference, cg_sense(measured, mask, one_map, iterations=10))
+    assert psnr(reference, image) >= classic, result.verdicts[0].reason
+
+
+def test_the_safety_net_returns_sense_when_the_prior_is_made_to_fail(problem):
+    from unrollinr.recon import reconstruct_prepared
+
+    measured, mask, reference = problem
+    image, result, config = reconstruct_with_a_broken_prior(measured, mask)
+    assert result.returned == "sense" and "SENSE predicts held-out k-space better" in result.verdicts[0].reason
+    maps = espirit_maps(measured, mask)[None]
+    sense, _ = reconstruct_prepared(measured[None], mask[None], maps,
+                                    ReconConfig(**{**config.__dict__, "regularizer": "none"}))
+    np.testing.assert_allclose(image, sense, atol=1e-5 * np.abs(sense).max())
+    assert psnr(reference, image[0]) > psnr(reference, zero_filled(measured))
+
+
+def test_a_batch_in_which_early_stopping_fires_equals_its_slices_alone(problem, phantom_48):
+    from unrollinr.recon import reconstruct_prepared
+
+    measured, mask, _ = problem
+    second = phantom_48[:, ::-1].copy() * mask
+    config = ReconConfig(iterations=80, cg_iterations=6, mlp_precision="float32", patience=3)
+    data = np.stack([measured, second])
+    maps = np.stack([espirit_maps(d, mask, sets=2, crop=config.espirit_crop) for d in data])
+    batch, result = reconstruct_prepared(data, np.stack([mask, mask]), maps, config)
+    stopped_early = [b + config.patience < result.iterations - 1 for b in result.best_iterations]
+    assert result.iterations < 80 and any(stopped_early), (result.best_iterations, result.iterations)
+    for s in range(2):
+        alone, single = reconstruct_prepared(data[s:s + 1], mask[None], maps[s:s + 1],
+                                             ReconConfig(**{**config.__dict__, "seed": config.seed + s}))
+        assert single.best_iterations == [result.best_iterations[s]]
+        # rounding only (see test_batched_slices_match_separate_reconstructions)
+        assert np.abs(batch[s] - alone[0]).max() < 0.005 * np.abs(alone[0]).max()

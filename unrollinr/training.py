@@ -112,7 +112,8 @@ def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor) -> Unrol
     device = kspace.device
     dc = None
     if config.data_consistency:
-        dc = DataConsistency(op, kspace, iterations=config.cg_iterations, tolerance=config.cg_tolerance,
+        dc = DataConsistency(op, kspace, iterations=min(config.cg_training_iterations, config.cg_iterations),
+                             tolerance=config.cg_tolerance,
                              warm_start=config.cg_warm_start, column_solver=exact_solver(config, op))
     priors = None
     if config.regularizer == "inr":
@@ -206,8 +207,6 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
                leave=False)
     iteration = 0
     for iteration in bar:
-        if model.dc is not None:
-            model.dc.iterations = cg_iterations_at(config, iteration)
         optimizer.zero_grad(set_to_none=True)
         x, _ = model(like)
         data = data_loss(train_op.measure(x), train_samples)
@@ -305,13 +304,6 @@ def _verdicts(model: UnrollINR, like: torch.Tensor, unrollinr_scores: torch.Tens
         log = logger.info if verdict.returned == UNROLLINR else logger.warning
         log("slice %d of the batch returns %s: %s", s, verdict.returned, verdict.reason)
     return verdicts
-
-
-def cg_iterations_at(config: ReconConfig, step: int) -> int:
-    """CG iterations per DC solve at training ``step`` (fewer during the warm-up)."""
-    if step < config.cg_warmup_steps:
-        return min(config.cg_warmup_iterations, config.cg_iterations)
-    return config.cg_iterations
 
 
 def _parameters(model: UnrollINR) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import numpy as np
 from unrollinr.config import ReconConfig
 from unrollinr.recon import reconstruct_with_details
 from unrollinr.safety import UNROLLINR
+from unrollinr.training import FitResult
 from unrollinr_gadget.assembly import SliceAssembler, SliceData, SliceKey
 from unrollinr_gadget.buffers import slices_from_recon_data
 from unrollinr_gadget.images import ImageFactory
@@ -99,15 +100,21 @@ class ReconPipeline:
                 image, result = reconstruct_with_details(
                     data.kspace, data.mask, config=self.config, device=self.device, progress=False,
                     calibration=(data.calibration, data.calibration_mask))
-            verdict = result.verdicts[0]
-            details = {"UnrollINRIterations": str(result.iterations), "UnrollINRSeconds": f"{result.seconds:.2f}",
-                       "UnrollINRReturned": verdict.returned, "UnrollINRVerdict": verdict.reason}
-            if verdict.returned != UNROLLINR:
-                details["ImageComment"] = f"{self.factory.comment} fallback: {verdict.returned}"
-            return self.factory.make(image, data, details=details)
+            return self.factory.make(image, data, details=image_details(result, self.factory.comment))
         except Exception as error:  # noqa: BLE001 - one failed slice must not end the exam
             logger.error("%s failed: %s", data.key, error, exc_info=logger.isEnabledFor(logging.DEBUG))
             return SliceFailure(data.key, f"{type(error).__name__}: {error}")
+
+
+def image_details(result: FitResult, comment: str) -> dict[str, str]:
+    """Image meta for one slice's :class:`~unrollinr.training.FitResult`: iterations, seconds,
+    and what the safety net returned and why (``ImageComment`` names a fallback)."""
+    verdict = result.verdicts[0]
+    details = {"UnrollINRIterations": str(result.iterations), "UnrollINRSeconds": f"{result.seconds:.2f}",
+               "UnrollINRReturned": verdict.returned, "UnrollINRVerdict": verdict.reason}
+    if verdict.returned != UNROLLINR:
+        details["ImageComment"] = f"{comment} fallback: {verdict.returned}"
+    return details
 
 
 def magnitude(image: ismrmrd.Image) -> np.ndarray:
