@@ -23,6 +23,7 @@ class Replies:
     texts: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     closed: bool = False
+    order: list[str] = field(default_factory=list)  # "image", "text" or "error", as they came
 
 
 def properties_xml(properties: dict[str, str]) -> str:
@@ -58,6 +59,7 @@ def read_replies(sock: socket.socket) -> Replies:
         if message_id == ERROR_ID:
             (length,) = struct.unpack("<Q", stream.read(8))
             replies.errors.append(stream.read(length).decode())
+            replies.order.append("error")
             continue
         if message_id == CLOSE_ID:
             replies.closed = True
@@ -65,8 +67,10 @@ def read_replies(sock: socket.socket) -> Replies:
         item = next(deserializer.deserialize())
         if isinstance(item, ismrmrd.Image):
             replies.images.append(item)
+            replies.order.append("image")
         else:
             replies.texts.append(str(item))
+            replies.order.append("text")
 
 
 def connect_with_retry(port: int, host: str = "localhost", timeout: float = 60.0) -> socket.socket:

@@ -89,6 +89,20 @@ def test_a_failing_slice_reaches_gadgetron_as_an_error(tmp_path):
     assert stdout == b""
 
 
+def test_a_failed_slice_and_a_malformed_acquisition_cost_no_other_slice(raw_phantom):
+    # Gadgetron closes its channel to the gadget on the first ERROR: failures come last.
+    raw = RawFile(raw_phantom)
+    acquisitions = [a for a in raw.acquisitions()
+                    if not (a.idx.slice == 0 and 18 <= a.idx.kspace_encode_step_1 < 30)]  # slice 0: no centre
+    malformed = ismrmrd.Acquisition.from_array(np.zeros((4, 96), np.complex64))
+    malformed.idx.kspace_encode_step_1, malformed.idx.slice = 500, 1
+    acquisitions.insert(len(acquisitions) // 2, malformed)
+    replies, _, stderr = run_execute_mode(FAST_PROPERTIES, raw.header(), acquisitions)
+    assert replies.closed and len(replies.images) == 1 and replies.images[0].getHead().slice == 1, stderr.decode()
+    assert replies.order == ["image", "error"]
+    assert "centre is not sampled" in replies.errors[0] and "outside" in replies.errors[0]
+
+
 def test_invalid_properties_are_reported(raw_phantom):
     raw = RawFile(raw_phantom)
     replies, _, _ = run_execute_mode({"iteration": "5"}, raw.header(), [])

@@ -10,9 +10,11 @@ In a chain (see ``chains/``)::
 Gadgetron runs ``python3 -m gadgetron <port> unrollinr_gadget.gadget handle``; in connect
 mode (``<connect port="18000"/>``) run ``unrollinr listen --port 18000`` instead.
 
-The gadget works around the upstream client package's gaps: failures are sent back as
-ERROR (id 8) before CLOSE, so Gadgetron reports them; a TEXT message no longer ends the
-stream; a peer that disconnects ends the gadget instead of spinning forever; nothing is
+A slice that fails (or a malformed acquisition) never costs the others: Gadgetron's
+``ExternalChannel`` answers an ERROR (id 8) by closing its channel to the gadget, so the
+failures are collected and sent as one ERROR after the last image, just before CLOSE;
+Gadgetron then reports them. The gadget also works around the upstream client package's
+gaps: a TEXT message no longer ends the stream; a peer that disconnects ends the gadget instead of spinning forever; nothing is
 printed to stdout.
 """
 
@@ -70,17 +72,23 @@ def _read_text(source) -> _Text:
 
 
 def send_error(connection, message: str) -> None:
-    """Send ERROR (id 8) to Gadgetron, which raises it as a RemoteError at CLOSE."""
+    """Send ERROR (id 8) to Gadgetron, which closes its channel to the gadget and raises
+    the message as a RemoteError at CLOSE: send it last."""
     MessageWriter(connection.socket).error(message)
 
 
 def _send(connection, outcomes: list[Outcome], failures: list[str]) -> None:
+    """Send the images now; keep the failures for the end of the stream."""
     for outcome in outcomes:
         if isinstance(outcome, SliceFailure):
             failures.append(str(outcome))
-            send_error(connection, str(outcome))
         else:
             connection.send(outcome)
+
+
+def failure_report(failures: list[str]) -> str:
+    """One message for every failure of the stream, one per line."""
+    return "\n".join(failures)
 
 
 def handle(connection) -> None:
@@ -114,11 +122,13 @@ def handle(connection) -> None:
         outcomes = pipeline.finish()
         images += sum(not isinstance(o, SliceFailure) for o in outcomes)
         _send(connection, outcomes, failures)
+        if failures:
+            send_error(connection, failure_report(failures))
     except (EOFError, OSError) as error:
         logger.error("connection lost: %s", error)
         return
     except Exception as error:  # noqa: BLE001 - report anything to Gadgetron rather than vanish
         logger.exception("gadget failed")
-        send_error(connection, f"unrollinr: {type(error).__name__}: {error}")
+        send_error(connection, failure_report([*failures, f"unrollinr: {type(error).__name__}: {error}"]))
         return
     logger.info("sent %d images, %d failures, in %.1f s", images, len(failures), time.perf_counter() - start)
