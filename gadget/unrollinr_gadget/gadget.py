@@ -14,8 +14,8 @@ A slice that fails (or a malformed acquisition) never costs the others: Gadgetro
 ``ExternalChannel`` answers an ERROR (id 8) by closing its channel to the gadget, so the
 failures are collected and sent as one ERROR after the last image, just before CLOSE;
 Gadgetron then reports them. The gadget also works around the upstream client package's
-gaps: a TEXT message no longer ends the stream; a peer that disconnects ends the gadget instead of spinning forever; nothing is
-printed to stdout.
+gaps: a TEXT message no longer ends the stream; a peer that disconnects ends the gadget
+instead of spinning forever; nothing is printed to stdout.
 """
 
 from __future__ import annotations
