@@ -116,6 +116,25 @@ def test_simulate_raw_cli(tmp_path, phantom_48):
     assert len(raw) == 1 + 12  # noise scan + 48 / 4 lines
 
 
+def test_simulate_raw_writes_a_scanners_header_and_interleaved_slices_that_replay(tmp_path, phantom_48):
+    data = tmp_path / "data.npz"
+    np.savez(data, kspace=phantom_48)
+    raw_path = tmp_path / "raw.h5"
+    assert main(["simulate-raw", str(data), "--R", "3", "--slices", "3", "--order", "interleaved",
+                 "-o", str(raw_path)]) == 0
+    raw = RawFile(raw_path)
+    header = raw.header()
+    assert header.measurementInformation.measurementID and header.measurementInformation.protocolName
+    assert header.measurementInformation.patientPosition.value == "HFS"
+    assert header.acquisitionSystemInformation.receiverChannels == 8
+    assert header.sequenceParameters.TR and header.studyInformation.studyDate
+    lines = [a for a in raw.acquisitions() if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    assert [a.idx.slice for a in lines[:6]] == [0, 1, 2, 0, 1, 2]
+    out = tmp_path / "images.h5"
+    assert main(["replay", str(raw_path), "-o", str(out), *SETS]) == 0
+    assert sorted(image.getHead().slice for image in read_images(out)) == [0, 1, 2]
+
+
 def test_cli_errors_are_clean(tmp_path):
     assert main(["replay", str(tmp_path / "missing.h5"), "-o", str(tmp_path / "o.h5")]) == 2
     assert main(["evaluate", str(tmp_path / "missing.npz")]) == 2

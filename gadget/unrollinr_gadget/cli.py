@@ -144,6 +144,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 def cmd_simulate_raw(args: argparse.Namespace) -> int:
     """Undersample fully sampled k-space into an ISMRMRD raw file (a stand-in prospective scan)."""
+    import numpy as np
+
     from unrollinr.data import load_kspace
     from unrollinr.masks import make_mask
     from unrollinr_gadget.rawdata import simulate_raw
@@ -151,8 +153,12 @@ def cmd_simulate_raw(args: argparse.Namespace) -> int:
     kspace = load_kspace(args.data)
     if args.mask not in ("random", "uniform"):
         raise ValueError("raw files hold whole phase-encode lines: use --mask random or uniform")
-    mask = make_mask(args.mask, kspace.shape[1:], args.R, seed=args.seed)
-    simulate_raw(kspace, mask, args.out, oversampling=args.oversampling, seed=args.seed)
+    if args.slices < 1:
+        raise ValueError(f"--slices must be at least 1, got {args.slices}")
+    # every slice is the same data under its own mask (seed + slice)
+    masks = np.stack([make_mask(args.mask, kspace.shape[1:], args.R, seed=args.seed + s) for s in range(args.slices)])
+    simulate_raw(np.repeat(kspace[None], args.slices, axis=0), masks, args.out, oversampling=args.oversampling,
+                 order=args.order, seed=args.seed)
     print(f"wrote {args.out}")
     return 0
 
@@ -228,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--mask", default="random", choices=["random", "uniform"])
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--oversampling", type=int, default=2, help="readout oversampling written to the file")
+    simulate.add_argument("--slices", type=int, default=1, help="slices to write (the data under its own mask each)")
+    simulate.add_argument("--order", default="sequential", choices=["sequential", "interleaved"],
+                          help="slices one after another, or interleaved line by line as in a 2D FSE")
     simulate.add_argument("-o", "--out", type=Path, required=True)
     simulate.set_defaults(run=cmd_simulate_raw)
 

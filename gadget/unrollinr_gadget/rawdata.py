@@ -3,6 +3,8 @@ sampled k-space (``unrollinr simulate-raw``)."""
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
 import torch
+from xsdata.models.datatype import XmlDate
 
 from unrollinr.coils import CalibrationError, find_calibration_region
 from unrollinr.fft import fftc, ifftc
@@ -67,9 +70,17 @@ def _fov(x: float, y: float, z: float) -> xsd.fieldOfViewMm:
     return xsd.fieldOfViewMm(x=x, y=y, z=z)
 
 
+def xsd_date(day: datetime.date) -> XmlDate:
+    """An ISMRMRD header date."""
+    return XmlDate(day.year, day.month, day.day)
+
+
 def make_header(*, n_coils: int, n_ky: int, n_kx: int, n_slices: int, oversampling: int,
-                fov_mm: tuple[float, float, float], acceleration: float, calibration_mode: str) -> xsd.ismrmrdHeader:
-    """A Cartesian 2D multi-slice ISMRMRD header with readout oversampling."""
+                fov_mm: tuple[float, float, float], acceleration: float, calibration_mode: str,
+                measurement_id: str = "unrollinr_00000_0000000_000000_00001") -> xsd.ismrmrdHeader:
+    """A Cartesian 2D multi-slice ISMRMRD header with readout oversampling, and the study,
+    measurement, system and sequence information a scanner writes (Gadgetron's
+    NoiseAdjustGadget, for one, needs ``measurementInformation``)."""
     limits = xsd.encodingLimitsType(
         kspace_encoding_step_1=xsd.limitType(minimum=0, maximum=n_ky - 1, center=n_ky // 2),
         slice=xsd.limitType(minimum=0, maximum=n_slices - 1, center=0))
@@ -84,11 +95,21 @@ def make_header(*, n_coils: int, n_ky: int, n_kx: int, n_slices: int, oversampli
                                                           kspace_encoding_step_2=1),
             calibrationMode=xsd.calibrationModeType(calibration_mode)),
     )
+    today = datetime.date.today()
     header = xsd.ismrmrdHeader(
-        experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=123_200_000),
+        studyInformation=xsd.studyInformationType(studyDate=xsd_date(today), studyID="unrollinr-simulated",
+                                                  studyDescription="simulated undersampled scan"),
+        measurementInformation=xsd.measurementInformationType(
+            measurementID=measurement_id, seriesDate=xsd_date(today), patientPosition=xsd.patientPositionType.HFS,
+            protocolName="unrollinr simulate-raw", sequenceName="fse2d", seriesDescription="simulated 2D FSE"),
         acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
-            receiverChannels=n_coils, systemVendor="unrollinr simulate-raw", relativeReceiverNoiseBandwidth=0.793),
+            systemVendor="unrollinr simulate-raw", systemModel="retrospective undersampling",
+            systemFieldStrength_T=3.0, receiverChannels=n_coils, relativeReceiverNoiseBandwidth=0.793,
+            institutionName="unrollinr"),
+        experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=123_200_000),
         encoding=[encoding],
+        sequenceParameters=xsd.sequenceParametersType(TR=[3000.0], TE=[90.0], flipAngle_deg=[90.0],
+                                                      sequence_type="TurboSpinEcho", echo_spacing=[10.0]),
     )
     return header
 
@@ -106,10 +127,13 @@ def _oversample_readout(kspace: np.ndarray, factor: int) -> np.ndarray:
     return fftc(torch.from_numpy(padded), dim=-1).numpy()
 
 
+ORDERS = ("sequential", "interleaved")
+
+
 def simulate_raw(kspace: np.ndarray, mask: np.ndarray, path: str | Path, *, oversampling: int = 2,
                  noise_scans: int = 1, noise_std: float | None = None,
                  fov_mm: tuple[float, float, float] = (220.0, 220.0, 5.0),
-                 seed: int = 0) -> Path:
+                 order: str = "sequential", seed: int = 0) -> Path:
     """Write an undersampled ISMRMRD raw file from fully sampled k-space.
 
     Parameters
@@ -117,8 +141,9 @@ def simulate_raw(kspace: np.ndarray, mask: np.ndarray, path: str | Path, *, over
     kspace
         Fully sampled, centred k-space ``(coils, ky, kx)`` or ``(slices, coils, ky, kx)``.
     mask
-        ``(ky, kx)`` line mask (whole ``ky`` lines); its centred fully sampled block, if
-        any, is flagged as embedded ACS (``ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING``).
+        ``(ky, kx)`` line mask (whole ``ky`` lines), or one per slice ``(slices, ky, kx)``;
+        its centred fully sampled block, if any, is flagged as embedded ACS
+        (``ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING``).
     oversampling
         Readout oversampling factor of the file (the encoded space is this much wider).
     noise_scans
@@ -126,6 +151,9 @@ def simulate_raw(kspace: np.ndarray, mask: np.ndarray, path: str | Path, *, over
     noise_std
         Standard deviation of the complex noise in those scans; by default estimated from
         the k-space corners.
+    order
+        ``"sequential"``: one slice after another; ``"interleaved"``: line by line, each
+        line of every slice in turn, as a 2D multi-slice FSE acquires them.
     """
     kspace = np.asarray(kspace, dtype=np.complex64)
     if kspace.ndim == 3:
@@ -133,14 +161,12 @@ def simulate_raw(kspace: np.ndarray, mask: np.ndarray, path: str | Path, *, over
     if kspace.ndim != 4:
         raise ValueError(f"kspace must be (coils, ky, kx) or (slices, coils, ky, kx), got {kspace.shape}")
     n_slices, n_coils, n_ky, n_kx = kspace.shape
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape != (n_ky, n_kx) or not (mask == mask[:, :1]).all():
-        raise ValueError("simulate_raw needs a (ky, kx) mask of whole ky lines")
-    rows = np.flatnonzero(mask[:, 0])
-    try:
-        acs = find_calibration_region(mask).ky
-    except CalibrationError:
-        acs = (0, 0)  # no ACS block: a file that must fail to reconstruct, for tests
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    masks = np.asarray(mask, dtype=bool)
+    masks = np.broadcast_to(masks, (n_slices, *masks.shape[-2:])) if masks.ndim == 2 else masks
+    if masks.shape != (n_slices, n_ky, n_kx) or not (masks == masks[..., :1]).all():
+        raise ValueError("simulate_raw needs a (ky, kx) or (slices, ky, kx) mask of whole ky lines")
     oversampled = _oversample_readout(kspace, oversampling)
     rng = np.random.default_rng(seed)
     if noise_std is None:
@@ -151,49 +177,58 @@ def simulate_raw(kspace: np.ndarray, mask: np.ndarray, path: str | Path, *, over
     if path.exists():
         path.unlink()
     header = make_header(n_coils=n_coils, n_ky=n_ky, n_kx=n_kx, n_slices=n_slices, oversampling=oversampling,
-                         fov_mm=fov_mm, acceleration=n_ky / len(rows), calibration_mode="embedded")
+                         fov_mm=fov_mm, acceleration=n_ky / masks[0, :, 0].sum(), calibration_mode="embedded")
+    acquisitions = [_slice_lines(oversampled[s], masks[s], s, n_slices, fov_mm) for s in range(n_slices)]
+    if order == "interleaved":
+        lines = [line for lines in itertools.zip_longest(*acquisitions) for line in lines if line is not None]
+    else:
+        lines = [line for lines in acquisitions for line in lines]
+    lines[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
     dataset = ismrmrd.Dataset(str(path), DATASET, create_if_needed=True)
     try:
         dataset.write_xml_header(header.toXML("utf-8"))
-        stamp = 0
         for _ in range(noise_scans):
             noise = noise_std * (rng.standard_normal((n_coils, n_kx * oversampling))
                                  + 1j * rng.standard_normal((n_coils, n_kx * oversampling))) / np.sqrt(2)
-            acquisition = _acquisition(noise.astype(np.complex64), stamp, ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+            lines.insert(0, _acquisition(noise.astype(np.complex64), ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
+        for stamp, acquisition in enumerate(lines):
+            acquisition.acquisition_time_stamp = stamp
             dataset.append_acquisition(acquisition)
-            stamp += 1
-        for s in range(n_slices):
-            for number, ky in enumerate(rows):
-                flags = []
-                if number == 0:
-                    flags.append(ismrmrd.ACQ_FIRST_IN_SLICE)
-                if number == len(rows) - 1:
-                    flags.append(ismrmrd.ACQ_LAST_IN_SLICE)
-                    if s == n_slices - 1:
-                        flags.append(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
-                if acs[0] <= ky < acs[1]:
-                    flags.append(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
-                acquisition = _acquisition(oversampled[s, :, ky, :], stamp, *flags)
-                head = acquisition.getHead()
-                head.idx.kspace_encode_step_1 = int(ky)
-                head.idx.slice = s
-                head.position[:] = [0.0, 0.0, (s - (n_slices - 1) / 2) * fov_mm[2]]
-                acquisition.setHead(head)
-                dataset.append_acquisition(acquisition)
-                stamp += 1
     finally:
         dataset.close()
-    logger.info("wrote %s: %d slices, %d lines each, %d coils, readout oversampling %d", path, n_slices,
-                len(rows), n_coils, oversampling)
+    logger.info("wrote %s: %d %s slices, %d lines, %d coils, readout oversampling %d", path, n_slices, order,
+                len(lines) - noise_scans, n_coils, oversampling)
     return path
 
 
-def _acquisition(data: np.ndarray, stamp: int, *flags: int) -> ismrmrd.Acquisition:
+def _slice_lines(kspace: np.ndarray, mask: np.ndarray, s: int, n_slices: int,
+                 fov_mm: tuple[float, float, float]) -> list[ismrmrd.Acquisition]:
+    """The acquisitions of slice ``s``'s sampled lines of ``(coils, ky, kx)`` k-space, in ky order."""
+    rows = np.flatnonzero(mask[:, 0])
+    try:
+        acs = find_calibration_region(mask).ky
+    except CalibrationError:
+        acs = (0, 0)  # no ACS block: a file that must fail to reconstruct, for tests
+    lines = []
+    for number, ky in enumerate(rows):
+        flags = [ismrmrd.ACQ_FIRST_IN_SLICE] if number == 0 else []
+        if number == len(rows) - 1:
+            flags.append(ismrmrd.ACQ_LAST_IN_SLICE)
+        if acs[0] <= ky < acs[1]:
+            flags.append(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+        acquisition = _acquisition(kspace[:, ky, :], *flags)
+        acquisition.idx.kspace_encode_step_1 = int(ky)
+        acquisition.idx.slice = s
+        acquisition.position[:] = [0.0, 0.0, (s - (n_slices - 1) / 2) * fov_mm[2]]
+        lines.append(acquisition)
+    return lines
+
+
+def _acquisition(data: np.ndarray, *flags: int) -> ismrmrd.Acquisition:
     acquisition = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data, dtype=np.complex64))
     head = acquisition.getHead()
     head.center_sample = data.shape[1] // 2
     head.sample_time_us = 5.0
-    head.acquisition_time_stamp = stamp
     head.read_dir[:] = [1.0, 0.0, 0.0]
     head.phase_dir[:] = [0.0, 1.0, 0.0]
     head.slice_dir[:] = [0.0, 0.0, 1.0]
