@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -152,13 +152,15 @@ def _retry_with_wider_maps(kspace: np.ndarray, mask: np.ndarray, config: ReconCo
 def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray, config: ReconConfig,
                          device: str | torch.device | None = None, progress: bool | None = None,
                          callback: Callable[[int, np.ndarray], None] | None = None,
-                         initial_parameters: Mapping[str, torch.Tensor] | None = None) -> tuple[np.ndarray, FitResult]:
+                         initial_parameters: Mapping[str, torch.Tensor] | None = None,
+                         seeds: Sequence[int] | None = None) -> tuple[np.ndarray, FitResult]:
     """Train on ``(slices, coils, ky, kx)`` k-space with its ``(slices, ky, kx)`` masks and
     ``(slices, sets, coils, ky, kx)`` maps in one batch; each slice is normalised by its own
     zero-filled maximum and keeps its own prior. With several sets of maps the images of
     the sets are combined (:func:`~unrollinr.sense.combine_sets`). ``callback(iteration, images)`` sees the
     ``(slices, ky, kx)`` images of each iteration on the scale of the data;
-    ``initial_parameters`` are passed to :func:`~unrollinr.training.fit`.
+    ``initial_parameters`` and ``seeds`` (each slice's; by default ``config.seed + s``)
+    are passed to :func:`~unrollinr.training.fit`.
 
     Returns ``(slices, ky, kx)`` complex64 images on the scale of the data.
     """
@@ -168,7 +170,7 @@ def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray
     scales = op.adjoint(kspace_t).abs().flatten(start_dim=1).amax(dim=1)
     if bool((scales == 0).any()):
         raise ValueError("the coil maps and data give an all-zero image: check the maps' support")
-    protected = np.logical_or.reduce([_protected_rows(m) for m in masks])
+    protected = np.stack([_protected_rows(m) for m in masks])
 
     def on_data_scale(x: torch.Tensor) -> np.ndarray:
         return (combine_sets(x) * scales[:, None, None]).cpu().numpy().astype(np.complex64)
@@ -179,7 +181,7 @@ def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray
             callback(iteration, on_data_scale(x))
     result = fit(op, kspace_t / scales[:, None, None, None], config, progress=progress,
                  protected=torch.from_numpy(protected).to(device), callback=on_iteration,
-                 initial_parameters=initial_parameters)
+                 initial_parameters=initial_parameters, seeds=seeds)
     return on_data_scale(result.image), result
 
 
@@ -208,10 +210,57 @@ def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, c
     for s, verdict in enumerate(result.verdicts):
         if verdict.returned != UNROLLINR:  # as the slice alone would, with its own seed
             alone = dataclasses.replace(config, seed=config.seed + s)
-            single = dataclasses.replace(result, verdicts=[verdict])
             slice_kspace, slice_mask = _validate(kspace[s], masks[s], None)
-            images[s], _ = _retry_with_wider_maps(slice_kspace, slice_mask, alone, device, images[s], single)
+            images[s], _ = _retry_with_wider_maps(slice_kspace, slice_mask, alone, device, images[s],
+                                                  result.for_slice(s))
     return images
+
+
+def reconstruct_together(kspaces: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                         calibrations: Sequence[tuple[np.ndarray, np.ndarray] | None], *,
+                         config: ReconConfig | None = None,
+                         device: str | torch.device | None = None) -> list[tuple[np.ndarray, FitResult] | Exception]:
+    """Slices that are ready at the same time (the end of an interleaved exam), in one
+    batched run per image shape; each slice gets what :func:`reconstruct_with_details`
+    gives it alone (seed ``config.seed``, its own maps, safety net and retry).
+
+    Parameters
+    ----------
+    kspaces, masks, calibrations
+        Per slice: ``(coils, ky, kx)`` k-space, its ``(ky, kx)`` mask, and optional separate
+        calibration data and mask (see :func:`prepare_maps`).
+
+    Returns
+    -------
+    Per slice, ``(image, result)`` with a ``(ky, kx)`` complex64 image and the slice's
+    :class:`FitResult`, or the exception that stopped that slice (the others go on).
+    """
+    config = ReconConfig() if config is None else config
+    device = default_device() if device is None else torch.device(device)
+    results: list = []
+    groups: dict[tuple, list[int]] = {}
+    for kspace, mask, calibration in zip(kspaces, masks, calibrations, strict=True):
+        try:
+            kspace, mask = _validate(kspace, mask, None)
+            data, maps = prepare_maps(kspace, mask, None, config, calibration=calibration, device=device)
+        except Exception as error:  # noqa: BLE001 - this slice's failure, reported with it
+            results.append(error)
+            continue
+        groups.setdefault((data.shape, maps.shape), []).append(len(results))
+        results.append((kspace, mask, calibration, data, maps))
+    for members in groups.values():
+        parts = [results[i] for i in members]
+        try:
+            images, batch = reconstruct_prepared(*(np.stack([p[k] for p in parts]) for k in (3, 1, 4)), config,
+                                                 device=device, progress=False, seeds=[config.seed] * len(parts))
+        except Exception as error:  # noqa: BLE001 - reported for each slice of the batch
+            for i in members:
+                results[i] = error
+            continue
+        for j, (i, (kspace, mask, calibration, _, _)) in enumerate(zip(members, parts, strict=True)):
+            results[i] = _retry_with_wider_maps(kspace, mask, config, device, images[j], batch.for_slice(j),
+                                                calibration=calibration)
+    return results
 
 
 def prepare_slices(kspace: np.ndarray, masks: np.ndarray | None, config: ReconConfig, *,

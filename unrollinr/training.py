@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,13 @@ class FitResult:
         """What the slices returned (:mod:`unrollinr.safety`), comma-separated for a batch."""
         return ",".join(v.returned for v in self.verdicts)
 
+    def for_slice(self, s: int) -> FitResult:
+        """Slice ``s`` of a batch's result; ``iterations``, ``seconds`` and ``history`` stay
+        the batch's, and ``parameters`` is empty."""
+        return dataclasses.replace(self, image=self.image[s:s + 1], prior=self.prior[s:s + 1],
+                                   best_iterations=[self.best_iterations[s]], verdicts=[self.verdicts[s]],
+                                   parameters={})
+
     image: torch.Tensor
     prior: torch.Tensor
     iterations: int
@@ -59,12 +67,12 @@ class FitResult:
     parameters: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def holdout_mask(mask: torch.Tensor, fraction: float, protected: torch.Tensor, seed: int) -> torch.Tensor:
+def holdout_mask(mask: torch.Tensor, fraction: float, protected: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
     """Choose measured samples to hold out of training, ZS-SSL style.
 
     Whole ``ky`` lines are held out when the mask is made of lines (so training keeps the
-    fast line-mask path); single samples otherwise. ``protected`` ``(ky, kx)`` (the ACS
-    region) is never held out.
+    fast line-mask path); single samples otherwise. ``protected`` ``(slices, ky, kx)``
+    (each slice's ACS region) is never held out.
 
     Parameters
     ----------
@@ -74,16 +82,16 @@ def holdout_mask(mask: torch.Tensor, fraction: float, protected: torch.Tensor, s
     Returns
     -------
     ``(slices, ky, kx)`` boolean mask of the held-out samples; slice ``s`` draws them with
-    seed ``seed + s``, as its prior does.
+    ``seeds[s]``, as its prior does.
     """
     held = torch.zeros_like(mask)
     lines = is_line_mask(mask)
     for s in range(mask.shape[0]):
-        generator = torch.Generator().manual_seed(seed + s)  # a slice's choice does not depend on its batch
+        generator = torch.Generator().manual_seed(seeds[s])  # a slice's choice does not depend on its batch
         if lines:
-            candidates = torch.nonzero(mask[s, :, 0] & ~protected[:, 0]).flatten()
+            candidates = torch.nonzero(mask[s, :, 0] & ~protected[s, :, 0]).flatten()
         else:
-            candidates = torch.nonzero((mask[s] & ~protected).flatten()).flatten()
+            candidates = torch.nonzero((mask[s] & ~protected[s]).flatten()).flatten()
         count = min(len(candidates), max(1, round(fraction * len(candidates))))
         chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
         if lines:
@@ -93,21 +101,28 @@ def holdout_mask(mask: torch.Tensor, fraction: float, protected: torch.Tensor, s
     return held
 
 
-def _split_holdout(op: SenseOp, config: ReconConfig,
-                   protected: torch.Tensor | None) -> tuple[SenseOp, SenseOp | None]:
+def _split_holdout(op: SenseOp, config: ReconConfig, protected: torch.Tensor | None,
+                   seeds: Sequence[int]) -> tuple[SenseOp, SenseOp | None]:
     """The operators of the training samples and of the held-out ones (``None`` without a holdout)."""
     if config.holdout_fraction == 0:
         return op, None
     if protected is None:
         raise ValueError("a holdout needs the protected (ACS) region")
-    held = holdout_mask(op.mask, config.holdout_fraction, protected, config.seed)
+    held = holdout_mask(op.mask, config.holdout_fraction, protected, seeds)
     if not held.any():
         return op, None
     return SenseOp(op.maps, op.mask & ~held), SenseOp(op.maps, held)
 
 
-def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor) -> UnrollINR:
-    """The UnrollINR network for ``op`` and its measured ``kspace`` ``(slices, coils, ky, kx)``."""
+def slice_seeds(config: ReconConfig, n_slices: int) -> list[int]:
+    """The default seed of each slice of a batch: ``config.seed + s``."""
+    return [config.seed + s for s in range(n_slices)]
+
+
+def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor,
+                seeds: Sequence[int] | None = None) -> UnrollINR:
+    """The UnrollINR network for ``op`` and its measured ``kspace`` ``(slices, coils, ky, kx)``;
+    slice ``s``'s prior is initialised with ``seeds[s]`` (default :func:`slice_seeds`)."""
     n_slices, n_sets, n_y, n_x = op.image_shape
     device = kspace.device
     dc = None
@@ -117,7 +132,8 @@ def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor) -> Unrol
                              warm_start=config.cg_warm_start, column_solver=exact_solver(config, op))
     priors = None
     if config.regularizer == "inr":
-        priors = [INRImage((n_sets, n_y, n_x), config, device, seed=config.seed + s) for s in range(n_slices)]
+        seeds = slice_seeds(config, n_slices) if seeds is None else seeds
+        priors = [INRImage((n_sets, n_y, n_x), config, device, seed=seed) for seed in seeds]
     elif config.regularizer == "pixel":
         start = op.adjoint(kspace)
         priors = [PixelImage(start[s]) for s in range(n_slices)]
@@ -152,7 +168,8 @@ def _show_progress(progress: bool | None) -> bool:
 def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: bool | None = None,
         protected: torch.Tensor | None = None,
         callback: Callable[[int, torch.Tensor], None] | None = None,
-        initial_parameters: Mapping[str, torch.Tensor] | None = None) -> FitResult:
+        initial_parameters: Mapping[str, torch.Tensor] | None = None,
+        seeds: Sequence[int] | None = None) -> FitResult:
     """Train UnrollINR on one measurement and return the final forward pass.
 
     Each slice of a batch stops, keeps its best iterate and gets its safety-net verdict
@@ -167,7 +184,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         Measured k-space ``(slices, coils, ky, kx)``, zero where not sampled, normalised
         so that the zero-filled image is of order 1.
     protected
-        ``(ky, kx)`` samples never held out (the ACS region); needed with a holdout.
+        ``(slices, ky, kx)`` samples never held out (each slice's ACS region); needed with
+        a holdout.
     progress
         Show a progress bar; ``None`` shows one when stderr is a terminal.
     callback
@@ -177,6 +195,9 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         Start from these weights (another fit's :attr:`FitResult.parameters`, of the same
         configuration and image shape) instead of the seeded initialisation; a subset of
         the names is allowed (e.g. the MLP's alone).
+    seeds
+        Each slice's seed, for its prior and its held-out samples; by default
+        :func:`slice_seeds`. A slice given the same seed as alone gets the same image.
     """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -188,11 +209,14 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         return _final_pass(model, op, kspace, config, like, start, [], 0, [0] * n_slices, _parameters(model),
                            verdicts)
 
-    train_op, held_op = _split_holdout(op, config, protected)
+    seeds = slice_seeds(config, n_slices) if seeds is None else list(seeds)
+    if len(seeds) != n_slices:
+        raise ValueError(f"{len(seeds)} seeds for {n_slices} slices")
+    train_op, held_op = _split_holdout(op, config, protected, seeds)
     train_samples = train_op.samples(kspace)
     held_samples = held_op.samples(kspace) if held_op is not None else None
 
-    model = build_model(config, train_op, kspace * train_op.mask.unsqueeze(1))
+    model = build_model(config, train_op, kspace * train_op.mask.unsqueeze(1), seeds)
     if initial_parameters is not None:
         _load_parameters(model, initial_parameters)
     optimizer = _optimizer(model, config)

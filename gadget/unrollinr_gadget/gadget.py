@@ -10,7 +10,10 @@ In a chain (see ``chains/``)::
 Gadgetron runs ``python3 -m gadgetron <port> unrollinr_gadget.gadget handle``; in connect
 mode (``<connect port="18000"/>``) run ``unrollinr listen --port 18000`` instead.
 
-A slice that fails (or a malformed acquisition) never costs the others: Gadgetron's
+Slices that complete together (the end of an interleaved multi-slice exam: their last
+lines are already waiting in the socket) are reconstructed in one batched run, each slice
+as it would be alone. A slice that fails (or a malformed acquisition) never costs the
+others: Gadgetron's
 ``ExternalChannel`` answers an ERROR (id 8) by closing its channel to the gadget, so the
 failures are collected and sent as one ERROR after the last image, just before CLOSE;
 Gadgetron then reports them. The gadget also works around the upstream client package's
@@ -21,6 +24,7 @@ instead of spinning forever; nothing is printed to stdout.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import time
 
@@ -61,6 +65,12 @@ class _EndSafeSocket:
         except OSError:
             pass  # the peer is gone: nothing to tell it
         self.socket.close()
+
+
+def _more_waiting(sock: socket.socket) -> bool:
+    """Whether Gadgetron has already sent more than was read."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
 
 
 class _Text(str):
@@ -109,14 +119,16 @@ def handle(connection) -> None:
     try:
         for item in connection:
             if isinstance(item, ismrmrd.Acquisition):
-                outcomes = pipeline.add(item)
+                outcomes = pipeline.add(item, defer=True)
             elif isinstance(item, ReconData):
-                outcomes = pipeline.add_buffers(item)
+                outcomes = pipeline.add_buffers(item, defer=True)
             elif isinstance(item, (ismrmrd.Waveform, _Text)):
                 continue
             else:  # images and other items pass through untouched
                 connection.send(item)
                 continue
+            if not _more_waiting(connection.socket.socket):  # slices that complete together run as one batch
+                outcomes += pipeline.flush()
             images += sum(not isinstance(o, SliceFailure) for o in outcomes)
             _send(connection, outcomes, failures)
         outcomes = pipeline.finish()

@@ -14,7 +14,7 @@ import ismrmrd.xsd as xsd
 import numpy as np
 
 from unrollinr.config import ReconConfig
-from unrollinr.recon import reconstruct_with_details
+from unrollinr.recon import reconstruct_together
 from unrollinr.safety import UNROLLINR
 from unrollinr.training import FitResult
 from unrollinr_gadget.assembly import SliceAssembler, SliceData, SliceKey
@@ -22,6 +22,9 @@ from unrollinr_gadget.buffers import slices_from_recon_data
 from unrollinr_gadget.images import ImageFactory
 
 logger = logging.getLogger(__name__)
+
+# Slices reconstructed in one batched run at most, which bounds the run's memory.
+MAX_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -63,47 +66,70 @@ class ReconPipeline:
         self.device_lock = device_lock
         self.assembler = SliceAssembler(header)
         self.factory = ImageFactory(self.assembler.geometry, output=output, series_index=series_index)
+        self.pending: list[SliceData] = []
 
-    def add(self, acquisition: ismrmrd.Acquisition) -> list[Outcome]:
-        """Take one acquisition; return the images of the slices it completes."""
+    def add(self, acquisition: ismrmrd.Acquisition, *, defer: bool = False) -> list[Outcome]:
+        """Take one acquisition; return the images of the slices it completes, or with
+        ``defer`` keep those slices for :meth:`flush` (failures return at once)."""
         try:
-            completed = self.assembler.add(acquisition)
+            self.pending += self.assembler.add(acquisition)
         except ValueError as error:
             return [SliceFailure(SliceKey.of(acquisition.getHead()), str(error))]
-        return [self.reconstruct(data) for data in completed]
+        return [] if defer else self.flush()
 
-    def add_buffers(self, recon_data) -> list[Outcome]:
-        """Reconstruct every image of a Gadgetron ``ReconData`` (message 1023)."""
+    def add_buffers(self, recon_data, *, defer: bool = False) -> list[Outcome]:
+        """Take every image of a Gadgetron ``ReconData`` (message 1023), as :meth:`add`."""
         try:
-            slices = slices_from_recon_data(recon_data, self.assembler.geometry)
+            self.pending += slices_from_recon_data(recon_data, self.assembler.geometry)
         except ValueError as error:
             return [SliceFailure(SliceKey(), f"unusable buffer: {error}")]
-        return [self.reconstruct(data) for data in slices]
+        return [] if defer else self.flush()
+
+    def flush(self) -> list[Outcome]:
+        """Reconstruct the slices kept so far, batched (at most :data:`MAX_BATCH` at once)."""
+        outcomes: list[Outcome] = []
+        while self.pending:
+            batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+            outcomes += self.reconstruct(batch)
+        return outcomes
 
     def finish(self) -> list[Outcome]:
-        """End of the stream: reconstruct every slice still open."""
+        """End of the stream: reconstruct every slice kept or still open."""
         if self.assembler.skipped:
             logger.info("skipped non-imaging lines: %s", self.assembler.skipped)
-        return [self.reconstruct(data) for data in self.assembler.finish()]
+        self.pending += self.assembler.finish()
+        return self.flush()
 
     def process(self, acquisitions: Iterable[ismrmrd.Acquisition]) -> Iterator[Outcome]:
-        """Yield an image (or a failure) for each slice as soon as it is complete."""
+        """Offline: yield an image (or a failure) for each slice of a whole stream, the
+        slices reconstructed in batches at the end."""
         for acquisition in acquisitions:
-            yield from self.add(acquisition)
+            yield from self.add(acquisition, defer=True)
         yield from self.finish()
 
-    def reconstruct(self, data: SliceData) -> Outcome:
-        """One slice. Any error becomes a :class:`SliceFailure`, so the exam goes on."""
+    def reconstruct(self, slices: list[SliceData]) -> list[Outcome]:
+        """Slices that completed together, in one batched run per image shape (each slice as
+        alone). Any error becomes a :class:`SliceFailure` of its slice, so the exam goes on."""
+        if not slices:
+            return []
+        logger.info("reconstructing %d slice(s) in one batched run: %s", len(slices), [str(d.key) for d in slices])
         lock = self.device_lock if self.device_lock is not None else contextlib.nullcontext()
         try:
             with lock:
-                image, result = reconstruct_with_details(
-                    data.kspace, data.mask, config=self.config, device=self.device, progress=False,
-                    calibration=(data.calibration, data.calibration_mask))
-            return self.factory.make(image, data, details=image_details(result, self.factory.comment))
-        except Exception as error:  # noqa: BLE001 - one failed slice must not end the exam
-            logger.error("%s failed: %s", data.key, error, exc_info=logger.isEnabledFor(logging.DEBUG))
-            return SliceFailure(data.key, f"{type(error).__name__}: {error}")
+                results = reconstruct_together([d.kspace for d in slices], [d.mask for d in slices],
+                                               [(d.calibration, d.calibration_mask) for d in slices],
+                                               config=self.config, device=self.device)
+        except Exception as error:  # noqa: BLE001 - one failed run must not end the exam
+            results = [error] * len(slices)
+        outcomes: list[Outcome] = []
+        for data, result in zip(slices, results, strict=True):
+            if isinstance(result, Exception):
+                logger.error("%s failed: %s", data.key, result, exc_info=logger.isEnabledFor(logging.DEBUG))
+                outcomes.append(SliceFailure(data.key, f"{type(result).__name__}: {result}"))
+            else:
+                image, fit = result
+                outcomes.append(self.factory.make(image, data, details=image_details(fit, self.factory.comment)))
+        return outcomes
 
 
 def image_details(result: FitResult, comment: str) -> dict[str, str]:

@@ -1,0 +1,166 @@
+"""The chains inside a real Gadgetron 4.7.2 server, driven by its own gadgetron_ismrmrd_client.
+
+The server is built by ``../shared/tools/gadgetron/build.sh`` into ``~/.cache/gadgetron``
+(``GADGETRON_PREFIX`` for another place); without it these tests are skipped (CI does not
+build it). Each chain gets a copy with few iterations, so that a 3-slice exam takes seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import ismrmrd
+import numpy as np
+import pytest
+from ismrmrd.serialization import ConfigFile
+from peers import connect_with_retry, read_replies, send_stream
+from unrollinr_gadget.outputs import read_images
+from unrollinr_gadget.rawdata import RawFile, simulate_raw
+
+from unrollinr.masks import random_line_mask
+from unrollinr.phantoms import phantom_kspace
+
+PREFIX = Path(os.environ.get("GADGETRON_PREFIX", Path.home() / ".cache" / "gadgetron"))
+CHAINS = Path(__file__).resolve().parent.parent / "chains"
+N_SLICES, SIZE, COILS = 3, 48, 4
+
+pytestmark = [
+    pytest.mark.gadgetron,
+    pytest.mark.skipif(not (PREFIX / "bin" / "gadgetron").exists(),
+                       reason=f"no Gadgetron server in {PREFIX} (../shared/tools/gadgetron/build.sh builds one)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    port: int
+    env: dict[str, str]
+    log: Path
+    chains: dict[str, str]  # our chain file -> the test copy's name
+
+
+def _test_chain(source: Path, worker_port: int) -> str:
+    """A copy of a chain with 30 iterations (and the connect chain pointed at our worker)."""
+    text = source.read_text()
+    text = re.sub(r'(<property name="iterations" value=")\d+(")', r"\g<1>30\g<2>", text)
+    text = text.replace('<connect port="18000"/>', f'<connect port="{worker_port}"/>')
+    name = f"pytest_{source.name}"
+    (PREFIX / "share" / "gadgetron" / "config" / name).write_text(text)
+    return name
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gadgetron")
+    worker_port, port = _free_port(), _free_port()
+    chains = {path.name: _test_chain(path, worker_port) for path in sorted(CHAINS.glob("*.xml"))}
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{PREFIX / 'bin'}:{os.environ['PATH']}",
+               LD_LIBRARY_PATH=str(PREFIX / "lib"), OMP_WAIT_POLICY="PASSIVE")
+    log = folder / "gadgetron.log"
+    with log.open("wb") as out:
+        gadgetron = subprocess.Popen([str(PREFIX / "bin" / "gadgetron"), "-p", str(port), "-d", "true"],
+                                     env=env, stdout=out, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen([sys.executable, "-m", "unrollinr_gadget.cli", "listen", "--port", str(worker_port)],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            connect_with_retry(port, timeout=60).close()
+            yield Server(port, env, log, chains)
+        finally:
+            for process in (gadgetron, worker):
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            for name in chains.values():
+                (PREFIX / "share" / "gadgetron" / "config" / name).unlink(missing_ok=True)
+
+
+def _exam(folder: Path, order: str, *, broken_slice: int | None = None) -> Path:
+    """A 3-slice exam with a noise scan, 2x readout oversampling and embedded ACS; the
+    broken slice has no ACS lines (no k-space centre)."""
+    kspace = np.stack([phantom_kspace(SIZE, COILS, seed=s) for s in range(N_SLICES)])
+    masks = np.stack([random_line_mask((SIZE, SIZE), 3, acs_lines=12, seed=s) for s in range(N_SLICES)])
+    if broken_slice is not None:
+        masks[broken_slice, SIZE // 2 - 6: SIZE // 2 + 6] = False
+    return simulate_raw(kspace, masks, folder / f"{order}.h5", order=order)
+
+
+def _client(server: Server, raw: Path, chain: str, out: Path) -> tuple[list[ismrmrd.Image], str]:
+    """Run gadgetron_ismrmrd_client; the images it wrote, and what it printed."""
+    result = subprocess.run([str(PREFIX / "bin" / "gadgetron_ismrmrd_client"), "-f", str(raw), "-c", chain,
+                             "-p", str(server.port), "-o", str(out)],
+                            env=server.env, capture_output=True, text=True, timeout=900)
+    printed = result.stdout + result.stderr
+    if not out.exists():
+        return [], printed
+    with h5py.File(out, "r") as file:
+        groups = list(file)
+    images = [image for group in groups for image in read_images(out, dataset=group)]
+    return images, printed
+
+
+def _slices(images: list[ismrmrd.Image]) -> list[int]:
+    return sorted(image.getHead().slice for image in images)
+
+
+@pytest.mark.parametrize("order", ["interleaved", "sequential"])
+@pytest.mark.parametrize("chain", ["unrollinr.xml", "unrollinr_prospective_connect.xml", "unrollinr_buffered.xml"])
+def test_every_chain_returns_every_slice(server, tmp_path, chain, order):
+    images, printed = _client(server, _exam(tmp_path, order), server.chains[chain], tmp_path / "out.h5")
+    assert _slices(images) == list(range(N_SLICES)), printed[-3000:] + server.log.read_text()[-3000:]
+    for image in images:
+        assert image.data.max() > 0
+
+
+def test_geometry_matches_gadgetrons_own_images(server, tmp_path):
+    raw = _exam(tmp_path, "interleaved")
+    ours, printed = _client(server, raw, server.chains["unrollinr.xml"], tmp_path / "ours.h5")
+    theirs, printed_default = _client(server, raw, "default.xml", tmp_path / "theirs.h5")
+    assert _slices(ours) == _slices(theirs) == list(range(N_SLICES)), printed + printed_default
+    by_slice = {image.getHead().slice: image.getHead() for image in theirs}
+    for image in ours:
+        head, reference = image.getHead(), by_slice[image.getHead().slice]
+        for field in ("position", "read_dir", "phase_dir", "slice_dir", "field_of_view", "matrix_size"):
+            assert tuple(getattr(head, field)) == pytest.approx(tuple(getattr(reference, field))), field
+
+
+def _paced_send(sock: socket.socket, raw: RawFile, chain: str, pause_s: float) -> None:
+    """Send a raw file as a scanner does: a pause after each slice's last line."""
+    def paced():
+        for acquisition in raw.acquisitions():
+            yield acquisition
+            if acquisition.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
+                time.sleep(pause_s)
+
+    send_stream(sock, ConfigFile(chain), raw.header(), paced())
+
+
+def test_a_broken_slice_in_a_paced_stream_costs_no_other_slice(server, tmp_path):
+    raw = RawFile(_exam(tmp_path, "sequential", broken_slice=0))
+    sock = connect_with_retry(server.port)
+    replies = {}
+    reader = threading.Thread(target=lambda: replies.update(result=read_replies(sock)))
+    reader.start()
+    _paced_send(sock, raw, server.chains["unrollinr.xml"], pause_s=3.0)
+    reader.join(timeout=600)
+    sock.close()
+    result, log = replies["result"], server.log.read_text()
+    assert sorted(image.getHead().slice for image in result.images) == [1, 2], log[-3000:]
+    assert any("centre is not sampled" in text for text in result.errors + result.texts) or \
+        "centre is not sampled" in log, (result.errors, result.texts, log[-3000:])
