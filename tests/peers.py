@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -49,8 +50,8 @@ def send_stream(sock: socket.socket, config: str | ConfigText | ConfigFile, head
     stream.flush()
 
 
-def read_replies(sock: socket.socket) -> Replies:
-    """Read images, TEXT and ERROR messages until CLOSE."""
+def read_replies(sock: socket.socket, on_error: Callable[[], None] | None = None) -> Replies:
+    """Read images, TEXT and ERROR messages until CLOSE; ``on_error()`` runs at each ERROR."""
     stream = sock.makefile("rb")
     replies = Replies()
     while True:
@@ -60,6 +61,8 @@ def read_replies(sock: socket.socket) -> Replies:
             (length,) = struct.unpack("<Q", stream.read(8))
             replies.errors.append(stream.read(length).decode())
             replies.order.append("error")
+            if on_error is not None:
+                on_error()
             continue
         if message_id == CLOSE_ID:
             replies.closed = True
@@ -84,3 +87,32 @@ def connect_with_retry(port: int, host: str = "localhost", timeout: float = 60.0
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def exchange_like_external_channel(sock: socket.socket, config, header, items: Iterable,
+                                   pause_after: Callable[[object], bool], pause_s: float) -> Replies:
+    """Talk to a gadget as Gadgetron 4.7's ``ExternalChannel`` does: send from one thread
+    and read from another, and close the outbound side (CLOSE, then nothing more) on the
+    gadget's first ERROR. Items are paced: ``pause_s`` after each item for which
+    ``pause_after(item)`` holds, as a scanner streams slice by slice."""
+    closed = threading.Event()
+
+    def send() -> None:
+        stream = sock.makefile("wb")
+        with ProtocolSerializer(stream) as serializer:  # CLOSE on exit
+            serializer.serialize(config)
+            serializer.serialize(header)
+            for item in items:
+                if closed.is_set():
+                    break
+                serializer.serialize(item)
+                stream.flush()
+                if pause_after(item):
+                    closed.wait(pause_s)
+        stream.flush()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    replies = read_replies(sock, on_error=closed.set)
+    sender.join()
+    return replies

@@ -11,7 +11,13 @@ import pytest
 from conftest import FAST_PROPERTIES, reconstruct_with_a_broken_prior
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription, write_recon_data
 from ismrmrd.serialization import ConfigText, ProtocolSerializer
-from peers import connect_with_retry, properties_xml, read_replies, send_stream
+from peers import (
+    connect_with_retry,
+    exchange_like_external_channel,
+    properties_xml,
+    read_replies,
+    send_stream,
+)
 from unrollinr_gadget.assembly import SliceAssembler
 from unrollinr_gadget.pipeline import ReconPipeline, image_details
 from unrollinr_gadget.rawdata import RawFile, simulate_raw
@@ -27,9 +33,10 @@ def _gadget_env() -> dict:
     return env
 
 
-def run_execute_mode(properties: dict, header, items, timeout: float = 300, extra=None):
+def run_execute_mode(properties: dict, header, items, timeout: float = 300, extra=None, exchange=None):
     """Gadgetron's <execute> mode: bind a port, start `python -m gadgetron PORT MODULE TARGET`,
-    accept its connection, send CONFIG (id 2), HEADER, the items and CLOSE."""
+    accept its connection, send CONFIG (id 2), HEADER, the items and CLOSE; or let
+    ``exchange(connection, config)`` talk to the gadget and return the replies."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(timeout)
         port = listener.getsockname()[1]
@@ -39,8 +46,12 @@ def run_execute_mode(properties: dict, header, items, timeout: float = 300, extr
             connection, _ = listener.accept()
             with connection:
                 connection.settimeout(timeout)
-                send_stream(connection, ConfigText(properties_xml(properties)), header, items, extra=extra)
-                replies = read_replies(connection)
+                config = ConfigText(properties_xml(properties))
+                if exchange is not None:
+                    replies = exchange(connection, config)
+                else:
+                    send_stream(connection, config, header, items, extra=extra)
+                    replies = read_replies(connection)
             stdout, stderr = process.communicate(timeout=timeout)
         finally:
             process.kill()
@@ -101,6 +112,21 @@ def test_a_failed_slice_and_a_malformed_acquisition_cost_no_other_slice(raw_phan
     assert replies.closed and len(replies.images) == 1 and replies.images[0].getHead().slice == 1, stderr.decode()
     assert replies.order == ["image", "error"]
     assert "centre is not sampled" in replies.errors[0] and "outside" in replies.errors[0]
+
+
+def test_a_failed_slice_costs_no_other_slice_with_a_peer_that_closes_on_error(raw_phantom):
+    raw = RawFile(raw_phantom)
+    acquisitions = [a for a in raw.acquisitions()
+                    if not (a.idx.slice == 0 and 18 <= a.idx.kspace_encode_step_1 < 30)]  # slice 0: no centre
+
+    def exchange(connection, config):
+        return exchange_like_external_channel(
+            connection, config, raw.header(), acquisitions, pause_s=2.0,
+            pause_after=lambda a: a.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE))
+
+    replies, _, stderr = run_execute_mode(FAST_PROPERTIES, raw.header(), None, exchange=exchange)
+    assert [image.getHead().slice for image in replies.images] == [1], stderr.decode()[-2000:]
+    assert replies.order == ["image", "error"] and "centre is not sampled" in replies.errors[0]
 
 
 def test_invalid_properties_are_reported(raw_phantom):
