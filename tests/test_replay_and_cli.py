@@ -121,14 +121,16 @@ def test_simulate_raw_writes_a_scanners_header_and_interleaved_slices_that_repla
     np.savez(data, kspace=phantom_48)
     raw_path = tmp_path / "raw.h5"
     assert main(["simulate-raw", str(data), "--R", "3", "--slices", "3", "--order", "interleaved",
-                 "-o", str(raw_path)]) == 0
+                 "--noise-scans", "2", "-o", str(raw_path)]) == 0
     raw = RawFile(raw_path)
     header = raw.header()
     assert header.measurementInformation.measurementID and header.measurementInformation.protocolName
     assert header.measurementInformation.patientPosition.value == "HFS"
     assert header.acquisitionSystemInformation.receiverChannels == 8
     assert header.sequenceParameters.TR and header.studyInformation.studyDate
+    noise = [a for a in raw.acquisitions() if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
     lines = [a for a in raw.acquisitions() if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    assert len(noise) == 2
     assert [a.idx.slice for a in lines[:6]] == [0, 1, 2, 0, 1, 2]
     out = tmp_path / "images.h5"
     assert main(["replay", str(raw_path), "-o", str(out), *SETS]) == 0

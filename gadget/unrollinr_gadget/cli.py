@@ -158,7 +158,7 @@ def cmd_simulate_raw(args: argparse.Namespace) -> int:
     # every slice is the same data under its own mask (seed + slice)
     masks = np.stack([make_mask(args.mask, kspace.shape[1:], args.R, seed=args.seed + s) for s in range(args.slices)])
     simulate_raw(np.repeat(kspace[None], args.slices, axis=0), masks, args.out, oversampling=args.oversampling,
-                 order=args.order, seed=args.seed)
+                 noise_scans=args.noise_scans, order=args.order, seed=args.seed)
     print(f"wrote {args.out}")
     return 0
 
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--mask", default="random", choices=["random", "uniform"])
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--oversampling", type=int, default=2, help="readout oversampling written to the file")
+    simulate.add_argument("--noise-scans", type=int, default=1,
+                          help="noise-only acquisitions first (Gadgetron's NoiseAdjustGadget stores them in its "
+                               "storage server)")
     simulate.add_argument("--slices", type=int, default=1, help="slices to write (the data under its own mask each)")
     simulate.add_argument("--order", default="sequential", choices=["sequential", "interleaved"],
                           help="slices one after another, or interleaved line by line as in a 2D FSE")
