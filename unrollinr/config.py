@@ -57,8 +57,10 @@ class ReconConfig:
         cropped maps); ``"cg"`` runs CG; ``"auto"`` is exact where the mask allows it,
         else CG. Each CG solve in training runs ``cg_training_iterations`` iterations,
         warm-started (``cg_warm_start``) from the previous step's solution, and inference
-        runs ``cg_iterations`` (on ``brain_8ch_256`` with a 2D mask at R = 8, 5 in training
-        gave 42.0 dB against 40.6 with 20, in a third of the time; bench/RESULTS.md).
+        runs ``cg_iterations``. On 2D masks 5 in training against 20 (after a 5-iteration
+        warm-up of 50 steps) gave 42.02 against 41.82 dB (``brain_8ch_256``, R 8), 40.54
+        against 40.52 (``brain_16ch_96``, R 4) and 35.69 against 35.29 (GE phantom, R 6),
+        in 0.4-0.7 of the time (bench/RESULTS.md).
     Loss (``tv_second_order=0, tv_log_scale=0, coil_l1=False`` is the paper's):
         ``tv_second_order`` mixes second-order differences into the TV term (0: first
         order only, 1: second order only); ``tv_log_scale`` > 0 penalises each difference
