@@ -237,8 +237,8 @@ def reconstruct_together(kspaces: Sequence[np.ndarray], masks: Sequence[np.ndarr
     """
     config = ReconConfig() if config is None else config
     device = default_device() if device is None else torch.device(device)
-    results: list = []
-    groups: dict[tuple, list[int]] = {}
+    results: list[tuple[np.ndarray, FitResult] | Exception | None] = []
+    groups: dict[tuple, list[tuple[int, _PreparedSlice]]] = {}
     for kspace, mask, calibration in zip(kspaces, masks, calibrations, strict=True):
         try:
             kspace, mask = _validate(kspace, mask, None)
@@ -246,21 +246,36 @@ def reconstruct_together(kspaces: Sequence[np.ndarray], masks: Sequence[np.ndarr
         except Exception as error:  # noqa: BLE001 - this slice's failure, reported with it
             results.append(error)
             continue
-        groups.setdefault((data.shape, maps.shape), []).append(len(results))
-        results.append((kspace, mask, calibration, data, maps))
+        groups.setdefault((data.shape, maps.shape), []).append(
+            (len(results), _PreparedSlice(kspace, mask, calibration, data, maps)))
+        results.append(None)
     for members in groups.values():
-        parts = [results[i] for i in members]
+        parts = [part for _, part in members]
         try:
-            images, batch = reconstruct_prepared(*(np.stack([p[k] for p in parts]) for k in (3, 1, 4)), config,
-                                                 device=device, progress=False, seeds=[config.seed] * len(parts))
+            images, batch = reconstruct_prepared(
+                np.stack([p.data for p in parts]), np.stack([p.mask for p in parts]),
+                np.stack([p.maps for p in parts]), config, device=device, progress=False,
+                seeds=[config.seed] * len(parts))
         except Exception as error:  # noqa: BLE001 - reported for each slice of the batch
-            for i in members:
+            for i, _ in members:
                 results[i] = error
             continue
-        for j, (i, (kspace, mask, calibration, _, _)) in enumerate(zip(members, parts, strict=True)):
-            results[i] = _retry_with_wider_maps(kspace, mask, config, device, images[j], batch.for_slice(j),
-                                                calibration=calibration)
+        for j, (i, part) in enumerate(members):
+            results[i] = _retry_with_wider_maps(part.kspace, part.mask, config, device, images[j],
+                                                batch.for_slice(j), calibration=part.calibration)
     return results
+
+
+@dataclasses.dataclass(frozen=True)
+class _PreparedSlice:
+    """One slice for :func:`reconstruct_together`: its checked k-space and mask (as given,
+    for a retry), its calibration, and the k-space and maps of :func:`prepare_maps`."""
+
+    kspace: np.ndarray
+    mask: np.ndarray
+    calibration: tuple[np.ndarray, np.ndarray] | None
+    data: np.ndarray
+    maps: np.ndarray
 
 
 def prepare_slices(kspace: np.ndarray, masks: np.ndarray | None, config: ReconConfig, *,

@@ -56,6 +56,11 @@ class _EndSafeSocket:
             data += chunk
         return bytes(data)
 
+    def more_waiting(self) -> bool:
+        """Whether Gadgetron has already sent more than was read."""
+        readable, _, _ = select.select([self.socket], [], [], 0)
+        return bool(readable)
+
     def write(self, data: bytes) -> None:
         self.socket.sendall(data)
 
@@ -65,12 +70,6 @@ class _EndSafeSocket:
         except OSError:
             pass  # the peer is gone: nothing to tell it
         self.socket.close()
-
-
-def _more_waiting(sock: socket.socket) -> bool:
-    """Whether Gadgetron has already sent more than was read."""
-    readable, _, _ = select.select([sock], [], [], 0)
-    return bool(readable)
 
 
 class _Text(str):
@@ -127,7 +126,7 @@ def handle(connection) -> None:
             else:  # images and other items pass through untouched
                 connection.send(item)
                 continue
-            if not _more_waiting(connection.socket.socket):  # slices that complete together run as one batch
+            if not connection.socket.more_waiting():  # slices that complete together run as one batch
                 outcomes += pipeline.flush()
             images += sum(not isinstance(o, SliceFailure) for o in outcomes)
             _send(connection, outcomes, failures)

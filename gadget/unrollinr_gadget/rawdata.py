@@ -70,14 +70,16 @@ def _fov(x: float, y: float, z: float) -> xsd.fieldOfViewMm:
     return xsd.fieldOfViewMm(x=x, y=y, z=z)
 
 
+MEASUREMENT_ID = "unrollinr_00000_0000000_000000_00001"
+
+
 def xsd_date(day: datetime.date) -> XmlDate:
     """An ISMRMRD header date."""
     return XmlDate(day.year, day.month, day.day)
 
 
 def make_header(*, n_coils: int, n_ky: int, n_kx: int, n_slices: int, oversampling: int,
-                fov_mm: tuple[float, float, float], acceleration: float, calibration_mode: str,
-                measurement_id: str = "unrollinr_00000_0000000_000000_00001") -> xsd.ismrmrdHeader:
+                fov_mm: tuple[float, float, float], acceleration: float, calibration_mode: str) -> xsd.ismrmrdHeader:
     """A Cartesian 2D multi-slice ISMRMRD header with readout oversampling, and the study,
     measurement, system and sequence information a scanner writes (Gadgetron's
     NoiseAdjustGadget, for one, needs ``measurementInformation``)."""
@@ -100,7 +102,7 @@ def make_header(*, n_coils: int, n_ky: int, n_kx: int, n_slices: int, oversampli
         studyInformation=xsd.studyInformationType(studyDate=xsd_date(today), studyID="unrollinr-simulated",
                                                   studyDescription="simulated undersampled scan"),
         measurementInformation=xsd.measurementInformationType(
-            measurementID=measurement_id, seriesDate=xsd_date(today), patientPosition=xsd.patientPositionType.HFS,
+            measurementID=MEASUREMENT_ID, seriesDate=xsd_date(today), patientPosition=xsd.patientPositionType.HFS,
             protocolName="unrollinr simulate-raw", sequenceName="fse2d", seriesDescription="simulated 2D FSE"),
         acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
             systemVendor="unrollinr simulate-raw", systemModel="retrospective undersampling",
