@@ -157,16 +157,25 @@ def _timed(run: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
     return image, time.perf_counter() - start
 
 
+def _bart_maps(measured: np.ndarray, crop: float, kernel: int, sets: int) -> np.ndarray | None:
+    """BART's ESPIRiT maps, or ``None`` where ``ecalib`` crashes (it does, now and then,
+    on small calibration regions)."""
+    try:
+        return baselines.bart_maps(measured, crop=crop, kernel_width=kernel, sets=sets)
+    except subprocess.CalledProcessError as error:
+        print(f"BART ecalib -m{sets} -c {crop} failed: {error}", file=sys.stderr)
+        return None
+
+
 def bart_best(measured: np.ndarray, reference: np.ndarray, kernel: int,
               sets: int) -> tuple[float, float, str, float]:
     """Oracle-tuned BART L1-ESPIRiT: the best PSNR over lambda and crop, its SSIM and
-    setting, and the wall time of ``ecalib`` + ``pics`` at that setting, run once more."""
+    setting, and the wall time of ``ecalib`` + ``pics`` at that setting, run once more
+    (NaN if ``ecalib`` crashes then)."""
     best = (-np.inf, 0.0, "", 0.0, 0.0)
     for crop in BART_CROPS:
-        try:
-            maps = baselines.bart_maps(measured, crop=crop, kernel_width=kernel, sets=sets)
-        except subprocess.CalledProcessError as error:  # BART's ecalib can crash on small calibration regions
-            print(f"BART ecalib -m{sets} -c {crop} failed: {error}", file=sys.stderr)
+        maps = _bart_maps(measured, crop, kernel, sets)
+        if maps is None:
             continue
         for lam in BART_LAMBDAS:
             image = baselines.bart_pics(measured, maps, lam)
@@ -176,9 +185,12 @@ def bart_best(measured: np.ndarray, reference: np.ndarray, kernel: int,
     score, similarity, setting, crop, lam = best
     if not setting:
         return score, similarity, setting, 0.0
-    _, seconds = _timed(lambda: baselines.bart_pics(
-        measured, baselines.bart_maps(measured, crop=crop, kernel_width=kernel, sets=sets), lam))
-    return score, similarity, setting, seconds
+    start = time.perf_counter()
+    maps = _bart_maps(measured, crop, kernel, sets)
+    if maps is None:
+        return score, similarity, setting, float("nan")
+    baselines.bart_pics(measured, maps, lam)
+    return score, similarity, setting, time.perf_counter() - start
 
 
 def run_case(case: Case, config: ReconConfig, device: str | None, use_bart: bool) -> dict:
