@@ -2,6 +2,7 @@ import ismrmrd
 import numpy as np
 import pytest
 from unrollinr_gadget.assembly import EncodingGeometry, SliceAssembler, SliceKey
+from unrollinr_gadget.limits import LimitExceeded, StreamLimits
 from unrollinr_gadget.rawdata import RawFile, simulate_raw
 
 from unrollinr.masks import random_line_mask
@@ -107,3 +108,34 @@ def test_lines_outside_the_encoding_are_an_error(header):
 def test_geometry_reads_the_recon_space(header):
     geometry = EncodingGeometry.from_header(header)
     assert (geometry.encoded_x, geometry.n_ky, geometry.recon_x, geometry.ky_centre) == (16, 16, 16, 8)
+
+
+def test_a_slice_whose_channels_samples_or_values_change_fails_once_and_the_others_go_on(header):
+    assembler = SliceAssembler(header)
+    assembler.add(_acquisition(7, slice=0))
+    with pytest.raises(ValueError, match="3 channels after 2"):
+        assembler.add(_acquisition(8, slice=0, coils=3))
+    assert assembler.add(_acquisition(9, slice=0)) == []  # the failed slice's later lines are dropped
+    assembler.add(_acquisition(7, slice=1))
+    with pytest.raises(ValueError, match="12 samples per line after 16"):
+        assembler.add(_acquisition(8, slice=1, n_samples=12))
+    nan = _acquisition(8, slice=2)
+    nan.data[0, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        assembler.add(nan)
+    assembler.add(_acquisition(8, slice=3))
+    assert [d.key for d in assembler.finish()] == [SliceKey(slice=3)]
+    assert assembler.skipped == {"lines of failed slices": 1}
+
+
+def test_limits_bound_the_matrix_and_the_channels(header):
+    with pytest.raises(LimitExceeded, match="exceeds the limit of 8 samples"):
+        SliceAssembler(header, limits=StreamLimits(max_matrix=8))
+    with pytest.raises(LimitExceeded, match="2 channels exceed the limit of 1"):
+        SliceAssembler(header, limits=StreamLimits(max_channels=1)).add(_acquisition(8))
+
+
+def test_a_header_without_encoding_limits_is_refused(header):
+    header.encoding[0].encodingLimits.kspace_encoding_step_1 = None
+    with pytest.raises(ValueError, match="no encodingLimits"):
+        SliceAssembler(header)

@@ -106,7 +106,7 @@ def test_a_failed_slice_and_a_malformed_acquisition_cost_no_other_slice(raw_phan
     acquisitions = [a for a in raw.acquisitions()
                     if not (a.idx.slice == 0 and 18 <= a.idx.kspace_encode_step_1 < 30)]  # slice 0: no centre
     malformed = ismrmrd.Acquisition.from_array(np.zeros((4, 96), np.complex64))
-    malformed.idx.kspace_encode_step_1, malformed.idx.slice = 500, 1
+    malformed.idx.kspace_encode_step_1, malformed.idx.slice = 500, 2  # fails slice 2, a slice of its own
     acquisitions.insert(len(acquisitions) // 2, malformed)
     replies, _, stderr = run_execute_mode(FAST_PROPERTIES, raw.header(), acquisitions)
     assert replies.closed and len(replies.images) == 1 and replies.images[0].getHead().slice == 1, stderr.decode()

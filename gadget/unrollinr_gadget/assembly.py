@@ -20,6 +20,7 @@ import torch
 
 from unrollinr.coils import prewhitening_matrix
 from unrollinr.fft import fftc, ifftc
+from unrollinr_gadget.limits import LimitExceeded, StreamLimits
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,9 @@ class EncodingGeometry:
     recon_fov: tuple[float, float, float]
 
     @classmethod
-    def from_header(cls, header: xsd.ismrmrdHeader) -> EncodingGeometry:
-        """Read the first encoding of an ISMRMRD header; 2D Cartesian only."""
+    def from_header(cls, header: xsd.ismrmrdHeader, limits: StreamLimits | None = None) -> EncodingGeometry:
+        """Read the first encoding of an ISMRMRD header; 2D Cartesian only, and no side
+        larger than ``limits.max_matrix``."""
         if not header.encoding:
             raise ValueError("the ISMRMRD header has no encoding")
         encoding = header.encoding[0]
@@ -92,8 +94,18 @@ class EncodingGeometry:
         encoded, recon = encoding.encodedSpace.matrixSize, encoding.reconSpace.matrixSize
         if (encoded.z or 1) > 1:
             raise ValueError(f"3D encodings are not supported (encoded z = {encoded.z})")
-        limits = encoding.encodingLimits.kspace_encoding_step_1 if encoding.encodingLimits else None
-        centre = limits.center if limits is not None and limits.center is not None else encoded.y // 2
+        largest = max(encoded.x, encoded.y, recon.x, recon.y)
+        max_matrix = (limits or StreamLimits()).max_matrix
+        if largest > max_matrix:
+            raise LimitExceeded(f"the matrix ({encoded.x} x {encoded.y} encoded, {recon.x} x {recon.y} recon) "
+                                f"exceeds the limit of {max_matrix} samples a side")
+        if min(encoded.x, encoded.y, recon.x, recon.y) < 1:
+            raise ValueError(f"the matrix ({encoded.x} x {encoded.y} encoded, {recon.x} x {recon.y} recon) is empty")
+        step_1 = encoding.encodingLimits.kspace_encoding_step_1 if encoding.encodingLimits else None
+        if step_1 is None:
+            raise ValueError("the ISMRMRD header has no encodingLimits for kspace_encoding_step_1, so its lines "
+                             "cannot be placed")
+        centre = step_1.center if step_1.center is not None else encoded.y // 2
         fov = encoding.reconSpace.fieldOfView_mm
         return cls(encoded_x=int(encoded.x), n_ky=int(encoded.y), recon_x=int(recon.x), recon_y=int(recon.y),
                    ky_centre=int(centre), recon_fov=(float(fov.x), float(fov.y), float(fov.z)))
@@ -127,6 +139,7 @@ class _Buffer:
     calibration_mask: np.ndarray
     reference: ismrmrd.AcquisitionHeader | None = None
     lines: int = 0
+    samples: int | None = None
 
     @classmethod
     def empty(cls, n_coils: int, geometry: EncodingGeometry) -> _Buffer:
@@ -137,18 +150,25 @@ class _Buffer:
 
 @dataclass
 class SliceAssembler:
-    """Collects acquisitions into :class:`SliceData`; :meth:`add` returns completed slices."""
+    """Collects acquisitions into :class:`SliceData`; :meth:`add` returns completed slices.
+
+    An acquisition that does not fit its slice (a channel or sample count that changes, a
+    line outside the matrix, NaN or infinite samples) fails that slice with ``ValueError``
+    once; the slice's later acquisitions are dropped and the other slices go on.
+    """
 
     header: xsd.ismrmrdHeader
+    limits: StreamLimits = field(default_factory=StreamLimits)
     geometry: EncodingGeometry = field(init=False)
     skipped: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.geometry = EncodingGeometry.from_header(self.header)
+        self.geometry = EncodingGeometry.from_header(self.header, self.limits)
         self._noise: list[np.ndarray] = []
         self._whitening: np.ndarray | None = None
         self._buffers: dict[SliceKey, _Buffer] = {}
         self._last_calibration: dict[int, _Buffer] = {}
+        self._failed: set[SliceKey] = set()
 
     def add(self, acquisition: ismrmrd.Acquisition) -> list[SliceData]:
         """Take one acquisition; return the slices it completes (usually none)."""
@@ -160,17 +180,37 @@ class SliceAssembler:
             if acquisition.is_flag_set(flag):
                 self.skipped[name] = self.skipped.get(name, 0) + 1
                 return []
-        data = self._whiten(np.asarray(acquisition.data, dtype=np.complex64))
+        key = SliceKey.of(head)
+        if key in self._failed:
+            self.skipped["lines of failed slices"] = self.skipped.get("lines of failed slices", 0) + 1
+            return []
+        try:
+            return self._place(acquisition, head, key)
+        except ValueError:
+            self._buffers.pop(key, None)
+            self._failed.add(key)
+            raise
+
+    def _place(self, acquisition: ismrmrd.Acquisition, head: ismrmrd.AcquisitionHeader,
+               key: SliceKey) -> list[SliceData]:
+        if head.active_channels > self.limits.max_channels:
+            raise LimitExceeded(f"{head.active_channels} channels exceed the limit of {self.limits.max_channels}")
+        data = np.asarray(acquisition.data, dtype=np.complex64)
+        if not np.isfinite(data).all():
+            raise ValueError(f"{key}: NaN or infinite samples in line {head.idx.kspace_encode_step_1}")
         row = self.geometry.line(head)
         if not 0 <= row < self.geometry.n_ky:
-            raise ValueError(f"kspace_encode_step_1 {head.idx.kspace_encode_step_1} lies outside the encoded "
-                             f"matrix ({self.geometry.n_ky} lines, centre {self.geometry.ky_centre})")
-        key = SliceKey.of(head)
+            raise ValueError(f"{key}: kspace_encode_step_1 {head.idx.kspace_encode_step_1} lies outside the "
+                             f"encoded matrix ({self.geometry.n_ky} lines, centre {self.geometry.ky_centre})")
         buffer = self._buffers.get(key)
         if buffer is None:
             buffer = self._buffers[key] = _Buffer.empty(data.shape[0], self.geometry)
         if data.shape[0] != buffer.kspace.shape[0]:
             raise ValueError(f"{key}: {data.shape[0]} channels after {buffer.kspace.shape[0]}")
+        if buffer.samples is not None and data.shape[1] != buffer.samples:
+            raise ValueError(f"{key}: {data.shape[1]} samples per line after {buffer.samples}")
+        buffer.samples = data.shape[1]
+        data = self._whiten(data)
         line = self.geometry.readout(data, head)
         calibration = acquisition.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
         embedded = acquisition.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)

@@ -76,9 +76,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from unrollinr_gadget.pipeline import ReconPipeline, SliceFailure
-    from unrollinr_gadget.rawdata import RawFile
+    from unrollinr_gadget.rawsave import open_raw
 
-    raw = RawFile(args.raw)
+    raw = open_raw(args.raw)
     settings = settings_from_args(args)
     pipeline = ReconPipeline(raw.header(), settings.recon, output=settings.output, device=settings.device,
                              series_index=settings.series_index)
@@ -115,31 +115,67 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 1 if replies.errors or replies.texts else 0
 
 
+def _limits(args: argparse.Namespace):
+    from unrollinr_gadget.limits import MIB, StreamLimits
+
+    return StreamLimits(max_message_bytes=int(args.max_message_mb * MIB), max_matrix=args.max_matrix,
+                        max_channels=args.max_channels, idle_timeout_s=args.idle_timeout or None)
+
+
+def _network(args: argparse.Namespace) -> dict:
+    """The keyword arguments every :class:`~unrollinr_gadget.network.GuardedServer` takes."""
+    from unrollinr_gadget.network import parse_networks
+
+    return {"limits": _limits(args), "allow": None if args.allow is None else parse_networks(args.allow),
+            "max_connections": args.max_connections}
+
+
+def _serve_until_stopped(server, what: str) -> None:
+    """Serve until SIGTERM or SIGINT; then finish the slices in progress, close every
+    session cleanly and return."""
+    import signal
+    import threading
+
+    def stop(signum: int, _frame) -> None:
+        logger.info("%s: stopping", signal.Signals(signum).name)
+        threading.Thread(target=server.stop, name="stop").start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logger.info("%s on %s:%d", what, server.server_address[0], server.port)
+    server.serve_forever()
+
+
+def default_raw_folder() -> Path:
+    """Where ``serve`` saves raw data unless told: ``$XDG_DATA_HOME/unrollinr/raw``."""
+    import os
+
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "unrollinr" / "raw"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the MRD stream protocol for scanner-side clients."""
+    from unrollinr_gadget.rawsave import recover
     from unrollinr_gadget.server import DEFAULT_CHAINS, ConfigResolver, UnrollINRServer
 
     resolver = ConfigResolver(args.chains or DEFAULT_CHAINS, base=settings_from_args(args))
-    with UnrollINRServer((args.host, args.port), resolver) as server:
-        logger.info("serving on %s:%d; configs %s", args.host, server.port, resolver.names())
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            logger.info("stopped")
+    raw_folder = None if args.no_save_raw else args.save_raw
+    with UnrollINRServer((args.host, args.port), resolver, raw_folder=raw_folder, **_network(args)) as server:
+        if raw_folder is not None:
+            for path in recover(raw_folder):
+                logger.warning("recovered the raw data of a session the server did not finish: %s", path)
+            logger.info("saving every session's raw data under %s", raw_folder)
+        _serve_until_stopped(server, f"serving configs {resolver.names()}")
     return 0
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    """Run the gadget for a Gadgetron chain in connect mode (<connect port=.../>)."""
-    from gadgetron.external import listen
+    """Run the gadget for Gadgetron chains in connect mode (<connect port=.../>)."""
+    from unrollinr_gadget.listener import GadgetListener
 
-    from unrollinr_gadget.gadget import handle
-
-    while True:
-        logger.info("waiting for Gadgetron on port %d", args.port)
-        listen(args.port, handle)
-        if args.once:
-            return 0
+    with GadgetListener((args.host, args.port), serve_once=args.once, **_network(args)) as listener:
+        _serve_until_stopped(listener, "waiting for Gadgetron")
+    return 0
 
 
 def cmd_simulate_raw(args: argparse.Namespace) -> int:
@@ -173,6 +209,20 @@ def cmd_example(args: argparse.Namespace) -> int:
         print(f"{name:12s} PSNR {scores['psnr']:6.2f} dB  SSIM {scores['ssim']:.4f}  NRMSE {scores['nrmse']:.4f}")
     print(f"wrote {result.raw}, {result.images} and {result.figure}")
     return 0
+
+
+def _add_network_options(parser: argparse.ArgumentParser, *, port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for the scanner network)")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--allow", nargs="+", metavar="RANGE", default=None,
+                        help="address ranges that may connect, e.g. 10.0.0.0/8 192.168.2.7 (default: any that "
+                             "reaches --host)")
+    parser.add_argument("--max-connections", type=int, default=8, help="sessions at once; more are turned away")
+    parser.add_argument("--idle-timeout", type=float, default=300.0,
+                        help="seconds a peer may stay silent mid-stream (0: wait for ever)")
+    parser.add_argument("--max-message-mb", type=float, default=256.0, help="largest message a peer may send")
+    parser.add_argument("--max-matrix", type=int, default=1024, help="largest matrix side accepted")
+    parser.add_argument("--max-channels", type=int, default=128, help="most receive channels accepted")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,15 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     send.set_defaults(run=cmd_send)
 
     serve = commands.add_parser("serve", help=cmd_serve.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for the scanner network)")
-    serve.add_argument("--port", type=int, default=9002)
+    _add_network_options(serve, port=9002)
     serve.add_argument("--chains", type=Path, default=None, help="folder of chain XMLs clients may name")
+    serve.add_argument("--save-raw", type=Path, default=default_raw_folder(), metavar="DIR",
+                       help="save every session's raw data here as it arrives (ISMRMRD .h5)")
+    serve.add_argument("--no-save-raw", action="store_true", help="do not save raw data")
     _add_config_options(serve, images=True)
     serve.set_defaults(run=cmd_serve)
 
     listen = commands.add_parser("listen", help=cmd_listen.__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    listen.add_argument("--port", type=int, default=18000)
+    _add_network_options(listen, port=18000)
     listen.add_argument("--once", action="store_true", help="exit after one Gadgetron connection")
     listen.set_defaults(run=cmd_listen)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
+import torch
 
 from unrollinr.config import ReconConfig
 from unrollinr.recon import reconstruct_together
@@ -20,6 +21,7 @@ from unrollinr.training import FitResult
 from unrollinr_gadget.assembly import SliceAssembler, SliceData, SliceKey
 from unrollinr_gadget.buffers import slices_from_recon_data
 from unrollinr_gadget.images import ImageFactory
+from unrollinr_gadget.limits import StreamLimits
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +58,17 @@ class ReconPipeline:
         Torch device for the reconstruction; ``None`` picks CUDA when available.
     device_lock
         Serialises reconstructions that share one device (the server's queue).
+    limits
+        The largest matrix and channel count accepted.
     """
 
     def __init__(self, header: xsd.ismrmrdHeader, config: ReconConfig, *, output: str = "uint16",
                  device: str | None = None, device_lock: threading.Lock | None = None,
-                 series_index: int = 1) -> None:
+                 series_index: int = 1, limits: StreamLimits | None = None) -> None:
         self.config = config
         self.device = device
         self.device_lock = device_lock
-        self.assembler = SliceAssembler(header)
+        self.assembler = SliceAssembler(header, limits=limits or StreamLimits())
         self.factory = ImageFactory(self.assembler.geometry, output=output, series_index=series_index)
         self.pending: list[SliceData] = []
 
@@ -113,6 +117,19 @@ class ReconPipeline:
         if not slices:
             return []
         logger.info("reconstructing %d slice(s) in one batched run: %s", len(slices), [str(d.key) for d in slices])
+        outcomes: list[Outcome] = []
+        for data, result in zip(slices, self._run(slices), strict=True):
+            if isinstance(result, Exception):
+                logger.error("%s failed: %s", data.key, result, exc_info=logger.isEnabledFor(logging.DEBUG))
+                outcomes.append(SliceFailure(data.key, f"{type(result).__name__}: {result}"))
+            else:
+                image, fit = result
+                outcomes.append(self.factory.make(image, data, details=image_details(fit, self.factory.comment)))
+        return outcomes
+
+    def _run(self, slices: list[SliceData]) -> list[tuple[np.ndarray, FitResult] | Exception]:
+        """Per slice, ``(image, result)`` or the error that stopped it. Slices that ran out
+        of memory in a batch run again in halves, down to one at a time."""
         lock = self.device_lock if self.device_lock is not None else contextlib.nullcontext()
         try:
             with lock:
@@ -121,15 +138,23 @@ class ReconPipeline:
                                                config=self.config, device=self.device)
         except Exception as error:  # noqa: BLE001 - one failed run must not end the exam
             results = [error] * len(slices)
-        outcomes: list[Outcome] = []
-        for data, result in zip(slices, results, strict=True):
-            if isinstance(result, Exception):
-                logger.error("%s failed: %s", data.key, result, exc_info=logger.isEnabledFor(logging.DEBUG))
-                outcomes.append(SliceFailure(data.key, f"{type(result).__name__}: {result}"))
-            else:
-                image, fit = result
-                outcomes.append(self.factory.make(image, data, details=image_details(fit, self.factory.comment)))
-        return outcomes
+        retry = [i for i, result in enumerate(results) if isinstance(result, torch.OutOfMemoryError | MemoryError)]
+        if not retry or len(slices) == 1:
+            return results
+        _release_cached_memory()
+        logger.warning("out of memory with %d slices in one run: again in smaller batches", len(slices))
+        again = [slices[i] for i in retry]
+        half = (len(again) + 1) // 2
+        redone = self._run(again[:half]) + (self._run(again[half:]) if half < len(again) else [])
+        for i, result in zip(retry, redone, strict=True):
+            results[i] = result
+        return results
+
+
+def _release_cached_memory() -> None:
+    """Hand the CUDA allocator's cached blocks back after an out-of-memory error."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def image_details(result: FitResult, comment: str) -> dict[str, str]:

@@ -5,6 +5,11 @@ client and Siemens FIRE: a config by name (id 1) or as text (id 2), the ISMRMRD 
 optionally a TEXT (id 5) with JSON parameters, acquisitions (waveforms are ignored) and
 CLOSE. Images go back as each slice completes, failures as TEXT, then CLOSE. Each
 connection has its own thread; reconstructions share one device through a lock.
+
+Whatever a client sends, it gets an answer: a malformed, oversized or unexpected message, a
+stall past the idle timeout, or a bad header ends its session with a TEXT naming the
+problem and CLOSE, and the next client is served as usual (see :mod:`network` and
+:mod:`limits`). With a raw folder, the session's data is saved as it arrives.
 """
 
 from __future__ import annotations
@@ -12,13 +17,16 @@ from __future__ import annotations
 import json
 import logging
 import socketserver
-import threading
 import time
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from unrollinr_gadget.pipeline import ReconPipeline, SliceFailure
+import ismrmrd
+
+from unrollinr_gadget.limits import StreamLimits
+from unrollinr_gadget.network import GuardedServer, Network
+from unrollinr_gadget.pipeline import Outcome, ReconPipeline, SliceFailure
 from unrollinr_gadget.protocol import (
     ACQUISITION,
     CLOSE,
@@ -32,6 +40,7 @@ from unrollinr_gadget.protocol import (
     MessageWriter,
     ProtocolError,
 )
+from unrollinr_gadget.rawsave import RawRecorder, check_writable
 from unrollinr_gadget.settings import GadgetSettings, chain_properties, gadget_configuration
 
 logger = logging.getLogger(__name__)
@@ -46,34 +55,34 @@ DEFAULT_CHAINS = Path(__file__).resolve().parents[2] / "chains"
 class ConfigResolver:
     """Maps a client's config name or config text to :class:`GadgetSettings`.
 
-    Names: ``unrollinr``, ``unrollinr_prospective``, or the file name of a chain in
-    ``chains_dir`` (e.g. ``unrollinr.xml``), whose properties are used.
+    Names form a fixed registry, read once: ``unrollinr``, ``unrollinr_prospective``, and
+    each chain in ``chains_dir`` by file name, with or without ``.xml`` (its properties are
+    used). A name from the network is only ever a key into it: never a path, never a module.
     """
 
     def __init__(self, chains_dir: Path | None = DEFAULT_CHAINS, base: GadgetSettings | None = None) -> None:
         self.chains_dir = chains_dir
         self.base = base or GadgetSettings()
+        self._chains: dict[str, str] = {}
+        if chains_dir is not None and chains_dir.is_dir():
+            for chain in sorted(chains_dir.glob("*.xml")):
+                self._chains[chain.name] = self._chains[chain.stem] = chain.read_text()
 
     def names(self) -> list[str]:
         """Every config name this server accepts."""
-        if self.chains_dir is None or not self.chains_dir.is_dir():
-            return sorted(NAMED_CONFIGS)
-        chains = sorted(p.name for p in self.chains_dir.glob("*.xml"))
-        return sorted(NAMED_CONFIGS) + chains
+        return sorted(NAMED_CONFIGS) + sorted(name for name in self._chains if name.endswith(".xml"))
 
     def by_name(self, name: str) -> GadgetSettings:
+        """The settings registered under ``name``; ``ValueError`` if there are none."""
         name = name.strip()
         if name in NAMED_CONFIGS:
             return GadgetSettings.from_properties(NAMED_CONFIGS[name], base=self.base)
-        if self.chains_dir is not None and Path(name).name == name:
-            chain = self.chains_dir / name
-            if not chain.suffix:
-                chain = chain.with_suffix(".xml")
-            if chain.is_file():
-                return self.by_text(chain.read_text())
+        if name in self._chains:
+            return self.by_text(self._chains[name])
         raise ValueError(f"unknown config {name!r}; this server accepts {self.names()}")
 
     def by_text(self, text: str) -> GadgetSettings:
+        """The settings of a chain's XML (its ``<external>`` node's properties)."""
         try:
             root = ElementTree.fromstring(text)
         except ElementTree.ParseError as error:
@@ -103,17 +112,16 @@ def json_parameters(text: str) -> dict[str, object]:
 
 
 class _Session:
-    """One client connection."""
+    """One client connection: config, header, optional TEXT parameters, data, CLOSE."""
 
-    def __init__(self, reader: MessageReader, writer: MessageWriter, resolver: ConfigResolver,
-                 device_lock: threading.Lock, peer: str) -> None:
-        self.reader, self.writer, self.resolver = reader, writer, resolver
-        self.device_lock = device_lock
+    def __init__(self, reader: MessageReader, writer: MessageWriter, server: UnrollINRServer, peer: str) -> None:
+        self.reader, self.writer, self.server = reader, writer, server
         self.peer = peer
         self.images = 0
         self.failures = 0
+        self.recorder: RawRecorder | None = None
 
-    def _send(self, outcomes) -> None:
+    def _send(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
             if isinstance(outcome, SliceFailure):
                 self.failures += 1
@@ -122,21 +130,33 @@ class _Session:
                 self.writer.image(outcome)
                 self.images += 1
 
-    def run(self) -> None:
+    def _settings(self) -> tuple[GadgetSettings, str]:
         message = self.reader.read()
         if message.id == CONFIG_FILE:
-            settings = self.resolver.by_name(str(message.payload))
-            config_name = str(message.payload)
-        elif message.id == CONFIG_TEXT:
-            settings = self.resolver.by_text(str(message.payload))
-            config_name = "<config text>"
-        else:
-            raise ProtocolError(f"expected a config (id 1 or 2) first, got id {message.id}")
+            return self.server.resolver.by_name(str(message.payload)), str(message.payload)
+        if message.id == CONFIG_TEXT:
+            return self.server.resolver.by_text(str(message.payload)), "<config text>"
+        raise ProtocolError(f"expected a config (id 1 or 2) first, got id {message.id}")
+
+    def _record(self, acquisition: ismrmrd.Acquisition) -> None:
+        if self.recorder is None or self.recorder.error is not None:
+            return
+        self.recorder.acquisition(acquisition)
+        if self.recorder.error is not None:
+            self.writer.text(f"unrollinr: {self.recorder.error}; the reconstruction goes on")
+
+    def run(self) -> None:
+        """Serve the whole session; errors propagate to the handler, which answers them."""
+        settings, config_name = self._settings()
         message = self.reader.read()
         if message.id != HEADER:
             raise ProtocolError(f"expected the ISMRMRD header (id 3), got id {message.id}")
         header = message.payload
         logger.info("%s: config %s", self.peer, config_name)
+        if self.server.raw_folder is not None:
+            self.recorder = RawRecorder(self.server.raw_folder, header)
+            if self.recorder.error is not None:
+                self.writer.text(f"unrollinr: {self.recorder.error}; the reconstruction goes on")
         pipeline: ReconPipeline | None = None
         ignored_waveforms = 0
         while True:
@@ -149,9 +169,11 @@ class _Session:
                     continue
                 settings = GadgetSettings.from_properties(json_parameters(str(message.payload)), base=settings)
             elif message.id == ACQUISITION:
+                self._record(message.payload)
                 if pipeline is None:
                     pipeline = ReconPipeline(header, settings.recon, output=settings.output, device=settings.device,
-                                             device_lock=self.device_lock, series_index=settings.series_index)
+                                             device_lock=self.server.device_lock,
+                                             series_index=settings.series_index, limits=self.server.limits)
                 self._send(pipeline.add(message.payload))
             elif message.id == WAVEFORM:
                 ignored_waveforms += 1
@@ -164,30 +186,53 @@ class _Session:
         if ignored_waveforms:
             logger.info("%s: ignored %d waveforms", self.peer, ignored_waveforms)
 
+    def save_raw(self) -> Path | None:
+        """End the raw recording (whatever ended the session); the saved file, if any."""
+        return self.recorder.finish() if self.recorder is not None else None
+
 
 class _Handler(socketserver.StreamRequestHandler):
     server: UnrollINRServer
 
     def handle(self) -> None:
         peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        writer = MessageWriter(self.wfile)
+        with self.server.session(self.connection) as admitted:
+            if not admitted:
+                reason = "shutting down" if self.server.stopping.is_set() else "busy"
+                logger.warning("%s: turned away, the server is %s", peer, reason)
+                self._try(writer.text, f"unrollinr: the server is {reason} "
+                                       f"({self.server.max_connections} sessions at most): try again later")
+                self._try(writer.close)
+                return
+            self._serve(peer, writer)
+
+    def _serve(self, peer: str, writer: MessageWriter) -> None:
         start = time.perf_counter()
         logger.info("%s: connected", peer)
-        writer = MessageWriter(self.wfile)
-        session = _Session(MessageReader(self.rfile), writer, self.server.resolver, self.server.device_lock, peer)
+        session = _Session(MessageReader(self.rfile, self.server.limits), writer, self.server, peer)
         try:
             session.run()
-        except (ValueError, EOFError) as error:
+        except TimeoutError:
+            logger.error("%s: silent for %s s: session closed", peer, self.server.limits.idle_timeout_s)
+            self._try(writer.text, f"unrollinr: nothing received for {self.server.limits.idle_timeout_s} s: "
+                                   "the session is closed")
+        except EOFError as error:
+            message = "the server is shutting down" if self.server.stopping.is_set() else str(error)
+            logger.error("%s: %s", peer, message)
+            self._try(writer.text, f"unrollinr: {message}")
+        except ValueError as error:
             logger.error("%s: %s", peer, error)
             self._try(writer.text, f"unrollinr: {error}")
         except OSError as error:
             logger.error("%s: connection lost: %s", peer, error)
-            return
         except Exception as error:  # noqa: BLE001 - the server must outlive any one client
             logger.exception("%s: failed", peer)
             self._try(writer.text, f"unrollinr: {type(error).__name__}: {error}")
+        saved = session.save_raw()
         self._try(writer.close)
-        logger.info("%s: done, %d images, %d failures, %.1f s", peer, session.images, session.failures,
-                    time.perf_counter() - start)
+        logger.info("%s: done, %d images, %d failures, %.1f s%s", peer, session.images, session.failures,
+                    time.perf_counter() - start, f"; raw data in {saved}" if saved else "")
 
     @staticmethod
     def _try(action: Callable[..., None], *args: object) -> None:
@@ -198,18 +243,17 @@ class _Handler(socketserver.StreamRequestHandler):
             pass
 
 
-class UnrollINRServer(socketserver.ThreadingTCPServer):
-    """Threaded MRD stream server; ``serve_forever()`` runs it, ``shutdown()`` stops it."""
+class UnrollINRServer(GuardedServer):
+    """Threaded MRD stream server; ``serve_forever()`` runs it, ``stop()`` ends it cleanly.
 
-    daemon_threads = True
-    allow_reuse_address = True
+    ``raw_folder`` (``None``: off) receives every session's raw data as it arrives; see
+    :mod:`unrollinr_gadget.rawsave`. Reconstructions share one device through a lock, so
+    sessions queue their slices rather than hold them on the device at once.
+    """
 
-    def __init__(self, address: tuple[str, int], resolver: ConfigResolver | None = None) -> None:
-        super().__init__(address, _Handler)
+    def __init__(self, address: tuple[str, int], resolver: ConfigResolver | None = None, *,
+                 raw_folder: Path | None = None, limits: StreamLimits | None = None,
+                 allow: Sequence[Network] | None = None, max_connections: int = 8) -> None:
         self.resolver = resolver or ConfigResolver()
-        self.device_lock = threading.Lock()
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful with port 0)."""
-        return self.server_address[1]
+        self.raw_folder = None if raw_folder is None else check_writable(raw_folder)
+        super().__init__(address, _Handler, limits=limits, allow=allow, max_connections=max_connections)
