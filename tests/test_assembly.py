@@ -139,3 +139,17 @@ def test_a_header_without_encoding_limits_is_refused(header):
     header.encoding[0].encodingLimits.kspace_encoding_step_1 = None
     with pytest.raises(ValueError, match="no encodingLimits"):
         SliceAssembler(header)
+
+
+def test_noise_scans_that_cannot_whiten_are_left_out_and_the_slice_goes_on(header):
+    assembler = SliceAssembler(header)
+    broken = _acquisition(0, flags=[ismrmrd.ACQ_IS_NOISE_MEASUREMENT])
+    broken.data[0, 0] = np.inf
+    assembler.add(broken)
+    silent = _acquisition(0, flags=[ismrmrd.ACQ_IS_NOISE_MEASUREMENT])
+    silent.data[:] = 0  # a singular noise covariance
+    assembler.add(silent)
+    assembler.add(_acquisition(8))
+    (data,) = assembler.finish()
+    np.testing.assert_array_equal(data.kspace[:, 8], 9)  # not whitened
+    assert assembler.skipped == {"noise scans with NaN or infinite samples": 1}

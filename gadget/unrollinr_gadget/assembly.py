@@ -174,7 +174,12 @@ class SliceAssembler:
         """Take one acquisition; return the slices it completes (usually none)."""
         head = acquisition.getHead()
         if acquisition.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-            self._noise.append(np.array(acquisition.data, dtype=np.complex64))
+            noise = np.array(acquisition.data, dtype=np.complex64)
+            if np.isfinite(noise).all():
+                self._noise.append(noise)
+            else:
+                self.skipped["noise scans with NaN or infinite samples"] = (
+                    self.skipped.get("noise scans with NaN or infinite samples", 0) + 1)
             return []
         for flag, name in SKIPPED_FLAGS.items():
             if acquisition.is_flag_set(flag):
@@ -234,14 +239,23 @@ class SliceAssembler:
 
     def _whiten(self, data: np.ndarray) -> np.ndarray:
         if self._noise and self._whitening is None:
-            noise = np.concatenate(self._noise, axis=1)
-            if noise.shape[0] == data.shape[0]:
-                self._whitening = prewhitening_matrix(noise)
-                logger.info("prewhitening from %d noise samples on %d channels", noise.shape[1], noise.shape[0])
-            else:
-                logger.warning("noise scans have %d channels, data %d: no prewhitening", noise.shape[0], data.shape[0])
+            self._whitening = self._whitening_from_noise(np.concatenate(self._noise, axis=1), data.shape[0])
             self._noise = []
         return data if self._whitening is None else self._whitening @ data
+
+    @staticmethod
+    def _whitening_from_noise(noise: np.ndarray, n_channels: int) -> np.ndarray | None:
+        """The prewhitening matrix, or ``None`` (with a warning) when the noise cannot give one."""
+        if noise.shape[0] != n_channels:
+            logger.warning("noise scans have %d channels, data %d: no prewhitening", noise.shape[0], n_channels)
+            return None
+        try:
+            whitening = prewhitening_matrix(noise)
+        except np.linalg.LinAlgError:
+            logger.warning("the noise covariance is singular: no prewhitening")
+            return None
+        logger.info("prewhitening from %d noise samples on %d channels", noise.shape[1], noise.shape[0])
+        return whitening
 
     def _complete(self, key: SliceKey) -> SliceData:
         buffer = self._buffers.pop(key)

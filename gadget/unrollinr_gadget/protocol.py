@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import io
+import logging
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -29,6 +31,8 @@ IMAGE = 1022
 WAVEFORM = 1026
 CONFIG_FILE_SIZE = 1024
 
+logger = logging.getLogger(__name__)
+
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -42,10 +46,15 @@ def parse_header(document: bytes | str) -> xsd.ismrmrdHeader:
     """An ISMRMRD XML header, or :class:`ProtocolError` naming what is wrong with it."""
     if isinstance(document, str):
         document = document.encode("utf-8")
-    try:
-        return xsd.CreateFromDocument(document)
-    except (ValueError, TypeError) as error:  # xsdata: ParserError for bad XML, TypeError for missing parts
-        raise ProtocolError(f"the header is not a valid ISMRMRD XML header: {error}") from None
+    with warnings.catch_warnings(record=True) as doubts:  # xsdata warns of values it cannot convert
+        warnings.simplefilter("always")
+        try:
+            header = xsd.CreateFromDocument(document)
+        except (ValueError, TypeError) as error:  # xsdata: ParserError for bad XML, TypeError for missing parts
+            raise ProtocolError(f"the header is not a valid ISMRMRD XML header: {error}") from None
+    for doubt in doubts:
+        logger.warning("ISMRMRD header: %s", doubt.message)
+    return header
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ def read_journal(journal: Path) -> tuple[xsd.ismrmrdHeader, list[ismrmrd.Acquisi
             try:
                 message = reader.read()
             except EOFError:
-                logger.warning("%s ends without CLOSE: %d complete acquisitions kept", journal, len(acquisitions))
+                logger.info("%s ends without CLOSE: %d complete acquisitions kept", journal, len(acquisitions))
                 break
             if message.id == CLOSE:
                 break

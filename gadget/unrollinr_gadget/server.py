@@ -24,6 +24,7 @@ from pathlib import Path
 
 import ismrmrd
 
+from unrollinr_gadget.assembly import EncodingGeometry
 from unrollinr_gadget.limits import StreamLimits
 from unrollinr_gadget.network import GuardedServer, Network
 from unrollinr_gadget.pipeline import Outcome, ReconPipeline, SliceFailure
@@ -152,6 +153,7 @@ class _Session:
         if message.id != HEADER:
             raise ProtocolError(f"expected the ISMRMRD header (id 3), got id {message.id}")
         header = message.payload
+        EncodingGeometry.from_header(header, self.server.limits)  # refuse what cannot be reconstructed now
         logger.info("%s: config %s", self.peer, config_name)
         if self.server.raw_folder is not None:
             self.recorder = RawRecorder(self.server.raw_folder, header)
