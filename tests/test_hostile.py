@@ -240,3 +240,26 @@ def test_allowed_ranges_are_checked():
     assert is_allowed("8.8.8.8", None)
     with pytest.raises(ValueError, match="not an address range"):
         parse_networks(["10.0.0.0/33"])
+
+
+def test_a_batch_that_runs_out_of_memory_runs_again_in_smaller_batches(monkeypatch, raw_phantom):
+    import torch
+    from unrollinr_gadget import pipeline as pipeline_module
+    from unrollinr_gadget.pipeline import ReconPipeline, SliceFailure
+
+    real = pipeline_module.reconstruct_together
+    batch_sizes: list[int] = []
+
+    def memory_for_one_slice_only(kspaces, *args, **kwargs):
+        batch_sizes.append(len(kspaces))
+        if len(kspaces) > 1:  # as reconstruct_together reports a batch that ran out of memory
+            return [torch.OutOfMemoryError("CUDA out of memory")] * len(kspaces)
+        return real(kspaces, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "reconstruct_together", memory_for_one_slice_only)
+    raw = RawFile(raw_phantom)
+    settings = GadgetSettings.from_properties(FAST_PROPERTIES)
+    outcomes = list(ReconPipeline(raw.header(), settings.recon).process(raw.acquisitions()))
+    assert batch_sizes == [2, 1, 1]
+    assert not any(isinstance(o, SliceFailure) for o in outcomes)
+    assert [image.getHead().slice for image in outcomes] == [0, 1]
