@@ -136,3 +136,10 @@ def test_a_full_disk_is_reported_and_the_images_still_come(tmp_path, raw_phantom
     assert replies.closed and len(replies.images) == 2
     (problem,) = replies.texts
     assert "the raw data could not be saved" in problem and "File too large" in problem
+
+
+def test_a_raw_folder_that_cannot_be_written_stops_serve_at_start(tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["serve", "--port", "0", "--save-raw", str(blocker / "raw")]) == 2
+    assert "Not a directory" in caplog.text
