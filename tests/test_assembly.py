@@ -153,3 +153,14 @@ def test_noise_scans_that_cannot_whiten_are_left_out_and_the_slice_goes_on(heade
     (data,) = assembler.finish()
     np.testing.assert_array_equal(data.kspace[:, 8], 9)  # not whitened
     assert assembler.skipped == {"noise scans with NaN or infinite samples": 1}
+
+
+def test_image_numbers_come_from_the_counters_alone(header):
+    import dataclasses
+
+    geometry = dataclasses.replace(EncodingGeometry.from_header(header), counter_sizes=(3, 2, 1, 1, 1, 4))
+    assert geometry.image_index(SliceKey()) == 1
+    assert geometry.image_index(SliceKey(slice=2)) == 3
+    assert geometry.image_index(SliceKey(slice=2, contrast=1)) == 6
+    assert geometry.image_index(SliceKey(slice=2, contrast=1, repetition=1)) == 12
+    assert EncodingGeometry.from_header(header).counter_sizes == (1, 1, 1, 1, 1, 1)

@@ -10,9 +10,10 @@ from unrollinr_gadget.settings import GadgetSettings, chain_properties, gadget_c
 CHAINS = sorted((Path(__file__).resolve().parents[1] / "chains").glob("*.xml"))
 
 
-def test_there_are_three_chains():
+def test_there_are_four_chains():
     names = {p.name for p in CHAINS}
-    assert {"unrollinr.xml", "unrollinr_prospective_connect.xml", "unrollinr_buffered.xml"} <= names
+    assert {"unrollinr.xml", "unrollinr_prospective_connect.xml", "unrollinr_buffered.xml",
+            "unrollinr_distributed.xml"} <= names
 
 
 @pytest.mark.parametrize("chain", CHAINS, ids=lambda p: p.name)
@@ -20,6 +21,8 @@ def test_chain_is_valid(chain):
     root = ElementTree.parse(chain).getroot()
     assert root.tag == "configuration" and root.findtext("version") == "2"
     external = root.find("stream/external")
+    if external is None:  # the distributed chain: our gadget runs inside the worker stream
+        external = root.find("stream/distributed/stream/external")
     assert external is not None
     execute, connect = external.find("execute"), external.find("connect")
     assert (execute is None) != (connect is None)
@@ -40,3 +43,15 @@ def test_buffered_chain_runs_buffering_before_our_gadget():
     steps = [child.findtext("classname") or child.tag for child in root.find("stream")]
     assert steps.index("AcquisitionAccumulateTriggerGadget") < steps.index("BucketToBufferGadget") < steps.index(
         "external")
+
+
+def test_distributed_chain_splits_by_slice_and_connects_to_the_workers_listener():
+    root = ElementTree.parse(next(p for p in CHAINS if p.name == "unrollinr_distributed.xml")).getroot()
+    distributed = root.find("stream/distributed")
+    distributor = distributed.find("distributor")
+    assert distributor.findtext("classname") == "AcquisitionDistributor"
+    assert distributor.find("property[@name='parallel_dimension']").get("value") == "slice"
+    assert distributed.find("stream/external/execute") is None  # Gadgetron drops its target on the way
+    readers = {r.findtext("classname") for r in distributed.findall("readers/reader")}
+    writers = {w.findtext("classname") for w in distributed.findall("writers/writer")}
+    assert readers == {"AcquisitionReader", "ImageReader"} and writers == {"AcquisitionWriter", "ImageWriter"}

@@ -7,6 +7,7 @@ build it). Each chain gets a copy with few iterations, so that a 3-slice exam ta
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -175,3 +176,69 @@ def test_the_buffered_chain_without_a_storage_server_reports_a_noise_scan_it_can
                               tmp_path / "out.h5")
     assert images == []
     assert "NoiseAdjustGadget] ERROR" in server.log.read_text()
+
+
+@dataclass
+class Distributed:
+    main: Server
+    worker_logs: list[Path]
+    listener_log: Path
+
+
+@pytest.fixture(scope="module")
+def distributed(server, tmp_path_factory):
+    """A main Gadgetron whose distributed chain sends each slice to one of two worker
+    Gadgetrons (named by GADGETRON_REMOTE_WORKER_COMMAND), whose streams connect to one
+    ``unrollinr listen`` on this host, with the settings of the test chains."""
+    folder = tmp_path_factory.mktemp("distributed")
+    main_port, worker_ports, listener_port = _free_port(), [_free_port(), _free_port()], _free_port()
+    chain = _test_chain(CHAINS / "unrollinr_distributed.xml", listener_port)
+    workers = json.dumps([f"127.0.0.1:{port}" for port in worker_ports])
+    env = dict(server.env, GADGETRON_REMOTE_WORKER_COMMAND=f"echo {workers}")
+    logs = [folder / "main.log", folder / "worker1.log", folder / "worker2.log", folder / "listen.log"]
+    commands = [[str(PREFIX / "bin" / "gadgetron"), "-p", str(port), "-d", "true"]
+                for port in (main_port, *worker_ports)]
+    commands.append([sys.executable, "-m", "unrollinr_gadget.cli", "listen", "--port", str(listener_port),
+                     "--set", "iterations=30"])
+    outputs = [log.open("wb") for log in logs]
+    processes = [subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+                 for command, output in zip(commands, outputs, strict=True)]
+    try:
+        for port in (main_port, *worker_ports, listener_port):
+            connect_with_retry(port, timeout=60).close()
+        yield Distributed(Server(main_port, env, logs[0], {"unrollinr_distributed.xml": chain}), logs[1:3], logs[3])
+    finally:
+        for process in processes:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for output in outputs:
+            output.close()
+        (PREFIX / "share" / "gadgetron" / "config" / chain).unlink(missing_ok=True)
+
+
+def test_distributed_workers_give_the_images_of_the_undistributed_chain(server, distributed, tmp_path):
+    kspace = np.stack([phantom_kspace(SIZE, COILS, seed=s) for s in range(4)])
+    masks = np.stack([random_line_mask((SIZE, SIZE), 3, acs_lines=12, seed=s) for s in range(4)])
+    raw = simulate_raw(kspace, masks, tmp_path / "exam.h5", order="interleaved", noise_scans=0)
+    spread, printed = _client(distributed.main, raw, distributed.main.chains["unrollinr_distributed.xml"],
+                              tmp_path / "distributed.h5")
+    alone, _ = _client(server, raw, server.chains["unrollinr.xml"], tmp_path / "alone.h5")
+    logs = printed[-2000:] + distributed.main.log.read_text()[-3000:] + distributed.listener_log.read_text()[-3000:]
+    assert _slices(spread) == _slices(alone) == [0, 1, 2, 3], logs
+    by_slice = {image.getHead().slice: image for image in alone}
+    for image in spread:
+        reference = by_slice[image.getHead().slice]
+        for field in ("position", "read_dir", "phase_dir", "slice_dir", "field_of_view", "matrix_size"):
+            assert tuple(getattr(image.getHead(), field)) == pytest.approx(tuple(getattr(reference.getHead(), field)))
+        # Each worker connection fixes its own uint16 scale (on its one slice); the scale is in the meta.
+        assert image.getHead().image_index == reference.getHead().image_index
+        ours = image.data / float(image.meta["ImageScaleFactor"])
+        theirs = reference.data / float(reference.meta["ImageScaleFactor"])
+        assert np.abs(ours - theirs).max() <= 1e-3 * theirs.max(), image.getHead().slice
+    for worker_log in distributed.worker_logs:  # the slices were spread over both workers
+        text = worker_log.read_text()
+        assert text.count("Loading External Connect block") == 2, text[-2000:]  # one per slice
+    assert distributed.listener_log.read_text().count("sent 1 images, 0 failures") == 4

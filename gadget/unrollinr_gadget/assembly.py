@@ -57,6 +57,16 @@ class SliceKey:
         return ", ".join(f"{name} {value}" for name, value in vars(self).items() if value) or "slice 0"
 
 
+# The counters that number images, fastest first, as the header's encodingLimits name them.
+IMAGE_COUNTERS = ("slice", "contrast", "phase", "set", "average", "repetition")
+
+
+def _counter_size(limits: xsd.encodingLimitsType, name: str) -> int:
+    """How many values a counter takes, from the header (1 if it does not say)."""
+    limit = getattr(limits, name, None)
+    return int(limit.maximum) + 1 if limit is not None and limit.maximum is not None else 1
+
+
 @dataclass
 class SliceData:
     """One complete slice: imaging k-space and mask, calibration k-space and mask, all
@@ -80,6 +90,16 @@ class EncodingGeometry:
     recon_y: int
     ky_centre: int
     recon_fov: tuple[float, float, float]
+    counter_sizes: tuple[int, ...] = (1,) * len(IMAGE_COUNTERS)
+
+    def image_index(self, key: SliceKey) -> int:
+        """A 1-based image number from the counters alone (slice fastest, then
+        :data:`IMAGE_COUNTERS` in turn), so that it does not depend on the order in which
+        slices complete or on which worker reconstructs them."""
+        index = 0
+        for name, size in reversed(list(zip(IMAGE_COUNTERS, self.counter_sizes, strict=True))):
+            index = index * size + getattr(key, name)
+        return index + 1
 
     @classmethod
     def from_header(cls, header: xsd.ismrmrdHeader, limits: StreamLimits | None = None) -> EncodingGeometry:
@@ -106,9 +126,11 @@ class EncodingGeometry:
             raise ValueError("the ISMRMRD header has no encodingLimits for kspace_encoding_step_1, so its lines "
                              "cannot be placed")
         centre = step_1.center if step_1.center is not None else encoded.y // 2
+        counter_sizes = tuple(_counter_size(encoding.encodingLimits, name) for name in IMAGE_COUNTERS)
         fov = encoding.reconSpace.fieldOfView_mm
         return cls(encoded_x=int(encoded.x), n_ky=int(encoded.y), recon_x=int(recon.x), recon_y=int(recon.y),
-                   ky_centre=int(centre), recon_fov=(float(fov.x), float(fov.y), float(fov.z)))
+                   ky_centre=int(centre), recon_fov=(float(fov.x), float(fov.y), float(fov.z)),
+                   counter_sizes=counter_sizes)
 
     def line(self, head: ismrmrd.AcquisitionHeader) -> int:
         """Row of the k-space buffer for an acquisition (the encoding centre at ``n_ky // 2``)."""

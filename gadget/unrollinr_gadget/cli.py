@@ -173,7 +173,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     """Run the gadget for Gadgetron chains in connect mode (<connect port=.../>)."""
     from unrollinr_gadget.listener import GadgetListener
 
-    with GadgetListener((args.host, args.port), serve_once=args.once, **_network(args)) as listener:
+    settings = settings_from_args(args)
+    with GadgetListener((args.host, args.port), settings=settings, serve_once=args.once, **_network(args)) as listener:
         _serve_until_stopped(listener, "waiting for Gadgetron")
     return 0
 
@@ -277,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_network_options(listen, port=18000)
     listen.add_argument("--once", action="store_true", help="exit after one Gadgetron connection")
+    _add_config_options(listen, images=True)
     listen.set_defaults(run=cmd_listen)
 
     simulate = commands.add_parser("simulate-raw", help=cmd_simulate_raw.__doc__,

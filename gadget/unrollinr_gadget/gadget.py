@@ -145,13 +145,16 @@ def failure_report(failures: list[str]) -> str:
     return "\n".join(failures)
 
 
-def handle(connection, device_lock: threading.Lock | None = None) -> None:
+def handle(connection, device_lock: threading.Lock | None = None, base: GadgetSettings | None = None) -> None:
     """Reconstruct every slice of the stream and send its image as soon as it is done.
-    ``device_lock`` queues the device among connections that share it (``unrollinr listen``)."""
+
+    ``device_lock`` queues the device among connections that share it, and ``base`` holds
+    the settings that the chain's properties override (both from ``unrollinr listen``).
+    """
     start = time.perf_counter()
     gadget_socket = guard(connection)
     try:
-        settings = GadgetSettings.from_properties(chain_properties(connection.config))
+        settings = GadgetSettings.from_properties(chain_properties(connection.config), base=base)
         pipeline = ReconPipeline(connection.header, settings.recon, output=settings.output,
                                  device=settings.device, device_lock=device_lock,
                                  series_index=settings.series_index, limits=gadget_socket.limits)

@@ -15,14 +15,14 @@ _UINT16_TARGET = 4095.0
 
 @dataclass
 class ImageFactory:
-    """Numbers images within one series and fixes the uint16 scale on the first image,
-    so that all slices of an exam share one intensity scale."""
+    """Numbers images by their counters (see :meth:`EncodingGeometry.image_index`) and
+    fixes the uint16 scale on the first image, so that all slices of a stream share one
+    intensity scale (``ImageScaleFactor`` in the meta gives it back)."""
 
     geometry: EncodingGeometry
     output: str = "uint16"
     series_index: int = 1
     comment: str = "UnrollINR"
-    _next_index: int = field(default=1, init=False)
     _uint16_scale: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -54,10 +54,9 @@ class ImageFactory:
         head = result.getHead()
         head.image_type = image_type
         head.field_of_view[:] = self.geometry.recon_fov
-        head.image_index = self._next_index
+        head.image_index = self.geometry.image_index(data.key)
         head.image_series_index = self.series_index
         result.setHead(head)
-        self._next_index += 1
 
         magnitude = np.abs(pixels).astype(np.float64)
         low, high = np.percentile(magnitude, [1, 99.5])

@@ -19,6 +19,7 @@ from gadgetron.external.connection import Connection
 from unrollinr_gadget.gadget import GadgetSocket, handle, send_error
 from unrollinr_gadget.limits import StreamLimits
 from unrollinr_gadget.network import GuardedServer, Network
+from unrollinr_gadget.settings import GadgetSettings
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ class _GadgetHandler(socketserver.BaseRequestHandler):
             problem = str(error) or type(error).__name__
             self._error(gadget_socket, f"unrollinr: not a config and an ISMRMRD header: {problem}")
             return
-        handle(connection, device_lock=self.server.device_lock)
+        if connection.config is None:  # Gadgetron's distributed mode sends an empty one
+            logger.info("%s: no gadget configuration from Gadgetron: listen's own settings apply", peer)
+        handle(connection, device_lock=self.server.device_lock, base=self.server.settings)
         if self.server.stopping.is_set():
             self._error(gadget_socket, "unrollinr: the gadget is shutting down")
         logger.info("%s: done", peer)
@@ -70,9 +73,15 @@ class _GadgetHandler(socketserver.BaseRequestHandler):
 
 
 class GadgetListener(GuardedServer):
-    """Serves Gadgetron connections to the gadget; ``serve_forever()`` runs it, ``stop()`` ends it."""
+    """Serves Gadgetron connections to the gadget; ``serve_forever()`` runs it, ``stop()`` ends it.
 
-    def __init__(self, address: tuple[str, int], *, limits: StreamLimits | None = None,
-                 allow: Sequence[Network] | None = None, max_connections: int = 8, serve_once: bool = False) -> None:
+    ``settings`` are the base that each connection's chain properties override; in
+    Gadgetron's distributed mode, which drops them, they are all the workers get.
+    """
+
+    def __init__(self, address: tuple[str, int], *, settings: GadgetSettings | None = None,
+                 limits: StreamLimits | None = None, allow: Sequence[Network] | None = None,
+                 max_connections: int = 8, serve_once: bool = False) -> None:
+        self.settings = settings or GadgetSettings()
         super().__init__(address, _GadgetHandler, limits=limits, allow=allow, max_connections=max_connections,
                          serve_once=serve_once)
