@@ -1,16 +1,19 @@
 """Reconstruction configuration: one frozen, validated dataclass.
 
 The same field names are used everywhere a user sets them: keyword arguments in Python,
-``<property name=... value=.../>`` entries in a Gadgetron chain, and the server's JSON
-parameters. :meth:`ReconConfig.from_strings` is the single mapping from text to fields.
+``<property name=... value=.../>`` entries in a Gadgetron chain, the server's JSON
+parameters and JSON settings files (:meth:`ReconConfig.load`). :meth:`ReconConfig.from_strings`
+is the single mapping from text to fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 REGULARIZERS = ("inr", "pixel", "none")
@@ -216,6 +219,12 @@ class ReconConfig:
         typed = {name: _parse(name, value, type(getattr(base, name))) for name, value in values.items()}
         return dataclasses.replace(base, **typed)
 
+    @classmethod
+    def load(cls, path: str | Path, *, base: ReconConfig | None = None) -> ReconConfig:
+        """A config from a JSON file of setting names and values, such as the one
+        ``unrollinr tune`` writes; settings it does not name keep ``base``'s values."""
+        return cls.from_strings(load_settings(path), base=base)
+
     def training_iterations(self, image_size: int) -> int:
         """Adam steps for images whose larger side is ``image_size``."""
         return self.iterations or auto_iterations(image_size)
@@ -232,6 +241,17 @@ class ReconConfig:
                 "log2_hashmap_size": self.hash_log2_size or auto_log2_table_size(finest),
                 "base_resolution": self.hash_base_resolution,
                 "per_level_scale": max(scale, 1.0)}
+
+
+def load_settings(path: str | Path) -> dict[str, Any]:
+    """The ``name -> value`` object of a JSON settings file; ``ValueError`` if it is not one."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a JSON object of setting names and values")
+    return values
 
 
 def auto_log2_table_size(finest_resolution: int) -> int:

@@ -15,9 +15,13 @@ logger = logging.getLogger("unrollinr")
 
 
 def settings_from_args(args: argparse.Namespace) -> GadgetSettings:
-    """Settings from ``--preset``, ``--output``, ``--device`` and repeated ``--set name=value``:
-    the same names as a chain's properties."""
-    values: dict[str, str] = {"preset": args.preset} if args.preset else {}
+    """Settings from ``--settings FILE`` (JSON), then ``--preset``, ``--output``, ``--device``
+    and repeated ``--set name=value`` over it: the same names as a chain's properties."""
+    from unrollinr.config import load_settings
+
+    values: dict[str, object] = load_settings(args.settings) if getattr(args, "settings", None) else {}
+    if args.preset:
+        values["preset"] = args.preset
     for name in ("output", "device"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
@@ -30,6 +34,8 @@ def settings_from_args(args: argparse.Namespace) -> GadgetSettings:
 
 
 def _add_config_options(parser: argparse.ArgumentParser, *, images: bool = False) -> None:
+    parser.add_argument("--settings", type=Path, default=None, metavar="FILE",
+                        help="JSON settings file (e.g. from 'unrollinr tune'); the options below override it")
     parser.add_argument("--preset", default=None, choices=["default", "retrospective", "prospective"],
                         help="initial lambda/lambda_s: ours (default) or the paper's presets")
     parser.add_argument("--set", action="append", metavar="NAME=VALUE",
@@ -72,29 +78,46 @@ def _save(images, args: argparse.Namespace) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    """Reconstruct a raw ISMRMRD file in-process and save the images."""
-    from tqdm.auto import tqdm
+    """Reconstruct raw ISMRMRD files (or folders of them), in-process or on Ray, and save the images."""
+    from unrollinr_gadget.replay import replay_in_process, replay_jobs
 
-    from unrollinr_gadget.pipeline import ReconPipeline, SliceFailure
-    from unrollinr_gadget.rawsave import open_raw
-
-    raw = open_raw(args.raw)
+    jobs = replay_jobs(args.raw, args.out, args.png)
     settings = settings_from_args(args)
-    pipeline = ReconPipeline(raw.header(), settings.recon, output=settings.output, device=settings.device,
-                             series_index=settings.series_index)
-    acquisitions = tqdm(raw.acquisitions(), total=len(raw), desc="replay", unit="acq", disable=not sys.stderr.isatty())
-    failures: list[SliceFailure] = []
+    if args.ray is None:
+        summaries = replay_in_process(jobs, settings)
+    else:
+        from unrollinr_gadget.ray_replay import replay_on_ray
 
-    def images():
-        for outcome in pipeline.process(acquisitions):
-            if isinstance(outcome, SliceFailure):
-                logger.error("%s", outcome)
-                failures.append(outcome)
-            else:
-                yield outcome
+        summaries = replay_on_ray(jobs, settings, address=args.ray or None, cpus_per_slice=args.cpus_per_slice)
+    for summary in summaries:
+        print(f"{summary.job.raw}: {summary.images} images to {summary.job.out}"
+              + (f", {len(summary.failures)} failed" if summary.failures else ""))
+        for failure in summary.failures:
+            print(f"  {failure}")
+    return 1 if any(summary.failures for summary in summaries) else 0
 
-    _save(images(), args)
-    return 1 if failures else 0
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Search the initial lambda and lambda_s with Ray Tune and Optuna; write them as a settings file."""
+    import json
+
+    from unrollinr.data import load_kspace
+    from unrollinr.tuning import tune_weights
+
+    settings = settings_from_args(args)
+    result = tune_weights(load_kspace(args.data), args.R, trials=args.trials, base=settings.recon, mask_kind=args.mask,
+                          seed=args.seed, self_supervised=args.self_supervised, cpus_per_trial=args.cpus_per_trial,
+                          address=args.ray)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result.best, indent=2) + "\n")
+    print(f"{result.trials} trials on {result.metric}: base config (lam {settings.recon.lam:g}, lam_s "
+          f"{settings.recon.lam_s:g}) {result.base_value:.4f}, best {result.best_value:.4f}")
+    print("best: " + ", ".join(f"{name} {value:.4g}" for name, value in result.best.items()))
+    print(f"wrote {args.out}: use it with --settings {args.out} (replay, serve, listen, evaluate), "
+          f"ReconConfig.load() in Python, or these chain properties:")
+    for name, value in result.best.items():
+        print(f'    <property name="{name}" value="{value:.6g}"/>')
+    return 0
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -250,10 +273,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     replay = commands.add_parser("replay", help=cmd_replay.__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    replay.add_argument("raw", type=Path, help="raw ISMRMRD .h5")
-    image_outputs(replay)
+    replay.add_argument("raw", type=Path, nargs="+", help="raw ISMRMRD .h5 files (or .mrd journals), or folders")
+    replay.add_argument("-o", "--out", type=Path, required=True,
+                        help="ISMRMRD file for the images of one raw file, or a folder (one <name>.h5 per raw file)")
+    replay.add_argument("--png", type=Path, default=None, help="also write PNGs to this folder")
+    replay.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="one Ray task per slice: a local Ray without ADDRESS; 'auto' or host:port joins a cluster")
+    replay.add_argument("--cpus-per-slice", type=int, default=1,
+                        help="CPUs a slice's task asks for where Ray has no GPU")
     _add_config_options(replay, images=True)
     replay.set_defaults(run=cmd_replay)
+
+    tune = commands.add_parser("tune", help=cmd_tune.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tune.add_argument("data", type=Path, help=".npz with fully sampled 'kspace' (coils, ky, kx)")
+    tune.add_argument("--R", type=float, default=10, help="acceleration")
+    tune.add_argument("--trials", type=int, default=20)
+    tune.add_argument("--mask", default="random", choices=["random", "uniform", "radial", "spiral"])
+    tune.add_argument("--seed", type=int, default=0, help="mask and search seed")
+    tune.add_argument("--self-supervised", action="store_true",
+                      help="minimise the held-out k-space loss instead of maximising PSNR against the reference")
+    tune.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs a trial asks for where Ray has no GPU")
+    tune.add_argument("--ray", default=None, metavar="ADDRESS", help="join this Ray cluster ('auto', host:port)")
+    tune.add_argument("-o", "--out", type=Path, default=Path("tuned.json"), help="settings file to write")
+    _add_config_options(tune)
+    tune.set_defaults(run=cmd_tune)
 
     send = commands.add_parser("send", help=cmd_send.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     send.add_argument("raw", type=Path, help="raw ISMRMRD .h5")
