@@ -242,3 +242,16 @@ def test_distributed_workers_give_the_images_of_the_undistributed_chain(server, 
         text = worker_log.read_text()
         assert text.count("Loading External Connect block") == 2, text[-2000:]  # one per slice
     assert distributed.listener_log.read_text().count("sent 1 images, 0 failures") == 4
+
+
+def test_a_failed_slice_on_a_worker_costs_no_other_slice(distributed, tmp_path):
+    kspace = np.stack([phantom_kspace(SIZE, COILS, seed=s) for s in range(4)])
+    masks = np.stack([random_line_mask((SIZE, SIZE), 3, acs_lines=12, seed=s) for s in range(4)])
+    masks[1, SIZE // 2 - 6: SIZE // 2 + 6] = False  # slice 1 has no k-space centre
+    raw = simulate_raw(kspace, masks, tmp_path / "exam.h5", order="interleaved", noise_scans=0)
+    images, printed = _client(distributed.main, raw, distributed.main.chains["unrollinr_distributed.xml"],
+                              tmp_path / "out.h5")
+    logs = printed[-3000:] + distributed.main.log.read_text()[-3000:]
+    assert _slices(images) == [0, 2, 3], logs
+    assert "centre is not sampled" in printed + distributed.main.log.read_text() + "".join(
+        log.read_text() for log in distributed.worker_logs), logs
