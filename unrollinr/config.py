@@ -42,7 +42,10 @@ class ReconConfig:
         the "w/o R" ablation; CG-SENSE with ``dc_solver="cg"``).
         ``encoding``: ``"HashGrid"`` (Instant-NGP) or ``"DenseGrid"`` (one dense level
         at full resolution, a DINER-like table), with the tiny-cuda-nn grid settings
-        ``hash_*``. ``hash_finest_resolution`` 0 means the image size: the per-level
+        ``hash_*``. ``encoding_backend`` ``"torch"`` (the default) runs the PyTorch grid;
+        ``"tcnn"`` tiny-cuda-nn's fused grid (CUDA only, built from source; it has not yet
+        been run against the PyTorch grid on a GPU here); ``"auto"`` takes tcnn on CUDA
+        where it imports and logs which it took. ``hash_finest_resolution`` 0 means the image size: the per-level
         scale is chosen so that the finest level matches it. ``hash_log2_size`` 0 picks
         the smallest table, at least ``2^14``, that holds the finest level with at most
         4 of its cells per entry (:func:`auto_log2_table_size`). ``mlp_precision`` ``"auto"``
@@ -103,7 +106,7 @@ class ReconConfig:
 
     regularizer: str = "inr"
     encoding: str = "HashGrid"
-    encoding_backend: str = "auto"
+    encoding_backend: str = "torch"
     hash_levels: int = 16
     hash_features: int = 2
     hash_log2_size: int = 0

@@ -24,6 +24,7 @@ interpolation matrix once, so each forward and backward pass is one sparse produ
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 _HASH_PRIME_Y = 2654435761
 _UINT32 = 1 << 32
@@ -61,13 +64,13 @@ def grid_levels(config: dict[str, Any]) -> list[GridLevel]:
     otype = config.get("otype", "HashGrid")
     if otype not in GRID_TYPES:
         raise ValueError(f"unsupported encoding otype {otype!r}; expected one of {GRID_TYPES}")
-    log2_scale = math.log2(float(config.get("per_level_scale", 2.0)))
-    base = int(config.get("base_resolution", 16))
+    # float32 throughout, as tiny-cuda-nn: log2f of the scale, then exp2f(level * it) * base - 1
+    log2_scale = torch.log2(torch.tensor(float(config.get("per_level_scale", 2.0)), dtype=torch.float32))
+    base = torch.tensor(int(config.get("base_resolution", 16)), dtype=torch.float32)
     max_size = 1 << int(config.get("log2_hashmap_size", 19))
     levels = []
     for level in range(int(config.get("n_levels", 16))):
-        # float32 arithmetic, as on the GPU
-        scale = float(torch.tensor(2.0 ** (level * log2_scale), dtype=torch.float32) * base - 1.0)
+        scale = float(torch.exp2(torch.tensor(level, dtype=torch.float32) * log2_scale) * base - 1.0)
         resolution = math.ceil(scale) + 1
         size = _next_multiple(resolution**2, 8)
         if otype == "HashGrid":
@@ -246,18 +249,31 @@ def tcnn_available() -> bool:
     return True
 
 
-def make_grid_encoding(config: dict[str, Any], device: torch.device, *, seed: int = 0,
-                       backend: str = "auto") -> nn.Module:
-    """The grid encoding for ``config``: tiny-cuda-nn on CUDA where it imports, else PyTorch.
+def grid_backend(backend: str, device: torch.device) -> str:
+    """The grid implementation a reconstruction will use: ``"torch"`` or ``"tcnn"``.
 
-    ``backend`` is ``"auto"``, ``"torch"`` or ``"tcnn"``.
+    ``"auto"`` takes tiny-cuda-nn on CUDA where it imports, else PyTorch; ``"tcnn"``
+    without CUDA or without the extension is a ``ValueError``.
     """
     if backend not in ("auto", "torch", "tcnn"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'tcnn', got {backend!r}")
-    use_tcnn = backend == "tcnn" or (backend == "auto" and device.type == "cuda" and tcnn_available())
-    if use_tcnn:
+    if backend == "auto":
+        return "tcnn" if device.type == "cuda" and tcnn_available() else "torch"
+    if backend == "tcnn":
         if device.type != "cuda":
             raise ValueError("the tcnn encoding backend needs a CUDA device")
+        if not tcnn_available():
+            raise ValueError("the tcnn encoding backend needs tinycudann, which does not import here")
+    return backend
+
+
+def make_grid_encoding(config: dict[str, Any], device: torch.device, *, seed: int = 0,
+                       backend: str = "auto") -> nn.Module:
+    """The grid encoding for ``config`` on the backend :func:`grid_backend` picks."""
+    chosen = grid_backend(backend, device)
+    if backend == "auto":
+        logger.info("grid encoding backend: %s (auto)", chosen)
+    if chosen == "tcnn":
         return TcnnGridEncoding(config, seed=seed).to(device)
     generator = torch.Generator().manual_seed(seed)
     return GridEncoding(config, generator=generator).to(device)

@@ -34,7 +34,7 @@ def _mlp(n_inputs: int, hidden_layers: int, width: int, n_outputs: int) -> nn.Se
 def bfloat16_is_fast(device: torch.device) -> bool:
     """Whether bfloat16 matrix products run natively: CUDA, or a CPU with AVX512-BF16/AMX."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

@@ -103,8 +103,8 @@ def tune_weights(kspace: np.ndarray, acceleration: float, *, trials: int, base: 
         results = tuner.fit()
         best = results.get_best_result(metric=metric, mode=mode, scope="last")
         frame = results.get_dataframe()
-    first = frame.sort_values("trial_id").iloc[0] if "trial_id" in frame else frame.iloc[0]
+    is_base = (frame["config/lam"] == base.lam) & (frame["config/lam_s"] == base.lam_s)
     values = {name: float(best.config[name]) for name in SEARCH_RANGES}
     logger.info("best of %d trials: %s (%s %.4g)", len(frame), values, metric, best.metrics[metric])
     return TuneResult(best=values, metric=metric, best_value=float(best.metrics[metric]),
-                      base_value=float(first[metric]), trials=len(frame))
+                      base_value=float(frame.loc[is_base, metric].iloc[0]), trials=len(frame))

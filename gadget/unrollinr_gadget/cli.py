@@ -13,6 +13,10 @@ from unrollinr_gadget.settings import GadgetSettings
 
 logger = logging.getLogger("unrollinr")
 
+# Optional modules, and the extra that installs each.
+EXTRA_OF_MODULE = {"ismrmrd": "gadget", "gadgetron": "gadget", "h5py": "gadget", "matplotlib": "eval",
+                   "ray": "scale", "optuna": "scale"}
+
 
 def settings_from_args(args: argparse.Namespace) -> GadgetSettings:
     """Settings from ``--settings FILE`` (JSON), then ``--preset``, ``--output``, ``--device``
@@ -95,6 +99,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
         for failure in summary.failures:
             print(f"  {failure}")
     return 1 if any(summary.failures for summary in summaries) else 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Versions, the backend, device and precision a reconstruction will use, and a phantom check."""
+    from unrollinr.doctor import NotUsable, package_versions, report
+
+    settings = settings_from_args(args)
+    try:
+        for line in report(settings.recon, settings.device):
+            print(line)
+    except NotUsable as error:
+        for name, version in package_versions().items():
+            print(f"{name:10s} {version}")
+        logger.error("not usable: %s", error)
+        return 1
+    return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -284,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(replay, images=True)
     replay.set_defaults(run=cmd_replay)
 
+    doctor = commands.add_parser("doctor", help=cmd_doctor.__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_options(doctor)
+    doctor.set_defaults(run=cmd_doctor)
+
     tune = commands.add_parser("tune", help=cmd_tune.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     tune.add_argument("data", type=Path, help=".npz with fully sampled 'kspace' (coils, ky, kx)")
     tune.add_argument("--R", type=float, default=10, help="acceleration")
@@ -355,6 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
+    except ModuleNotFoundError as error:
+        extra = EXTRA_OF_MODULE.get((error.name or "").split(".")[0])
+        if extra is None:
+            raise
+        logger.error("unrollinr %s needs %s, from the [%s] extra: pip install 'unrollinr[%s]'", args.command,
+                     error.name, extra, extra)
+        return 2
     except (ValueError, FileNotFoundError, OSError) as error:
         logger.error("%s", error)
         return 2

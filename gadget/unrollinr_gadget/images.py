@@ -8,8 +8,8 @@ import ismrmrd
 import numpy as np
 
 from unrollinr_gadget.assembly import EncodingGeometry, SliceData
+from unrollinr_gadget.settings import OUTPUT_TYPES
 
-OUTPUT_TYPES = ("uint16", "float", "complex")
 _UINT16_TARGET = 4095.0
 
 

@@ -14,6 +14,7 @@ problem and CLOSE, and the next client is served as usual (see :mod:`network` an
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import logging
 import socketserver
@@ -50,7 +51,18 @@ NAMED_CONFIGS = {
     "unrollinr": {},
     "unrollinr_prospective": {"preset": "prospective"},
 }
-DEFAULT_CHAINS = Path(__file__).resolve().parents[2] / "chains"
+
+
+def shipped_chains() -> Path:
+    """The chains shipped with the package: ``unrollinr_gadget/chains`` when installed, the
+    checkout's ``chains/`` in a source tree (an editable install)."""
+    packaged = importlib.resources.files("unrollinr_gadget") / "chains"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "chains"
+
+
+DEFAULT_CHAINS = shipped_chains()
 
 
 class ConfigResolver:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unrollinr.config import ReconConfig
-from unrollinr_gadget.images import OUTPUT_TYPES
 
 GADGET_FIELDS = ("output", "device", "series_index")
+OUTPUT_TYPES = ("uint16", "float", "complex")
 
 
 @dataclass(frozen=True)
