@@ -35,7 +35,7 @@ import ismrmrd
 from gadgetron.types.recon_data import ReconData
 
 from unrollinr_gadget.limits import StreamLimits
-from unrollinr_gadget.pipeline import Outcome, ReconPipeline, SliceFailure
+from unrollinr_gadget.pipeline import Delivery, ReconPipeline, SliceFailure
 from unrollinr_gadget.protocol import ACQUISITION, IMAGE, TEXT, WAVEFORM, MessageReader, MessageWriter, ProtocolError
 from unrollinr_gadget.settings import GadgetSettings, chain_properties
 
@@ -131,18 +131,9 @@ def send_error(gadget_socket: GadgetSocket, message: str) -> None:
     MessageWriter(gadget_socket).error(message)
 
 
-def _send(connection, outcomes: list[Outcome], failures: list[str]) -> None:
-    """Send the images now; keep the failures for the end of the stream."""
-    for outcome in outcomes:
-        if isinstance(outcome, SliceFailure):
-            failures.append(str(outcome))
-        else:
-            connection.send(outcome)
-
-
-def failure_report(failures: list[str]) -> str:
+def failure_report(failures: list[SliceFailure], *more: str) -> str:
     """One message for every failure of the stream, one per line."""
-    return "\n".join(failures)
+    return "\n".join([*map(str, failures), *more])
 
 
 def handle(connection, device_lock: threading.Lock | None = None, base: GadgetSettings | None = None) -> None:
@@ -155,15 +146,13 @@ def handle(connection, device_lock: threading.Lock | None = None, base: GadgetSe
     gadget_socket = guard(connection)
     try:
         settings = GadgetSettings.from_properties(chain_properties(connection.config), base=base)
-        pipeline = ReconPipeline(connection.header, settings.recon, output=settings.output,
-                                 device=settings.device, device_lock=device_lock,
-                                 series_index=settings.series_index, limits=gadget_socket.limits)
+        pipeline = ReconPipeline.from_settings(connection.header, settings, device_lock=device_lock,
+                                               limits=gadget_socket.limits)
     except (ValueError, AttributeError) as error:
         logger.error("cannot reconstruct this stream: %s", error)
         send_error(gadget_socket, f"unrollinr: cannot reconstruct this stream: {error}")
         return
-    failures: list[str] = []
-    images = 0
+    deliver = Delivery(connection.send, lambda failure: None)  # failures go last, as one ERROR
     try:
         for item in connection:
             if isinstance(item, ismrmrd.Acquisition):
@@ -177,25 +166,23 @@ def handle(connection, device_lock: threading.Lock | None = None, base: GadgetSe
                 continue
             if not gadget_socket.more_waiting():  # slices that complete together run as one batch
                 outcomes += pipeline.flush()
-            images += sum(not isinstance(o, SliceFailure) for o in outcomes)
-            _send(connection, outcomes, failures)
-        outcomes = pipeline.finish()
-        images += sum(not isinstance(o, SliceFailure) for o in outcomes)
-        _send(connection, outcomes, failures)
-        if failures:
-            send_error(gadget_socket, failure_report(failures))
+            deliver(outcomes)
+        deliver(pipeline.finish())
+        if deliver.failures:
+            send_error(gadget_socket, failure_report(deliver.failures))
     except (TimeoutError, ValueError) as error:  # a stalled or malformed stream: keep the slices complete so far
         problem = (f"nothing received for {gadget_socket.limits.idle_timeout_s} s: the gadget stops"
                    if isinstance(error, TimeoutError) else str(error))
         logger.error("%s", problem)
-        _send(connection, pipeline.flush(), failures)
-        send_error(gadget_socket, failure_report([*failures, f"unrollinr: {problem}"]))
+        deliver(pipeline.flush())
+        send_error(gadget_socket, failure_report(deliver.failures, f"unrollinr: {problem}"))
         return
     except (EOFError, OSError) as error:
         logger.error("connection lost: %s", error)
         return
     except Exception as error:  # noqa: BLE001 - report anything to Gadgetron rather than vanish
         logger.exception("gadget failed")
-        send_error(gadget_socket, failure_report([*failures, f"unrollinr: {type(error).__name__}: {error}"]))
+        send_error(gadget_socket, failure_report(deliver.failures, f"unrollinr: {type(error).__name__}: {error}"))
         return
-    logger.info("sent %d images, %d failures, in %.1f s", images, len(failures), time.perf_counter() - start)
+    logger.info("sent %d images, %d failures, in %.1f s", deliver.images, len(deliver.failures),
+                time.perf_counter() - start)

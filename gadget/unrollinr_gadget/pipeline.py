@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import ismrmrd
 import ismrmrd.xsd as xsd
@@ -22,6 +22,7 @@ from unrollinr_gadget.assembly import SliceAssembler, SliceData, SliceKey
 from unrollinr_gadget.buffers import slices_from_recon_data
 from unrollinr_gadget.images import ImageFactory
 from unrollinr_gadget.limits import StreamLimits
+from unrollinr_gadget.settings import GadgetSettings
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,26 @@ class SliceFailure:
 
 
 Outcome = ismrmrd.Image | SliceFailure
+
+
+@dataclass
+class Delivery:
+    """Where outcomes go: each image to ``send_image``, each failure to ``report_failure``
+    (both counted). Every front end (gadget, server, replay) delivers through one."""
+
+    send_image: Callable[[ismrmrd.Image], None]
+    report_failure: Callable[[SliceFailure], None]
+    images: int = 0
+    failures: list[SliceFailure] = field(default_factory=list)
+
+    def __call__(self, outcomes: Iterable[Outcome]) -> None:
+        for outcome in outcomes:
+            if isinstance(outcome, SliceFailure):
+                self.failures.append(outcome)
+                self.report_failure(outcome)
+            else:
+                self.send_image(outcome)
+                self.images += 1
 
 
 class ReconPipeline:
@@ -71,6 +92,13 @@ class ReconPipeline:
         self.assembler = SliceAssembler(header, limits=limits or StreamLimits())
         self.factory = ImageFactory(self.assembler.geometry, output=output, series_index=series_index)
         self.pending: list[SliceData] = []
+
+    @classmethod
+    def from_settings(cls, header: xsd.ismrmrdHeader, settings: GadgetSettings, *,
+                      device_lock: threading.Lock | None = None, limits: StreamLimits | None = None) -> ReconPipeline:
+        """The pipeline that :class:`GadgetSettings` describe."""
+        return cls(header, settings.recon, output=settings.output, device=settings.device, device_lock=device_lock,
+                   series_index=settings.series_index, limits=limits)
 
     def add(self, acquisition: ismrmrd.Acquisition, *, defer: bool = False) -> list[Outcome]:
         """Take one acquisition; return the images of the slices it completes, or with

@@ -60,10 +60,10 @@ class _FileInOrder:
         while self.written < len(self.slices) and self.written in self.results:
             data, result = self.slices[self.written], self.results.pop(self.written)
             if isinstance(result, Exception):
-                self.sink.add(SliceFailure(data.key, f"{type(result).__name__}: {result}"))
+                self.sink([SliceFailure(data.key, f"{type(result).__name__}: {result}")])
             else:
                 image, fit = result
-                self.sink.add(self.factory.make(image, data, details=image_details(fit, self.factory.comment)))
+                self.sink([self.factory.make(image, data, details=image_details(fit, self.factory.comment))])
             self.written += 1
 
 
@@ -77,7 +77,7 @@ def _assemble(job: ReplayJob, settings: GadgetSettings) -> _FileInOrder:
         try:
             slices += assembler.add(acquisition)
         except ValueError as error:
-            sink.add(SliceFailure(SliceKey.of(acquisition.getHead()), str(error)))
+            sink([SliceFailure(SliceKey.of(acquisition.getHead()), str(error))])
     slices = sorted(slices + assembler.finish(), key=lambda data: data.key)
     factory = ImageFactory(assembler.geometry, output=settings.output, series_index=settings.series_index)
     return _FileInOrder(sink, factory, slices, {})

@@ -12,7 +12,7 @@ from pathlib import Path
 import ismrmrd
 
 from unrollinr_gadget.outputs import write_images, write_pngs
-from unrollinr_gadget.pipeline import ReconPipeline, SliceFailure
+from unrollinr_gadget.pipeline import Delivery, ReconPipeline
 from unrollinr_gadget.rawsave import JOURNAL_SUFFIX, open_raw
 from unrollinr_gadget.settings import GadgetSettings
 
@@ -60,23 +60,23 @@ def replay_jobs(inputs: Sequence[Path], out: Path, png: Path | None = None) -> l
     return [ReplayJob(f, out / f"{f.stem}.h5", None if png is None else png / f.stem) for f in files]
 
 
-class ImageSink:
-    """Writes one job's images as they come: its output file is replaced on the first."""
+class ImageSink(Delivery):
+    """Writes one job's images as they come (its output file is replaced on the first), and
+    keeps its failures."""
 
     def __init__(self, job: ReplayJob) -> None:
+        super().__init__(self._write, lambda failure: logger.error("%s: %s", job.raw.name, failure))
         self.job = job
-        self.summary = FileSummary(job)
         job.out.unlink(missing_ok=True)
 
-    def add(self, outcome: ismrmrd.Image | SliceFailure) -> None:
-        if isinstance(outcome, SliceFailure):
-            logger.error("%s: %s", self.job.raw.name, outcome)
-            self.summary.failures.append(str(outcome))
-            return
-        write_images([outcome], self.job.out)
+    def _write(self, image: ismrmrd.Image) -> None:
+        write_images([image], self.job.out)
         if self.job.png is not None:
-            write_pngs([outcome], self.job.png)
-        self.summary.images += 1
+            write_pngs([image], self.job.png)
+
+    @property
+    def summary(self) -> FileSummary:
+        return FileSummary(self.job, self.images, [str(failure) for failure in self.failures])
 
 
 def replay_in_process(jobs: Sequence[ReplayJob], settings: GadgetSettings) -> list[FileSummary]:
@@ -86,12 +86,10 @@ def replay_in_process(jobs: Sequence[ReplayJob], settings: GadgetSettings) -> li
     summaries = []
     for job in jobs:
         raw = open_raw(job.raw)
-        pipeline = ReconPipeline(raw.header(), settings.recon, output=settings.output, device=settings.device,
-                                 series_index=settings.series_index)
+        pipeline = ReconPipeline.from_settings(raw.header(), settings)
         sink = ImageSink(job)
         acquisitions: Iterator = tqdm(raw.acquisitions(), total=len(raw), desc=job.raw.name, unit="acq",
                                       disable=not sys.stderr.isatty())
-        for outcome in pipeline.process(acquisitions):
-            sink.add(outcome)
+        sink(pipeline.process(acquisitions))
         summaries.append(sink.summary)
     return summaries

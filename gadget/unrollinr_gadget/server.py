@@ -28,7 +28,7 @@ import ismrmrd
 from unrollinr_gadget.assembly import EncodingGeometry
 from unrollinr_gadget.limits import StreamLimits
 from unrollinr_gadget.network import GuardedServer, Network
-from unrollinr_gadget.pipeline import Outcome, ReconPipeline, SliceFailure
+from unrollinr_gadget.pipeline import Delivery, ReconPipeline
 from unrollinr_gadget.protocol import (
     ACQUISITION,
     CLOSE,
@@ -130,18 +130,8 @@ class _Session:
     def __init__(self, reader: MessageReader, writer: MessageWriter, server: UnrollINRServer, peer: str) -> None:
         self.reader, self.writer, self.server = reader, writer, server
         self.peer = peer
-        self.images = 0
-        self.failures = 0
+        self.deliver = Delivery(writer.image, lambda failure: writer.text(str(failure)))
         self.recorder: RawRecorder | None = None
-
-    def _send(self, outcomes: list[Outcome]) -> None:
-        for outcome in outcomes:
-            if isinstance(outcome, SliceFailure):
-                self.failures += 1
-                self.writer.text(str(outcome))
-            else:
-                self.writer.image(outcome)
-                self.images += 1
 
     def _settings(self) -> tuple[GadgetSettings, str]:
         message = self.reader.read()
@@ -185,10 +175,9 @@ class _Session:
             elif message.id == ACQUISITION:
                 self._record(message.payload)
                 if pipeline is None:
-                    pipeline = ReconPipeline(header, settings.recon, output=settings.output, device=settings.device,
-                                             device_lock=self.server.device_lock,
-                                             series_index=settings.series_index, limits=self.server.limits)
-                self._send(pipeline.add(message.payload))
+                    pipeline = ReconPipeline.from_settings(header, settings, device_lock=self.server.device_lock,
+                                                           limits=self.server.limits)
+                self.deliver(pipeline.add(message.payload))
             elif message.id == WAVEFORM:
                 ignored_waveforms += 1
             elif message.id == IMAGE:
@@ -196,7 +185,7 @@ class _Session:
             else:
                 raise ProtocolError(f"unexpected message id {message.id} in the data stream")
         if pipeline is not None:
-            self._send(pipeline.finish())
+            self.deliver(pipeline.finish())
         if ignored_waveforms:
             logger.info("%s: ignored %d waveforms", self.peer, ignored_waveforms)
 
@@ -245,7 +234,8 @@ class _Handler(socketserver.StreamRequestHandler):
             self._try(writer.text, f"unrollinr: {type(error).__name__}: {error}")
         saved = session.save_raw()
         self._try(writer.close)
-        logger.info("%s: done, %d images, %d failures, %.1f s%s", peer, session.images, session.failures,
+        logger.info("%s: done, %d images, %d failures, %.1f s%s", peer, session.deliver.images,
+                    len(session.deliver.failures),
                     time.perf_counter() - start, f"; raw data in {saved}" if saved else "")
 
     @staticmethod
