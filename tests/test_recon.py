@@ -306,3 +306,12 @@ def test_a_batch_in_which_early_stopping_fires_equals_its_slices_alone(problem, 
         assert single.best_iterations == [result.best_iterations[s]]
         # rounding only (see test_batched_slices_match_separate_reconstructions)
         assert np.abs(batch[s] - alone[0]).max() < 0.005 * np.abs(alone[0]).max()
+
+
+def test_the_library_leaves_the_global_random_and_thread_state_alone(phantom_48):
+    from unrollinr.masks import random_line_mask
+
+    mask = random_line_mask((48, 48), 3, acs_lines=12, seed=0)
+    state, threads = torch.get_rng_state(), torch.get_num_threads()
+    reconstruct(phantom_48 * mask, mask, config=ReconConfig(iterations=3, dc_solver="exact"))
+    assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == threads

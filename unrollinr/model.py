@@ -63,8 +63,10 @@ class INRImage(nn.Module):
         self.compute_dtype = mlp_dtype(config, device)
         self.encoding = make_grid_encoding(config.grid_config(max(n_y, n_x)), device, seed=seed,
                                            backend=config.encoding_backend)
-        torch.manual_seed(seed)
-        self.mlp = _mlp(self.encoding.n_output_dims, config.hidden_layers, config.hidden_width, 2 * n_sets).to(device)
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation; the caller's CPU RNG state is kept
+            torch.manual_seed(seed)
+            mlp = _mlp(self.encoding.n_output_dims, config.hidden_layers, config.hidden_width, 2 * n_sets)
+        self.mlp = mlp.to(device)
         self.register_buffer("coords", pixel_coordinates((n_y, n_x), device))
 
     def forward(self) -> torch.Tensor:

@@ -200,7 +200,6 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         :func:`slice_seeds`. A slice given the same seed as alone gets the same image.
     """
     start = time.perf_counter()
-    torch.manual_seed(config.seed)
     like = torch.zeros(op.image_shape, dtype=kspace.dtype, device=kspace.device)
     n_slices = op.image_shape[0]
     if config.regularizer == "none":
