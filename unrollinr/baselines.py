@@ -95,9 +95,7 @@ def bart_maps(kspace: np.ndarray, *, crop: float = 0.8, kernel_width: int = 6, s
 
 
 # pics flags per regulariser, and the iterations each needs to converge on normalised data
-# (measured on brain_8ch_256 at R = 8: l1 34.84 dB at 100 and 300 iterations; TV with
-# BART's default ADMM rho 32.99 / 34.22 / 34.59 dB (best lambda) at 100 / 1000 / 3000 iterations, with
-# rho 0.002 34.79 / 34.91 dB at 300 / 600).
+# (TV with a smaller ADMM rho than BART's default; measured in bench/HISTORY.md).
 BART_REGULARIZERS = {"l1": ("-l1", "-r", "{lam}"), "tv": ("-R", "T:3:0:{lam}", "-u", "0.002")}
 BART_ITERATIONS = {"l1": 100, "tv": 600}
 

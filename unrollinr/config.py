@@ -55,7 +55,7 @@ class ReconConfig:
         ``data_consistency`` off gives the "w/o DC" ablation (the INR image is the
         output). ``lam`` is the initial DC weight, ``lam_s`` the initial TV weight
         (``tv`` off: "w/o TV"). TV is normalised by ``||x0||_1``. The defaults (0.05,
-        0.35) were chosen on ``brain_8ch_256`` at R = 6, 8, 10 (bench/RESULTS.md); the
+        0.35) were chosen on ``brain_8ch_256`` at R = 6, 8, 10 (bench/HISTORY.md); the
         paper's presets are :meth:`retrospective` (0.01, 0.5) and :meth:`prospective`
         (0.05, 2.0). ``dc_solver`` ``"exact"`` solves the DC system exactly, column by
         column, from one eigendecomposition per scan (whole-line masks only; it keeps up
@@ -63,10 +63,7 @@ class ReconConfig:
         cropped maps); ``"cg"`` runs CG; ``"auto"`` is exact where the mask allows it,
         else CG. Each CG solve in training runs ``cg_training_iterations`` iterations,
         warm-started (``cg_warm_start``) from the previous step's solution, and inference
-        runs ``cg_iterations``. On 2D masks 5 in training against 20 (after a 5-iteration
-        warm-up of 50 steps) gave 42.02 against 41.82 dB (``brain_8ch_256``, R 8), 40.54
-        against 40.52 (``brain_16ch_96``, R 4) and 35.69 against 35.29 (GE phantom, R 6),
-        in 0.4-0.7 of the time (bench/RESULTS.md).
+        runs ``cg_iterations`` (bench/RESULTS.md compares the training setting).
     Loss (``tv_second_order=0, tv_log_scale=0, coil_l1=False`` is the paper's):
         ``tv_second_order`` mixes second-order differences into the TV term (0: first
         order only, 1: second order only); ``tv_log_scale`` > 0 penalises each difference
@@ -260,12 +257,8 @@ def load_settings(path: str | Path) -> dict[str, Any]:
 def auto_log2_table_size(finest_resolution: int) -> int:
     """``log2`` of the hash table for a finest level of ``finest_resolution``^2 cells: at
     most ``AUTO_CELLS_PER_ENTRY`` cells share an entry, and at least ``2^AUTO_MIN_LOG2``
-    entries: 2^14 up to 256 x 256, 2^15 up to 362 x 362, 2^16 up to 512 x 512.
-
-    Measured (``bench/RESULTS.md``): at 256 x 256 (4 cells per entry) 2^14 is as good as
-    2^16-2^18 on the brain data; at 368 x 368 and 384 x 384 (8-9 per entry) 2^14 costs
-    2.8-4.1 dB on phantom slices against 2^16-2^18 (the 20-slice exam's median PSNR:
-    33.21 dB with 2^14, 35.44 dB with 2^16).
+    entries: 2^14 up to 256 x 256, 2^15 up to 362 x 362, 2^16 up to 512 x 512 (the
+    measurements behind the rule are in ``bench/HISTORY.md``).
     """
     cells = finest_resolution**2
     return max(AUTO_MIN_LOG2, math.ceil(math.log2(cells / AUTO_CELLS_PER_ENTRY)))
@@ -273,16 +266,8 @@ def auto_log2_table_size(finest_resolution: int) -> int:
 
 def auto_iterations(image_size: int) -> int:
     """Adam steps for images whose larger side is ``image_size``: ``AUTO_ITERATIONS`` up to
-    ``AUTO_LARGE_IMAGE``, ``AUTO_ITERATIONS_LARGE`` above.
-
-    Measured (``bench/RESULTS.md``): at 256 x 256 the brain data gain nothing from more
-    than 200 (+0.02 dB at 300); on an H200, the 20-slice 384 x 384 12-coil exam's median
-    PSNR rose from 35.36 dB to 35.83-35.99 dB with 300 at no measurable cost in time there,
-    and one 368 x 368 15-coil slice from a mean of 40.64 dB (four runs, 40.29-41.13) to
-    41.18 dB (six runs, 40.11-41.96). On the CPU the extra 100 cost 50% more time.
-    All of that ran with the paper's loss. With the default loss the brain at 256 x 256
-    still peaks by 200 iterations, but the 368 x 368 phantom keeps gaining up to 1000
-    (43.80 dB at 300, 45.72 at 1000 on the CPU), which was not re-measured on a GPU.
+    ``AUTO_LARGE_IMAGE``, ``AUTO_ITERATIONS_LARGE`` above (the measurements behind the
+    rule are in ``bench/HISTORY.md``).
     """
     return AUTO_ITERATIONS_LARGE if image_size > AUTO_LARGE_IMAGE else AUTO_ITERATIONS
 

@@ -267,9 +267,8 @@ class _BestIterates:
     without improvement). A stopped slice's choice is final, whatever its later iterates
     score, so that it matches the slice trained alone.
 
-    The objective, not the held-out loss, chooses the iterate: on ``brain_8ch_256`` at
-    R = 8 the held-out loss of 10% of the lines is flat from iteration 60 on while the
-    image keeps improving, and choosing by it cost 1 dB (bench/RESULTS.md). The held-out
+    The objective, not the held-out loss, chooses the iterate: the held-out loss of a few
+    lines flattens early while the image keeps improving (bench/HISTORY.md). The held-out
     loss serves the safety net."""
 
     def __init__(self, model: UnrollINR) -> None:
