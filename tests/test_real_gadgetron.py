@@ -219,10 +219,11 @@ def distributed(server, tmp_path_factory):
         (PREFIX / "share" / "gadgetron" / "config" / chain).unlink(missing_ok=True)
 
 
-def test_distributed_workers_give_the_images_of_the_undistributed_chain(server, distributed, tmp_path):
+@pytest.mark.parametrize("order", ["interleaved", "sequential"])
+def test_distributed_workers_give_the_images_of_the_undistributed_chain(server, distributed, tmp_path, order):
     kspace = np.stack([phantom_kspace(SIZE, COILS, seed=s) for s in range(4)])
     masks = np.stack([random_line_mask((SIZE, SIZE), 3, acs_lines=12, seed=s) for s in range(4)])
-    raw = simulate_raw(kspace, masks, tmp_path / "exam.h5", order="interleaved", noise_scans=0)
+    raw = simulate_raw(kspace, masks, tmp_path / "exam.h5", order=order, noise_scans=0)
     spread, printed = _client(distributed.main, raw, distributed.main.chains["unrollinr_distributed.xml"],
                               tmp_path / "distributed.h5")
     alone, _ = _client(server, raw, server.chains["unrollinr.xml"], tmp_path / "alone.h5")
@@ -240,8 +241,8 @@ def test_distributed_workers_give_the_images_of_the_undistributed_chain(server, 
         assert np.abs(ours - theirs).max() <= 1e-3 * theirs.max(), image.getHead().slice
     for worker_log in distributed.worker_logs:  # the slices were spread over both workers
         text = worker_log.read_text()
-        assert text.count("Loading External Connect block") == 2, text[-2000:]  # one per slice
-    assert distributed.listener_log.read_text().count("sent 1 images, 0 failures") == 4
+        assert text.count("Loading External Connect block") >= 2, text[-2000:]  # one per slice
+    assert distributed.listener_log.read_text().count("sent 1 images, 0 failures") >= 4
 
 
 def test_a_failed_slice_on_a_worker_costs_no_other_slice(distributed, tmp_path):
