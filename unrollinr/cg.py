@@ -152,6 +152,8 @@ class DataConsistency(nn.Module):
         settings, warm starts included, are then unused).
     """
 
+    adjoint_measurement: torch.Tensor
+
     def __init__(self, op: SenseOp, kspace: torch.Tensor, *, iterations: int = 20,
                  tolerance: float = 0.0, warm_start: bool = False,
                  column_solver: ColumnSolver | None = None) -> None:

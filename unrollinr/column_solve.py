@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
@@ -62,7 +62,8 @@ class ColumnSolver(nn.Module):
         ``lam`` ``(slices,)``."""
         n_slices, n_sets, n_y, n_x = rhs.shape
         columns = rhs.reshape(n_slices, n_sets * n_y, n_x)
-        solved = torch.stack([part.solve(columns[s], lam[s]) for s, part in enumerate(self.slices)])
+        parts = cast(list[_SliceColumns], list(self.slices))
+        solved = torch.stack([part.solve(columns[s], lam[s]) for s, part in enumerate(parts)])
         return solved.reshape(rhs.shape)
 
 
@@ -70,6 +71,10 @@ class _SliceColumns(nn.Module):
     """One slice's column decompositions, from :func:`_decompose_slice`, as non-persistent
     buffers: they move with the module and stay out of its state dict (they follow from
     the operator)."""
+
+    rows: torch.Tensor
+    eigenvalues: torch.Tensor
+    basis: torch.Tensor
 
     def __init__(self, maps: torch.Tensor, projector: torch.Tensor) -> None:
         super().__init__()

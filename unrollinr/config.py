@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,7 +193,8 @@ class ReconConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ReconConfig:
         """A preset by name: ``"default"``, ``"retrospective"`` or ``"prospective"``."""
-        presets = {"default": cls, "retrospective": cls.retrospective, "prospective": cls.prospective}
+        presets: dict[str, Callable[..., ReconConfig]] = {"default": cls, "retrospective": cls.retrospective,
+                                                           "prospective": cls.prospective}
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
         return presets[name](**overrides)

@@ -34,7 +34,7 @@ L1_LAMBDAS = (0.0003, 0.001, 0.003, 0.01, 0.03)
 TV_LAMBDAS = (0.0003, 0.001, 0.003, 0.01)
 # The paper's ablations, the paper's loss in place of ours, and the pixel-image control
 # that shows what the INR itself adds.
-ABLATIONS = {
+ABLATIONS: dict[str, dict[str, Any]] = {
     "paper's loss (TV, l1 per coil entry)": {"tv_second_order": 0.0, "tv_log_scale": 0.0, "coil_l1": False},
     "w/o R (CG-SENSE)": {"regularizer": "none", "dc_solver": "cg"},
     "w/o DC (INR alone)": {"data_consistency": False},

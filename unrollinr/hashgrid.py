@@ -268,7 +268,7 @@ def grid_backend(backend: str, device: torch.device) -> str:
 
 
 def make_grid_encoding(config: dict[str, Any], device: torch.device, *, seed: int = 0,
-                       backend: str = "auto") -> nn.Module:
+                       backend: str = "auto") -> GridEncoding | TcnnGridEncoding:
     """The grid encoding for ``config`` on the backend :func:`grid_backend` picks."""
     chosen = grid_backend(backend, device)
     if backend == "auto":

@@ -56,6 +56,8 @@ class INRImage(nn.Module):
     float32).
     """
 
+    coords: torch.Tensor
+
     def __init__(self, shape: tuple[int, int, int], config: ReconConfig, device: torch.device, seed: int) -> None:
         super().__init__()
         self.shape = shape
@@ -111,6 +113,8 @@ class UnrollINR(nn.Module):
     lam, lam_s
         Initial positive weights, learned in log space, one per slice.
     """
+
+    support: torch.Tensor
 
     def __init__(self, priors: list[nn.Module] | None, dc: DataConsistency | None,
                  support: torch.Tensor, lam: float, lam_s: float) -> None:

@@ -263,7 +263,7 @@ def reconstruct_together(kspaces: Sequence[np.ndarray], masks: Sequence[np.ndarr
         for j, (i, part) in enumerate(members):
             results[i] = _retry_with_wider_maps(part.kspace, part.mask, config, device, images[j],
                                                 batch.for_slice(j), calibration=part.calibration)
-    return results
+    return [result for result in results if result is not None]  # every slice has its result by now
 
 
 @dataclasses.dataclass(frozen=True)

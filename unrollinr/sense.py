@@ -62,6 +62,17 @@ class SenseOp(nn.Module):
     the way in and once on the way out, instead of every coil array around each FFT.
     """
 
+    maps: torch.Tensor
+    mask: torch.Tensor
+    maps_fft_order: torch.Tensor
+    maps_fft_order_conj: torch.Tensor
+    mask_fft_order: torch.Tensor
+    rows: torch.Tensor
+    rows_h: torch.Tensor
+    row_indices: torch.Tensor
+    maps_yc: torch.Tensor
+    maps_yc_conj: torch.Tensor
+
     def __init__(self, maps: torch.Tensor, mask: torch.Tensor) -> None:
         super().__init__()
         if maps.ndim != 5 or not maps.is_complex():

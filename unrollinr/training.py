@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from unrollinr.cg import DataConsistency
@@ -130,7 +131,7 @@ def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor,
         dc = DataConsistency(op, kspace, iterations=min(config.cg_training_iterations, config.cg_iterations),
                              tolerance=config.cg_tolerance,
                              warm_start=config.cg_warm_start, column_solver=exact_solver(config, op))
-    priors = None
+    priors: list[nn.Module] | None = None
     if config.regularizer == "inr":
         seeds = slice_seeds(config, n_slices) if seeds is None else seeds
         priors = [INRImage((n_sets, n_y, n_x), config, device, seed=seed) for seed in seeds]
@@ -241,7 +242,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         record = {"loss": float(loss.detach().sum()), "objective": float(objective.sum()),
                   "lam": float(model.lam.detach().mean()), "lam_s": float(model.lam_s.detach().mean())}
         held_loss = None
-        if held_op is not None:
+        if held_op is not None and held_samples is not None:
             with torch.no_grad():
                 held_loss = data_loss(held_op.measure(x), held_samples)
             record["holdout"] = float(held_loss.sum())
@@ -355,14 +356,14 @@ def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: Rec
     is the copy of the model's weights that the result reports. Slices whose verdict is
     not UnrollINR get SENSE (the DC step with a zero prior) or the zero-filled
     root-sum-of-squares, in the first set of maps, instead."""
-    if config.data_consistency:
+    if model.dc is not None:  # config.data_consistency
         # Without a holdout training used this operator: its exact solver carries over.
         solver = model.dc.column_solver if model.dc.op is op else exact_solver(config, op)
         model.dc = DataConsistency(op, kspace, iterations=config.cg_iterations,
                                    tolerance=config.cg_tolerance, warm_start=False, column_solver=solver)
     with torch.no_grad():
         x, z = model(like)
-        if any(v.returned == SENSE for v in verdicts):
+        if any(v.returned == SENSE for v in verdicts) and model.dc is not None:  # SENSE needs the DC step
             x = _replace(x, verdicts, SENSE, model.dc(torch.zeros_like(like), model.lam))
         if any(v.returned == ZERO_FILLED for v in verdicts):
             zero_filled = torch.zeros_like(like)

@@ -13,7 +13,6 @@ Needs the ``[scale]`` extra (``ray[tune]``, ``optuna``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import tempfile
@@ -51,7 +50,7 @@ def _trial(params: dict[str, float], *, undersampled: np.ndarray, mask: np.ndarr
     from ray import tune
 
     torch.set_num_threads(threads)  # this trial's own share of the node
-    config = dataclasses.replace(base, **params)
+    config = ReconConfig.from_strings(params, base=base)
     if reference is None:
         _, result = reconstruct_with_details(undersampled, mask, config=config, progress=False)
         tune.report({"held_out_loss": result.verdicts[0].held_out_loss})
@@ -104,7 +103,8 @@ def tune_weights(kspace: np.ndarray, acceleration: float, *, trials: int, base: 
         best = results.get_best_result(metric=metric, mode=mode, scope="last")
         frame = results.get_dataframe()
     is_base = (frame["config/lam"] == base.lam) & (frame["config/lam_s"] == base.lam_s)
-    values = {name: float(best.config[name]) for name in SEARCH_RANGES}
-    logger.info("best of %d trials: %s (%s %.4g)", len(frame), values, metric, best.metrics[metric])
-    return TuneResult(best=values, metric=metric, best_value=float(best.metrics[metric]),
+    chosen, reached = best.config or {}, best.metrics or {}
+    values = {name: float(chosen[name]) for name in SEARCH_RANGES}
+    logger.info("best of %d trials: %s (%s %.4g)", len(frame), values, metric, reached[metric])
+    return TuneResult(best=values, metric=metric, best_value=float(reached[metric]),
                       base_value=float(frame.loc[is_base, metric].iloc[0]), trials=len(frame))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import ismrmrd
@@ -50,7 +50,7 @@ def _collect(stream, replies: Replies) -> None:
 
 
 def stream_to_server(raw: RawFile, host: str, port: int, config: str, *, config_text: str | None = None,
-                     parameters: str | None = None, progress: Iterable | None = None,
+                     parameters: str | None = None, progress: Callable[[Iterable], Iterable] | None = None,
                      timeout: float | None = None) -> Replies:
     """Send ``raw`` with config name ``config`` (or ``config_text``, a chain XML) and an
     optional JSON ``parameters`` TEXT; return the replies after the server's CLOSE."""

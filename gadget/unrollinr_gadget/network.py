@@ -10,6 +10,7 @@ import socket
 import socketserver
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from unrollinr_gadget.limits import StreamLimits
 
@@ -71,7 +72,7 @@ class GuardedServer(socketserver.ThreadingTCPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
         host = self.server_address[0]
-        if self.allow is None and not ipaddress.ip_address(host).is_loopback:
+        if self.allow is None and not ipaddress.ip_address(str(host)).is_loopback:
             logger.warning("listening on %s with no --allow: any host that reaches this port may connect", host)
 
     @property
@@ -79,8 +80,8 @@ class GuardedServer(socketserver.ThreadingTCPServer):
         """The bound port (useful with port 0)."""
         return self.server_address[1]
 
-    def verify_request(self, request: socket.socket, client_address: tuple[str, int]) -> bool:
-        if is_allowed(client_address[0], self.allow):
+    def verify_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> bool:
+        if is_allowed(str(client_address[0]), self.allow):
             return True
         logger.warning("refused a connection from %s: not in the allowed ranges %s", client_address[0],
                        [str(n) for n in self.allow or []])

@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import ismrmrd
 import ismrmrd.xsd as xsd
@@ -41,7 +42,7 @@ class SliceFailure:
         return f"unrollinr: {self.key} failed: {self.message}"
 
 
-Outcome = ismrmrd.Image | SliceFailure
+Outcome: TypeAlias = "ismrmrd.Image | SliceFailure"
 
 
 @dataclass

@@ -12,7 +12,7 @@ import logging
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Protocol
 
 import ismrmrd
 import ismrmrd.xsd as xsd
@@ -36,6 +36,18 @@ logger = logging.getLogger(__name__)
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+
+
+class ByteSource(Protocol):
+    """Where messages are read from: a binary file, or the gadget's socket."""
+
+    def read(self, size: int, /) -> bytes | None: ...
+
+
+class ByteSink(Protocol):
+    """Where messages are written to: a binary file, or the gadget's socket."""
+
+    def write(self, data: bytes, /) -> object: ...
 
 
 class ProtocolError(ValueError):
@@ -69,7 +81,7 @@ class MessageReader:
     """Reads framed messages from a binary stream; every length the peer claims is checked
     against ``limits.max_message_bytes`` before it is read."""
 
-    def __init__(self, stream: BinaryIO, limits: StreamLimits | None = None) -> None:
+    def __init__(self, stream: ByteSource, limits: StreamLimits | None = None) -> None:
         self._stream = stream
         self._limits = limits or StreamLimits()
 
@@ -150,7 +162,7 @@ class MessageReader:
 class MessageWriter:
     """Writes framed messages to a binary stream."""
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: ByteSink) -> None:
         self._stream = stream
 
     def _frame(self, message_id: int, *parts: bytes) -> None:

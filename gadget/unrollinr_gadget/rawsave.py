@@ -114,7 +114,7 @@ def read_journal(journal: Path) -> tuple[xsd.ismrmrdHeader, list[ismrmrd.Acquisi
         message = reader.read()
         if message.id != HEADER:
             raise ValueError(f"{journal} does not start with an ISMRMRD header")
-        header, acquisitions = message.payload, []
+        header, acquisitions = message.payload, list[ismrmrd.Acquisition]()
         while True:
             try:
                 message = reader.read()

@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ray
@@ -100,7 +101,7 @@ def replay_on_ray(jobs: Sequence[ReplayJob], settings: GadgetSettings, *, addres
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     files = [_assemble(job, settings) for job in jobs]
     resources = _resources(cpus_per_slice)
-    remote = ray.remote(task).options(max_retries=1, retry_exceptions=True, **resources)
+    remote: Any = ray.remote(task).options(max_retries=1, retry_exceptions=True, **resources)
     config = ray.put(settings.recon)
     threads = int(resources.get("num_cpus", 1))
     pending = {}
