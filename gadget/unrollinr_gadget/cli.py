@@ -66,21 +66,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save(images, args: argparse.Namespace) -> None:
-    """Write images to ``--out`` (replacing it) and ``--png``, each as soon as it comes."""
-    from unrollinr_gadget.outputs import write_images, write_pngs
-
-    if args.out.exists():
-        args.out.unlink()
-    count = 0
-    for image in images:
-        write_images([image], args.out)
-        if args.png is not None:
-            write_pngs([image], args.png)
-        count += 1
-    print(f"wrote {count} images to {args.out}" + (f" and PNGs to {args.png}" if args.png is not None else ""))
-
-
 def cmd_replay(args: argparse.Namespace) -> int:
     """Reconstruct raw ISMRMRD files (or folders of them), in-process or on Ray, and save the images."""
     from unrollinr_gadget.replay import replay_in_process, replay_jobs
@@ -146,13 +131,16 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     from unrollinr_gadget.client import stream_to_server
     from unrollinr_gadget.rawdata import RawFile
+    from unrollinr_gadget.replay import ImageSink, ReplayJob
 
     raw = RawFile(args.raw)
     config_text = args.config_file.read_text() if args.config_file else None
     progress = (lambda items: tqdm(items, total=len(raw), desc="send", unit="acq")) if sys.stderr.isatty() else None
     replies = stream_to_server(raw, args.host, args.port, args.config, config_text=config_text,
                                parameters=args.parameters, progress=progress)
-    _save(replies.images, args)
+    sink = ImageSink(ReplayJob(args.raw, args.out, args.png))
+    sink(replies.images)
+    print(f"wrote {sink.images} images to {args.out}" + (f" and PNGs to {args.png}" if args.png else ""))
     for text in replies.texts + replies.errors:
         print(f"server: {text}", file=sys.stderr)
     return 1 if replies.errors or replies.texts else 0
