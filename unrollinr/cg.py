@@ -111,10 +111,7 @@ class _ImplicitSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, lam, dc):  # type: ignore[override]
         with torch.no_grad():
-            rhs = dc.adjoint_measurement + per_slice(lam, z) * z
-            x = dc.solve(rhs, lam, dc.warm_starts.solution)
-        if dc.warm_start:
-            dc.warm_starts.solution = x.detach()
+            x = dc.solve_forward(dc.adjoint_measurement + per_slice(lam, z) * z, lam)
         ctx.dc = dc
         ctx.save_for_backward(z, lam, x)
         return x
@@ -124,9 +121,7 @@ class _ImplicitSolve(torch.autograd.Function):
         z, lam, x = ctx.saved_tensors
         dc = ctx.dc
         with torch.no_grad():
-            v = dc.solve(grad_x, lam, dc.warm_starts.adjoint_solution)
-        if dc.warm_start:
-            dc.warm_starts.adjoint_solution = v
+            v = dc.solve_adjoint(grad_x, lam)
         grad_z = per_slice(lam, v).to(v.dtype) * v if ctx.needs_input_grad[0] else None
         grad_lam = _slice_dot(v, z - x) if ctx.needs_input_grad[1] else None
         return grad_z, grad_lam, None
@@ -163,7 +158,7 @@ class DataConsistency(nn.Module):
         self.iterations = iterations
         self.tolerance = tolerance
         self.warm_start = warm_start and column_solver is None
-        self.warm_starts = _WarmStarts()
+        self._warm_starts = _WarmStarts()
         self.column_solver = column_solver
 
     def solve(self, rhs: torch.Tensor, lam: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
@@ -179,6 +174,20 @@ class DataConsistency(nn.Module):
 
         return conjugate_gradient(apply_a, rhs, initial, max_iterations=self.iterations,
                                   tolerance=self.tolerance)
+
+    def solve_forward(self, rhs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """The forward solve, from the last one's solution with warm starts (then kept for the next)."""
+        x = self.solve(rhs, lam, self._warm_starts.solution)
+        if self.warm_start:
+            self._warm_starts.solution = x.detach()
+        return x
+
+    def solve_adjoint(self, grad: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """The backward (adjoint) solve, warm-started likewise from the last backward solve."""
+        v = self.solve(grad, lam, self._warm_starts.adjoint_solution)
+        if self.warm_start:
+            self._warm_starts.adjoint_solution = v
+        return v
 
     def forward(self, z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """Image ``z`` ``(slices, sets, y, x)`` and ``lam`` ``(slices,)`` to the DC image, shaped as ``z``."""
