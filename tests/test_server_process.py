@@ -143,3 +143,18 @@ def test_a_raw_folder_that_cannot_be_written_stops_serve_at_start(tmp_path, capl
     blocker.write_text("")
     assert main(["serve", "--port", "0", "--save-raw", str(blocker / "raw")]) == 2
     assert "Not a directory" in caplog.text
+
+
+def test_recovery_reports_a_journal_without_a_header_and_converts_the_others(tmp_path, raw_phantom, caplog):
+    from unrollinr_gadget.protocol import MessageWriter
+
+    raw = RawFile(raw_phantom)
+    with open(tmp_path / "killed.mrd", "wb") as journal:  # as a killed server leaves it: no CLOSE
+        writer = MessageWriter(journal)
+        writer.header(raw.header())
+        for acquisition in list(raw.acquisitions())[:5]:
+            writer.acquisition(acquisition)
+    (tmp_path / "empty.mrd").write_bytes(b"\x03\x00")  # killed while writing its header
+    (saved,) = recover(tmp_path)
+    assert saved.name == "killed.h5" and len(RawFile(saved)) == 5
+    assert "empty.mrd ends before its ISMRMRD header is complete" in caplog.text

@@ -83,7 +83,7 @@ def tune_weights(kspace: np.ndarray, acceleration: float, *, trials: int, base: 
     undersampled = kspace * mask
     metric, mode = ("held_out_loss", "min") if self_supervised else ("psnr", "max")
     if not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     trainable = tune.with_resources(
         tune.with_parameters(_trial, undersampled=undersampled, mask=mask,

@@ -111,7 +111,10 @@ def read_journal(journal: Path) -> tuple[xsd.ismrmrdHeader, list[ismrmrd.Acquisi
     from a killed writer, is dropped)."""
     with open(journal, "rb") as stream:
         reader = MessageReader(stream)
-        message = reader.read()
+        try:
+            message = reader.read()
+        except EOFError:
+            raise ValueError(f"{journal} ends before its ISMRMRD header is complete") from None
         if message.id != HEADER:
             raise ValueError(f"{journal} does not start with an ISMRMRD header")
         header, acquisitions = message.payload, list[ismrmrd.Acquisition]()
