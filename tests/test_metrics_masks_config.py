@@ -84,6 +84,22 @@ def test_config_from_strings_parses_and_validates():
         ReconConfig.preset("fast")
 
 
+def test_settings_may_be_named_with_their_section_and_automatic_is_none():
+    from unrollinr.config import SECTIONS
+
+    config = ReconConfig.from_strings({"dc.lam": "0.02", "loss.lam_s": "0.5", "training.iterations": "auto",
+                                       "maps.coil_compression": "0", "prior.hash_log2_size": "none", "seed": "3"})
+    assert (config.lam, config.lam_s, config.seed) == (0.02, 0.5, 3)
+    assert config.iterations is None and config.coil_compression is None and config.hash_log2_size is None
+    assert ReconConfig.from_strings({"training.iterations": "40"}).iterations == 40
+    with pytest.raises(ValueError, match="unknown reconstruction setting 'loss.lam'"):
+        ReconConfig.from_strings({"loss.lam": "0.1"})
+    import dataclasses
+
+    assert sorted(name for names in SECTIONS.values() for name in names) == sorted(
+        field.name for field in dataclasses.fields(ReconConfig))
+
+
 def test_grid_config_reaches_the_image_size():
     grid = ReconConfig().grid_config(256)
     assert grid["otype"] == "HashGrid"
@@ -105,7 +121,7 @@ def test_auto_hash_table_holds_the_finest_level_with_at_most_four_cells_per_entr
 
 def test_auto_iterations_by_image_size():
     config = ReconConfig()
-    assert config.iterations == 0
+    assert config.iterations is None and ReconConfig(iterations=0).iterations is None  # 0: the older spelling
     assert [config.training_iterations(size) for size in (48, 256, 257, 384)] == [200, 200, 300, 300]
     assert ReconConfig(iterations=7).training_iterations(384) == 7
     with pytest.raises(ValueError, match="iterations must not be negative"):

@@ -102,6 +102,7 @@ def test_two_clients_at_once(server, raw_phantom):
 
 def test_json_parameters_are_validated():
     assert json_parameters('{"iterations": 5, "vendor_thing": 1}') == {"iterations": 5}
+    assert json_parameters('{"dc.lam": 0.02}') == {"dc.lam": 0.02}
     with pytest.raises(ValueError, match="not JSON"):
         json_parameters("iterations=5")
     with pytest.raises(ValueError, match="JSON object"):

@@ -21,10 +21,10 @@ ENCODINGS = ("HashGrid", "DenseGrid")
 ENCODING_BACKENDS = ("auto", "torch", "tcnn")
 MLP_PRECISIONS = ("auto", "float32", "bfloat16")
 DC_SOLVERS = ("auto", "exact", "cg")
-# hash_log2_size 0: the table size rule of auto_log2_table_size
+# hash_log2_size None: the table size rule of auto_log2_table_size
 AUTO_MIN_LOG2 = 14
 AUTO_CELLS_PER_ENTRY = 4
-# iterations 0: the rule of auto_iterations
+# iterations None: the rule of auto_iterations
 AUTO_ITERATIONS = 200
 AUTO_ITERATIONS_LARGE = 300
 AUTO_LARGE_IMAGE = 256
@@ -45,8 +45,8 @@ class ReconConfig:
         ``hash_*``. ``encoding_backend`` ``"torch"`` (the default) runs the PyTorch grid;
         ``"tcnn"`` tiny-cuda-nn's fused grid (CUDA only, built from source; it has not yet
         been run against the PyTorch grid on a GPU here); ``"auto"`` takes tcnn on CUDA
-        where it imports and logs which it took. ``hash_finest_resolution`` 0 means the image size: the per-level
-        scale is chosen so that the finest level matches it. ``hash_log2_size`` 0 picks
+        where it imports and logs which it took. ``hash_finest_resolution`` None means the image size: the per-level
+        scale is chosen so that the finest level matches it. ``hash_log2_size`` None picks
         the smallest table, at least ``2^14``, that holds the finest level with at most
         4 of its cells per entry (:func:`auto_log2_table_size`). ``mlp_precision`` ``"auto"``
         runs the MLP in bfloat16 where that is native (CUDA, CPUs with AVX512-BF16), else
@@ -72,7 +72,7 @@ class ReconConfig:
         norm in the l1 term instead of each coil's entry (:mod:`unrollinr.loss`).
     Training:
         Adam at ``lr`` for the prior and ``lr_lam``/``lr_lam_s`` for the log-weights,
-        at most ``iterations`` steps; 0 picks them by image size, 200 up to 256 x 256 and
+        at most ``iterations`` steps; None picks them by image size, 200 up to 256 x 256 and
         300 above (:func:`auto_iterations`). The iterate with the lowest loss at the
         initial TV weight ``lam_s`` is kept (the learned weight only falls, and the loss
         with it, so the loss itself would keep "improving" while TV fades and the image
@@ -98,7 +98,11 @@ class ReconConfig:
         the held-out samples better (an object cut by the field of view splits its signal
         between two eigenvectors near the cut, where the first eigenvalue then misses the
         crop).
-        ``coil_compression`` > 0 compresses to that many virtual coils first.
+        ``coil_compression`` compresses to that many virtual coils first (None: off).
+    Sections (:data:`SECTIONS`): the settings above fall in ``prior``, ``dc``, ``loss``,
+    ``training`` and ``maps``; chain properties, ``--set`` and JSON settings accept
+    ``"dc.lam"`` as well as ``"lam"``. For the settings in :data:`AUTOMATIC`, None means
+    automatic (``coil_compression``: off); ``0``, ``"auto"`` and ``"none"`` mean the same.
     """
 
     regularizer: str = "inr"
@@ -106,9 +110,9 @@ class ReconConfig:
     encoding_backend: str = "torch"
     hash_levels: int = 16
     hash_features: int = 2
-    hash_log2_size: int = 0
+    hash_log2_size: int | None = None
     hash_base_resolution: int = 16
-    hash_finest_resolution: int = 0
+    hash_finest_resolution: int | None = None
     hidden_layers: int = 2
     hidden_width: int = 64
     mlp_precision: str = "auto"
@@ -127,7 +131,7 @@ class ReconConfig:
     cg_warm_start: bool = True
     zero_outside_maps: bool = False
 
-    iterations: int = 0
+    iterations: int | None = None
     lr: float = 1e-2
     lr_lam: float = 1e-3
     lr_lam_s: float = 1e-3
@@ -142,9 +146,12 @@ class ReconConfig:
     espirit_sets: int = 2
     retry_wider_maps: bool = True
     espirit_retry_crop: float = 0.5
-    coil_compression: int = 0
+    coil_compression: int | None = None
 
     def __post_init__(self) -> None:
+        for name in AUTOMATIC:  # 0, the older spelling of "automatic" (or "off"), is None
+            if getattr(self, name) == 0:
+                object.__setattr__(self, name, None)
         _check_choice("regularizer", self.regularizer, REGULARIZERS)
         _check_choice("encoding", self.encoding, ENCODINGS)
         _check_choice("encoding_backend", self.encoding_backend, ENCODING_BACKENDS)
@@ -155,10 +162,9 @@ class ReconConfig:
                      "espirit_kernel_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("iterations", "hash_log2_size", "hash_finest_resolution", "hidden_layers",
-                     "espirit_calib_width", "coil_compression", "cg_tolerance", "lr_lam", "lr_lam_s", "espirit_thresh",
-                     "tv_log_scale"):
-            if getattr(self, name) < 0:
+        for name in (*AUTOMATIC, "hidden_layers", "espirit_calib_width", "cg_tolerance", "lr_lam", "lr_lam_s",
+                     "espirit_thresh", "tv_log_scale"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("lam", "lam_s", "lr"):
             if not getattr(self, name) > 0:
@@ -207,7 +213,7 @@ class ReconConfig:
         ``base`` (default: the default config); explicit values win over both. Unknown
         names and unparsable values raise ``ValueError`` naming the offending key.
         """
-        values = dict(values)
+        values = {_flat_name(name): value for name, value in values.items()}
         preset = values.pop("preset", None)
         base = cls() if base is None else base
         if preset is not None:
@@ -217,7 +223,7 @@ class ReconConfig:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"unknown reconstruction setting(s) {unknown}; known: {sorted(fields)}")
-        typed = {name: _parse(name, value, type(getattr(base, name))) for name, value in values.items()}
+        typed = {name: _parse(name, value, _KINDS[name]) for name, value in values.items()}
         return dataclasses.replace(base, **typed)
 
     @classmethod
@@ -273,15 +279,49 @@ def auto_iterations(image_size: int) -> int:
     return AUTO_ITERATIONS_LARGE if image_size > AUTO_LARGE_IMAGE else AUTO_ITERATIONS
 
 
+# Settings whose None means "automatic" (or, for coil_compression, "off"); 0 is accepted for it.
+AUTOMATIC = ("hash_log2_size", "hash_finest_resolution", "iterations", "coil_compression")
+
+# The sections the settings fall in, in the order of ReconConfig's fields. Chain properties,
+# --set and JSON settings name a setting flat ("lam") or with its section ("dc.lam").
+SECTIONS = {
+    "prior": ("regularizer", "encoding", "encoding_backend", "hash_levels", "hash_features", "hash_log2_size",
+              "hash_base_resolution", "hash_finest_resolution", "hidden_layers", "hidden_width", "mlp_precision"),
+    "dc": ("data_consistency", "lam", "dc_solver", "cg_iterations", "cg_training_iterations", "cg_tolerance",
+           "cg_warm_start", "zero_outside_maps"),
+    "loss": ("lam_s", "tv", "tv_second_order", "tv_log_scale", "coil_l1"),
+    "training": ("iterations", "lr", "lr_lam", "lr_lam_s", "holdout_fraction", "patience", "seed"),
+    "maps": ("espirit_calib_width", "espirit_kernel_width", "espirit_thresh", "espirit_crop", "espirit_sets",
+             "retry_wider_maps", "espirit_retry_crop", "coil_compression"),
+}
+_SECTION_OF = {name: section for section, names in SECTIONS.items() for name in names}
+
+
+def _flat_name(name: str) -> str:
+    """``"dc.lam"`` to ``"lam"``; a flat name (or ``preset``) as it is; a setting named
+    under the wrong section is a ``ValueError``."""
+    section, dot, field = name.partition(".")
+    if not dot:
+        return name
+    if _SECTION_OF.get(field) != section:
+        raise ValueError(f"unknown reconstruction setting {name!r}: sections are {sorted(SECTIONS)}, "
+                         f"e.g. 'dc.lam', 'training.iterations'")
+    return field
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _parse(name: str, value: Any, kind: type) -> Any:
+    if value is None and name in AUTOMATIC:
+        return None
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     text = str(value).strip()
+    if name in AUTOMATIC and text.lower() in ("", "auto", "none", "off"):
+        return None
     try:
         if kind is bool:
             if text.lower() in _TRUE:
@@ -296,3 +336,8 @@ def _parse(name: str, value: Any, kind: type) -> Any:
     except ValueError:
         raise ValueError(f"setting {name!r} expects {kind.__name__}, got {value!r}") from None
     return text
+
+
+# Each setting's value type, for parsing text.
+_KINDS: dict[str, type] = {field.name: (int if field.name in AUTOMATIC else type(field.default))
+                           for field in dataclasses.fields(ReconConfig)}

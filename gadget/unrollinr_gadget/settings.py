@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from unrollinr.config import ReconConfig
+from unrollinr.config import SECTIONS, ReconConfig
 
 GADGET_FIELDS = ("output", "device", "series_index")
 OUTPUT_TYPES = ("uint16", "float", "complex")
@@ -55,7 +55,8 @@ class GadgetSettings:
     @classmethod
     def known_names(cls) -> set[str]:
         """Every property name that :meth:`from_properties` accepts."""
-        return set(GADGET_FIELDS) | {f.name for f in dataclasses.fields(ReconConfig)} | {"preset"}
+        dotted = {f"{section}.{name}" for section, names in SECTIONS.items() for name in names}
+        return set(GADGET_FIELDS) | {f.name for f in dataclasses.fields(ReconConfig)} | dotted | {"preset"}
 
 
 def _local(tag: str) -> str:
