@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of the speed issue, in one run on a lent device machine.
+# The GPU checks (doctor, the CUDA tests, bench/exam.py), in one run on a lent device machine.
 #
 # The device machine has CUDA torch, numpy, scipy, numba, h5py and tqdm, but not sigpy
 # (the phantoms and ESPIRiT's sigpy variant need it), and nothing can be fetched there.
@@ -45,9 +45,15 @@ fi
     python3 -c 'import tinycudann' 2>/dev/null && echo "tinycudann importable" || echo "tinycudann not importable"
 } 2>&1 | tee "$out/machine.txt"
 
+# What a reconstruction will run on, with a phantom check: the PyTorch grid, then tiny-cuda-nn's
+# where it imports (the default stays the PyTorch grid until the two have matched on a GPU).
+timeout 60 python3 -m unrollinr_gadget.cli doctor --device cuda 2>&1 | tee "$out/doctor.log"
+timeout 60 python3 -m unrollinr_gadget.cli doctor --device cuda --set encoding_backend=tcnn 2>&1 \
+    | tee "$out/doctor_tcnn.log"
+
 # The tests that run on each device (the CUDA ones are skipped without a GPU).
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_sense.py tests/test_column_solve.py \
-    tests/test_hashgrid.py tests/test_coils.py tests/test_recon.py 2>&1 | tee "$out/tests.log"
+    tests/test_hashgrid.py tests/test_coils.py tests/test_recon.py tests/test_cg.py 2>&1 | tee "$out/tests.log"
 
 # Target 2: one 368^2 15-coil slice and the 20-slice 384^2 12-coil exam, then the slow
 # configuration's PSNR, each under its own time limit so that one overrun keeps the others.
