@@ -25,6 +25,8 @@ from unrollinr_gadget.settings import GadgetSettings
 READER_CASES = 3000
 SERVER_CASES = 1000
 LIMITS = StreamLimits(max_message_bytes=4 * MIB, max_matrix=128, max_channels=16, idle_timeout_s=5.0)
+# Reproducible in CI: a fixed sequence of cases, no example database, no time limit per case.
+FUZZING = {"deadline": None, "derandomize": True, "database": None, "suppress_health_check": list(HealthCheck)}
 
 
 @st.composite
@@ -58,8 +60,7 @@ def valid_session(raw_phantom) -> bytes:
 def test_the_reader_only_ever_raises_protocol_errors(valid_session):
     cases = 0
 
-    @settings(max_examples=READER_CASES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=READER_CASES, **FUZZING)
     @given(st.data())
     def read_everything(data) -> None:
         nonlocal cases
@@ -82,8 +83,7 @@ def test_a_live_server_survives_mutated_sessions_and_then_serves_a_good_one(vali
     serving.start()
     cases = 0
 
-    @settings(max_examples=SERVER_CASES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=SERVER_CASES, **FUZZING)
     @given(st.data())
     def session(data) -> None:
         nonlocal cases

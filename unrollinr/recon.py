@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -263,7 +264,7 @@ def reconstruct_together(kspaces: Sequence[np.ndarray], masks: Sequence[np.ndarr
         for j, (i, part) in enumerate(members):
             results[i] = _retry_with_wider_maps(part.kspace, part.mask, config, device, images[j],
                                                 batch.for_slice(j), calibration=part.calibration)
-    return [result for result in results if result is not None]  # every slice has its result by now
+    return cast(list[tuple[np.ndarray, FitResult] | Exception], results)  # every slot is filled by now
 
 
 @dataclasses.dataclass(frozen=True)

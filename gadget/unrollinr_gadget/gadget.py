@@ -171,8 +171,8 @@ def handle(connection, device_lock: threading.Lock | None = None, base: GadgetSe
         if deliver.failures:
             send_error(gadget_socket, failure_report(deliver.failures))
     except (TimeoutError, ValueError) as error:  # a stalled or malformed stream: keep the slices complete so far
-        problem = (f"nothing received for {gadget_socket.limits.idle_timeout_s} s: the gadget stops"
-                   if isinstance(error, TimeoutError) else str(error))
+        problem = (f"{gadget_socket.limits.silence()}: the gadget stops" if isinstance(error, TimeoutError)
+                   else str(error))
         logger.error("%s", problem)
         deliver(pipeline.flush())
         send_error(gadget_socket, failure_report(deliver.failures, f"unrollinr: {problem}"))

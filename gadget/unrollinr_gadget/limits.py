@@ -37,6 +37,10 @@ class StreamLimits:
         if self.idle_timeout_s is not None and self.idle_timeout_s <= 0:
             raise ValueError(f"idle_timeout_s must be positive or None, got {self.idle_timeout_s}")
 
+    def silence(self) -> str:
+        """What a peer that stalled past ``idle_timeout_s`` is told."""
+        return f"nothing received for {self.idle_timeout_s} s"
+
     def check_message_size(self, size: int) -> None:
         """Raise :class:`MessageTooLarge` if a peer claims more than ``max_message_bytes``."""
         if size > self.max_message_bytes:

@@ -35,10 +35,7 @@ class _GadgetHandler(socketserver.BaseRequestHandler):
                 if admitted:
                     self._run(peer, gadget_socket)
                 else:
-                    reason = "shutting down" if self.server.stopping.is_set() else "busy"
-                    logger.warning("%s: turned away, the gadget is %s", peer, reason)
-                    self._error(gadget_socket, f"unrollinr: the gadget is {reason} "
-                                               f"({self.server.max_connections} connections at most)")
+                    self._error(gadget_socket, self.server.turn_away(peer))
             finally:
                 gadget_socket.close()
 
@@ -47,7 +44,7 @@ class _GadgetHandler(socketserver.BaseRequestHandler):
         try:
             connection = Connection(gadget_socket)  # reads the config and the header
         except TimeoutError:
-            self._error(gadget_socket, f"unrollinr: nothing received for {self.server.limits.idle_timeout_s} s")
+            self._error(gadget_socket, f"unrollinr: {self.server.limits.silence()}")
             return
         except EOFError as error:
             logger.error("%s: %s", peer, error)

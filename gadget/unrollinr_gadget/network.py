@@ -105,6 +105,12 @@ class GuardedServer(socketserver.ThreadingTCPServer):
             if admitted and self.serve_once:
                 threading.Thread(target=self.stop, name="stop").start()
 
+    def turn_away(self, peer: str) -> str:
+        """Log that ``peer`` was not admitted, and return what to tell it."""
+        reason = "shutting down" if self.stopping.is_set() else "busy"
+        logger.warning("%s: turned away, the server is %s", peer, reason)
+        return f"unrollinr: the server is {reason} ({self.max_connections} sessions at most): try again later"
+
     def stop(self) -> None:
         """Stop accepting, and end every session's input: each one finishes the slice in
         progress, answers and closes. Call from any thread but the one serving."""

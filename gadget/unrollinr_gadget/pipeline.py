@@ -126,11 +126,16 @@ class ReconPipeline:
             outcomes += self.reconstruct(batch)
         return outcomes
 
-    def finish(self) -> list[Outcome]:
-        """End of the stream: reconstruct every slice kept or still open."""
+    def drain(self) -> list[SliceData]:
+        """End of the stream, without reconstructing: every slice kept or still open."""
         if self.assembler.skipped:
             logger.info("skipped non-imaging lines: %s", self.assembler.skipped)
-        self.pending += self.assembler.finish()
+        slices, self.pending = self.pending + self.assembler.finish(), []
+        return slices
+
+    def finish(self) -> list[Outcome]:
+        """End of the stream: reconstruct every slice kept or still open."""
+        self.pending = self.drain()
         return self.flush()
 
     def process(self, acquisitions: Iterable[ismrmrd.Acquisition]) -> Iterator[Outcome]:
@@ -146,15 +151,8 @@ class ReconPipeline:
         if not slices:
             return []
         logger.info("reconstructing %d slice(s) in one batched run: %s", len(slices), [str(d.key) for d in slices])
-        outcomes: list[Outcome] = []
-        for data, result in zip(slices, self._run(slices), strict=True):
-            if isinstance(result, Exception):
-                logger.error("%s failed: %s", data.key, result, exc_info=logger.isEnabledFor(logging.DEBUG))
-                outcomes.append(SliceFailure(data.key, f"{type(result).__name__}: {result}"))
-            else:
-                image, fit = result
-                outcomes.append(self.factory.make(image, data, details=image_details(fit, self.factory.comment)))
-        return outcomes
+        return [slice_outcome(self.factory, data, result)
+                for data, result in zip(slices, self._run(slices), strict=True)]
 
     def _run(self, slices: list[SliceData]) -> list[tuple[np.ndarray, FitResult] | Exception]:
         """Per slice, ``(image, result)`` or the error that stopped it. Slices that ran out
@@ -178,6 +176,16 @@ class ReconPipeline:
         for i, result in zip(retry, redone, strict=True):
             results[i] = result
         return results
+
+
+def slice_outcome(factory: ImageFactory, data: SliceData,
+                  result: tuple[np.ndarray, FitResult] | Exception) -> Outcome:
+    """A slice's image from its reconstruction's result, or its failure from the error."""
+    if isinstance(result, Exception):
+        logger.error("%s failed: %s", data.key, result, exc_info=logger.isEnabledFor(logging.DEBUG))
+        return SliceFailure(data.key, f"{type(result).__name__}: {result}")
+    image, fit = result
+    return factory.make(image, data, details=image_details(fit, factory.comment))
 
 
 def _release_cached_memory() -> None:

@@ -23,9 +23,9 @@ import torch
 from unrollinr.config import ReconConfig
 from unrollinr.recon import reconstruct_together
 from unrollinr.training import FitResult
-from unrollinr_gadget.assembly import SliceAssembler, SliceData, SliceKey
+from unrollinr_gadget.assembly import SliceData
 from unrollinr_gadget.images import ImageFactory
-from unrollinr_gadget.pipeline import SliceFailure, image_details
+from unrollinr_gadget.pipeline import ReconPipeline, slice_outcome
 from unrollinr_gadget.rawsave import open_raw
 from unrollinr_gadget.replay import FileSummary, ImageSink, ReplayJob
 from unrollinr_gadget.settings import GadgetSettings
@@ -60,28 +60,19 @@ class _FileInOrder:
         """Write every result that is next in slice order."""
         while self.written < len(self.slices) and self.written in self.results:
             data, result = self.slices[self.written], self.results.pop(self.written)
-            if isinstance(result, Exception):
-                self.sink([SliceFailure(data.key, f"{type(result).__name__}: {result}")])
-            else:
-                image, fit = result
-                self.sink([self.factory.make(image, data, details=image_details(fit, self.factory.comment))])
+            self.sink([slice_outcome(self.factory, data, result)])
             self.written += 1
 
 
 def _assemble(job: ReplayJob, settings: GadgetSettings) -> _FileInOrder:
-    """Read a file and assemble its slices, in slice order."""
+    """Read a file and assemble its slices, in slice order (failures go straight to its sink)."""
     raw = open_raw(job.raw)
-    assembler = SliceAssembler(raw.header())
+    pipeline = ReconPipeline.from_settings(raw.header(), settings)
     sink = ImageSink(job)
-    slices: list[SliceData] = []
     for acquisition in raw.acquisitions():
-        try:
-            slices += assembler.add(acquisition)
-        except ValueError as error:
-            sink([SliceFailure(SliceKey.of(acquisition.getHead()), str(error))])
-    slices = sorted(slices + assembler.finish(), key=lambda data: data.key)
-    factory = ImageFactory(assembler.geometry, output=settings.output, series_index=settings.series_index)
-    return _FileInOrder(sink, factory, slices, {})
+        sink(pipeline.add(acquisition, defer=True))
+    slices = sorted(pipeline.drain(), key=lambda data: data.key)
+    return _FileInOrder(sink, pipeline.factory, slices, {})
 
 
 def _resources(cpus_per_slice: int) -> dict[str, float]:

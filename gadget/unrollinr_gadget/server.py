@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ismrmrd
+import ismrmrd.xsd as xsd
 
 from unrollinr_gadget.assembly import EncodingGeometry
 from unrollinr_gadget.limits import StreamLimits
@@ -141,11 +142,19 @@ class _Session:
             return self.server.resolver.by_text(str(message.payload)), "<config text>"
         raise ProtocolError(f"expected a config (id 1 or 2) first, got id {message.id}")
 
+    def _start_recording(self, header: xsd.ismrmrdHeader) -> None:
+        if self.server.raw_folder is not None:
+            self.recorder = RawRecorder(self.server.raw_folder, header)
+            self._report_recording_error()
+
     def _record(self, acquisition: ismrmrd.Acquisition) -> None:
-        if self.recorder is None or self.recorder.error is not None:
-            return
-        self.recorder.acquisition(acquisition)
-        if self.recorder.error is not None:
+        if self.recorder is not None and self.recorder.error is None:
+            self.recorder.acquisition(acquisition)
+            self._report_recording_error()
+
+    def _report_recording_error(self) -> None:
+        """Tell the client once, when the recording has just failed."""
+        if self.recorder is not None and self.recorder.error is not None:
             self.writer.text(f"unrollinr: {self.recorder.error}; the reconstruction goes on")
 
     def run(self) -> None:
@@ -157,10 +166,7 @@ class _Session:
         header = message.payload
         EncodingGeometry.from_header(header, self.server.limits)  # refuse what cannot be reconstructed now
         logger.info("%s: config %s", self.peer, config_name)
-        if self.server.raw_folder is not None:
-            self.recorder = RawRecorder(self.server.raw_folder, header)
-            if self.recorder.error is not None:
-                self.writer.text(f"unrollinr: {self.recorder.error}; the reconstruction goes on")
+        self._start_recording(header)
         pipeline: ReconPipeline | None = None
         ignored_waveforms = 0
         while True:
@@ -202,10 +208,7 @@ class _Handler(socketserver.StreamRequestHandler):
         writer = MessageWriter(self.wfile)
         with self.server.session(self.connection) as admitted:
             if not admitted:
-                reason = "shutting down" if self.server.stopping.is_set() else "busy"
-                logger.warning("%s: turned away, the server is %s", peer, reason)
-                self._try(writer.text, f"unrollinr: the server is {reason} "
-                                       f"({self.server.max_connections} sessions at most): try again later")
+                self._try(writer.text, self.server.turn_away(peer))
                 self._try(writer.close)
                 return
             self._serve(peer, writer)
@@ -217,9 +220,8 @@ class _Handler(socketserver.StreamRequestHandler):
         try:
             session.run()
         except TimeoutError:
-            logger.error("%s: silent for %s s: session closed", peer, self.server.limits.idle_timeout_s)
-            self._try(writer.text, f"unrollinr: nothing received for {self.server.limits.idle_timeout_s} s: "
-                                   "the session is closed")
+            logger.error("%s: %s: session closed", peer, self.server.limits.silence())
+            self._try(writer.text, f"unrollinr: {self.server.limits.silence()}: the session is closed")
         except EOFError as error:
             message = "the server is shutting down" if self.server.stopping.is_set() else str(error)
             logger.error("%s: %s", peer, message)
