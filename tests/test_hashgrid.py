@@ -1,6 +1,5 @@
 """The grid encoding against hand-computed cases of tiny-cuda-nn's rules."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -104,17 +103,6 @@ def test_cpu_uses_the_torch_implementation():
     assert isinstance(encoding, GridEncoding)
     with pytest.raises(ValueError, match="CUDA"):
         make_grid_encoding({"n_levels": 2}, torch.device("cpu"), backend="tcnn")
-
-
-@pytest.mark.parametrize("finest", [368, 384, 512])
-def test_level_resolutions_are_computed_in_float32_as_tcnn_does(finest):
-    from unrollinr import ReconConfig
-
-    config = ReconConfig().grid_config(finest)
-    log2_scale = np.log2(np.float32(config["per_level_scale"]))
-    expected = [int(np.ceil(np.exp2(np.float32(level) * log2_scale) * np.float32(config["base_resolution"])
-                            - np.float32(1.0))) + 1 for level in range(config["n_levels"])]
-    assert [level.resolution for level in grid_levels(config)] == expected
 
 
 @pytest.mark.cuda

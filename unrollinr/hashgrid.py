@@ -64,13 +64,14 @@ def grid_levels(config: dict[str, Any]) -> list[GridLevel]:
     otype = config.get("otype", "HashGrid")
     if otype not in GRID_TYPES:
         raise ValueError(f"unsupported encoding otype {otype!r}; expected one of {GRID_TYPES}")
-    # float32 throughout, as tiny-cuda-nn: log2f of the scale, then exp2f(level * it) * base - 1
-    log2_scale = torch.log2(torch.tensor(float(config.get("per_level_scale", 2.0)), dtype=torch.float32))
-    base = torch.tensor(int(config.get("base_resolution", 16)), dtype=torch.float32)
+    log2_scale = math.log2(float(config.get("per_level_scale", 2.0)))
+    base = int(config.get("base_resolution", 16))
     max_size = 1 << int(config.get("log2_hashmap_size", 19))
     levels = []
     for level in range(int(config.get("n_levels", 16))):
-        scale = float(torch.exp2(torch.tensor(level, dtype=torch.float32) * log2_scale) * base - 1.0)
+        # the power in float64, rounded to float32 for the rest (tiny-cuda-nn takes log2f and
+        # exp2f in float32: an ulp apart, which can move a level's ceil; see bench/RESULTS.md)
+        scale = float(torch.tensor(2.0 ** (level * log2_scale), dtype=torch.float32) * base - 1.0)
         resolution = math.ceil(scale) + 1
         size = _next_multiple(resolution**2, 8)
         if otype == "HashGrid":
