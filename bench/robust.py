@@ -215,7 +215,8 @@ def run_case(case: Case, config: ReconConfig, device: str | None, use_bart: bool
     scores["UnrollINR"] = (psnr(reference, image), ssim(reference, image))
     best_name = max((m for m in scores if m != "UnrollINR"), key=lambda m: scores[m][0])
     return {"scores": scores, "best": best_name, "margin": scores["UnrollINR"][0] - scores[best_name][0],
-            "seconds": seconds, "returned": result.returned, "bart": settings, "bart_seconds": bart_seconds}
+            "seconds": seconds, "returned": f"{result.returned} ({result.verdicts[0].held_out_loss:.2f})",
+            "bart": settings, "bart_seconds": bart_seconds}
 
 
 def main() -> None:

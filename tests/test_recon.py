@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -274,6 +276,32 @@ def test_a_field_of_view_that_cuts_or_wraps_the_object_is_no_worse_than_cg_sense
     one_map = espirit_maps(measured, mask, crop=ReconConfig().espirit_crop)
     classic = psnr(reference, cg_sense(measured, mask, one_map, iterations=10))
     assert psnr(reference, image) >= classic, result.verdicts[0].reason
+
+
+def test_a_rejected_slice_is_run_again_with_wider_maps_and_the_better_run_is_kept():
+    full = _wrapped(phantom_kspace(64, 8, noise=0.002, seed=0))
+    mask = random_line_mask(full.shape[1:], 2, acs_lines=12, seed=0)
+    measured, reference = full * mask, reference_image(full)
+    # so tight a signal subspace that no image fits the data: the first run returns zero-filled
+    config = ReconConfig(iterations=60, cg_iterations=8, espirit_thresh=0.6)
+    image, result = reconstruct_with_details(measured, mask, config=config)
+    verdict = result.verdicts[0]
+    assert verdict.returned == "unrollinr", verdict.reason
+    assert "with wider coil maps (crop 0.5, threshold 0.001) after the first run's zero-filled" in verdict.reason
+    assert psnr(reference, image) > psnr(reference, zero_filled(measured)) + 5
+    no_retry = dataclasses.replace(config, retry_wider_maps=False)
+    _, without_retry = reconstruct_with_details(measured, mask, config=no_retry)
+    assert without_retry.returned == "zero-filled"
+
+
+def test_an_unrollinr_image_that_barely_beats_zeros_on_held_out_samples_is_weak():
+    from unrollinr.safety import judge
+
+    strong, weak, rejected = judge(torch.tensor([1.2, 1.81, 1.9]), torch.tensor([1.9, 1.82, 1.5]),
+                                   torch.tensor([2.0, 2.0, 2.0]))
+    assert (strong.returned, strong.weak, strong.doubtful) == ("unrollinr", False, False)
+    assert (weak.returned, weak.weak, weak.doubtful) == ("unrollinr", True, True)
+    assert (rejected.returned, rejected.doubtful) == ("sense", True)
 
 
 def test_the_safety_net_returns_sense_when_the_prior_is_made_to_fail(problem):

@@ -94,10 +94,11 @@ class ReconConfig:
         proposes one image per set, and the output is their root-sum-of-squares with the
         first set's phase. When the safety net rejects UnrollINR's image and
         ``retry_wider_maps`` is on, the slice is reconstructed once more with maps cropped
-        at ``espirit_retry_crop``, and the retry is kept if its returned image predicts
-        the held-out samples better (an object cut by the field of view splits its signal
-        between two eigenvectors near the cut, where the first eigenvalue then misses the
-        crop).
+        at ``espirit_retry_crop`` from a wider signal subspace (``espirit_retry_thresh``),
+        and the retry is kept if its returned image predicts the held-out samples better
+        (an object cut or wrapped by the field of view splits its signal between two
+        eigenvectors near the cut, where the first eigenvalue then misses the crop, and
+        a tight subspace leaves the wrapped object's second set of maps under it).
         ``coil_compression`` compresses to that many virtual coils first (None: off).
     Sections (:data:`SECTIONS`): the settings above fall in ``prior``, ``dc``, ``loss``,
     ``training`` and ``maps``; chain properties, ``--set`` and JSON settings accept
@@ -146,6 +147,7 @@ class ReconConfig:
     espirit_sets: int = 2
     retry_wider_maps: bool = True
     espirit_retry_crop: float = 0.5
+    espirit_retry_thresh: float = 0.001
     coil_compression: int | None = None
 
     def __post_init__(self) -> None:
@@ -163,7 +165,7 @@ class ReconConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in (*AUTOMATIC, "hidden_layers", "espirit_calib_width", "cg_tolerance", "lr_lam", "lr_lam_s",
-                     "espirit_thresh", "tv_log_scale"):
+                     "espirit_thresh", "espirit_retry_thresh", "tv_log_scale"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("lam", "lam_s", "lr"):
@@ -292,7 +294,7 @@ SECTIONS = {
     "loss": ("lam_s", "tv", "tv_second_order", "tv_log_scale", "coil_l1"),
     "training": ("iterations", "lr", "lr_lam", "lr_lam_s", "holdout_fraction", "patience", "seed"),
     "maps": ("espirit_calib_width", "espirit_kernel_width", "espirit_thresh", "espirit_crop", "espirit_sets",
-             "retry_wider_maps", "espirit_retry_crop", "coil_compression"),
+             "retry_wider_maps", "espirit_retry_crop", "espirit_retry_thresh", "coil_compression"),
 }
 _SECTION_OF = {name: section for section, names in SECTIONS.items() for name in names}
 

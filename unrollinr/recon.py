@@ -18,7 +18,6 @@ from unrollinr.coils import (
     find_calibration_region,
 )
 from unrollinr.config import ReconConfig
-from unrollinr.safety import UNROLLINR
 from unrollinr.sense import SenseOp, combine_sets
 from unrollinr.training import FitResult, fit
 
@@ -128,23 +127,28 @@ def reconstruct_with_details(kspace: np.ndarray, mask: np.ndarray | None = None,
 def _retry_with_wider_maps(kspace: np.ndarray, mask: np.ndarray, config: ReconConfig, device: torch.device,
                            image: np.ndarray, result: FitResult, *,
                            calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, FitResult]:
-    """When the safety net rejected UnrollINR's image of one slice ``(coils, ky, kx)``,
-    reconstruct it again with ESPIRiT maps cropped at ``config.espirit_retry_crop``; keep
-    whichever returned image predicts the held-out samples (the same in both runs) best."""
+    """When the safety net rejected UnrollINR's image of one slice ``(coils, ky, kx)``, or
+    found it weak (:attr:`~unrollinr.safety.Verdict.doubtful`), reconstruct it again with
+    wider ESPIRiT maps (cropped at ``config.espirit_retry_crop``, from the signal subspace
+    of ``config.espirit_retry_thresh``); keep whichever returned image predicts the
+    held-out samples (the same in both runs) best."""
     first = result.verdicts[0]
-    if first.returned == UNROLLINR or not config.retry_wider_maps or config.espirit_retry_crop >= config.espirit_crop:
+    wider = dataclasses.replace(config, espirit_crop=min(config.espirit_crop, config.espirit_retry_crop),
+                                espirit_thresh=min(config.espirit_thresh, config.espirit_retry_thresh))
+    if not first.doubtful or not config.retry_wider_maps or wider == config:
         return image, result
-    wider = dataclasses.replace(config, espirit_crop=config.espirit_retry_crop)
     data, maps = prepare_maps(kspace, mask, None, wider, calibration=calibration, device=device)
     images, retry = reconstruct_prepared(data[None], mask[None], maps[None], wider, device=device, progress=False)
     second = retry.verdicts[0]
     keep = second.held_out_loss < first.held_out_loss
-    logger.info("retry with ESPIRiT crop %g returns %s, held-out loss %.4f against %.4f: %s", wider.espirit_crop,
-                second.returned, second.held_out_loss, first.held_out_loss, "kept" if keep else "discarded")
+    logger.info("retry with ESPIRiT crop %g, threshold %g returns %s, held-out loss %.4f against %.4f: %s",
+                wider.espirit_crop, wider.espirit_thresh, second.returned, second.held_out_loss,
+                first.held_out_loss, "kept" if keep else "discarded")
     if not keep:
         return image, result
     retry.verdicts = [dataclasses.replace(
-        second, reason=f"with the coil maps cropped at {wider.espirit_crop:g} after the first run's "
+        second, reason=f"with wider coil maps (crop {wider.espirit_crop:g}, threshold {wider.espirit_thresh:g}) "
+                       f"after the first run's "
                        f"{first.returned}: {second.reason}")]
     retry.seconds += result.seconds
     return images[0], retry
@@ -209,7 +213,7 @@ def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, c
     data, masks, maps = prepare_slices(kspace, masks, config, device=device)
     images, result = reconstruct_prepared(data, masks, maps, config, device=device, progress=progress)
     for s, verdict in enumerate(result.verdicts):
-        if verdict.returned != UNROLLINR:  # as the slice alone would, with its own seed
+        if verdict.doubtful:  # as the slice alone would, with its own seed
             alone = dataclasses.replace(config, seed=config.seed + s)
             slice_kspace, slice_mask = _validate(kspace[s], masks[s], None)
             images[s], _ = _retry_with_wider_maps(slice_kspace, slice_mask, alone, device, images[s],
