@@ -92,13 +92,14 @@ class ReconConfig:
         ``espirit_sets`` 2 adds ESPIRiT's second set of maps where its eigenvalue passes
         the crop (soft SENSE: wrapped or cut fields of view); the prior
         proposes one image per set, and the output is their root-sum-of-squares with the
-        first set's phase. When the safety net rejects UnrollINR's image and
-        ``retry_wider_maps`` is on, the slice is reconstructed once more with maps cropped
-        at ``espirit_retry_crop`` from a wider signal subspace (``espirit_retry_thresh``),
-        and the retry is kept if its returned image predicts the held-out samples better
-        (an object cut or wrapped by the field of view splits its signal between two
-        eigenvectors near the cut, where the first eigenvalue then misses the crop, and
-        a tight subspace leaves the wrapped object's second set of maps under it).
+        first set's phase. When the safety net rejects UnrollINR's image or finds it weak
+        (:mod:`unrollinr.safety`) and ``retry_wider_maps`` is on, the slice is
+        reconstructed once more with maps cropped at ``espirit_retry_crop`` from a wider
+        signal subspace (``espirit_retry_thresh``), and the retry is kept if its returned
+        image predicts the held-out samples better (an object cut or wrapped by the field
+        of view splits its signal between two eigenvectors near the cut, where the first
+        eigenvalue then misses the crop, and a tight subspace leaves the wrapped object's
+        maps under the crop on the object itself).
         ``coil_compression`` compresses to that many virtual coils first (None: off).
     Sections (:data:`SECTIONS`): the settings above fall in ``prior``, ``dc``, ``loss``,
     ``training`` and ``maps``; chain properties, ``--set`` and JSON settings accept

@@ -148,8 +148,7 @@ def _retry_with_wider_maps(kspace: np.ndarray, mask: np.ndarray, config: ReconCo
         return image, result
     retry.verdicts = [dataclasses.replace(
         second, reason=f"with wider coil maps (crop {wider.espirit_crop:g}, threshold {wider.espirit_thresh:g}) "
-                       f"after the first run's "
-                       f"{first.returned}: {second.reason}")]
+                       f"after the first run's {first.returned}: {second.reason}")]
     retry.seconds += result.seconds
     return images[0], retry
 
