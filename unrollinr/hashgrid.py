@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from unrollinr.config import ENCODING_BACKENDS
+
 logger = logging.getLogger(__name__)
 
 _HASH_PRIME_Y = 2654435761
@@ -256,8 +258,8 @@ def grid_backend(backend: str, device: torch.device) -> str:
     ``"auto"`` takes tiny-cuda-nn on CUDA where it imports, else PyTorch; ``"tcnn"``
     without CUDA or without the extension is a ``ValueError``.
     """
-    if backend not in ("auto", "torch", "tcnn"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'tcnn', got {backend!r}")
+    if backend not in ENCODING_BACKENDS:
+        raise ValueError(f"backend must be one of {ENCODING_BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "tcnn" if device.type == "cuda" and tcnn_available() else "torch"
     if backend == "tcnn":

@@ -18,6 +18,7 @@ from xsdata.models.datatype import XmlDate
 
 from unrollinr.coils import CalibrationError, find_calibration_region
 from unrollinr.fft import fftc, ifftc
+from unrollinr_gadget.protocol import parse_header
 
 logger = logging.getLogger(__name__)
 DATASET = "dataset"
@@ -41,7 +42,7 @@ class RawFile:
         """The parsed ISMRMRD XML header."""
         dataset = self._open()
         try:
-            return xsd.CreateFromDocument(dataset.read_xml_header())
+            return parse_header(dataset.read_xml_header())
         finally:
             dataset.close()
 
