@@ -287,21 +287,50 @@ def test_a_rejected_slice_is_run_again_with_wider_maps_and_the_better_run_is_kep
     image, result = reconstruct_with_details(measured, mask, config=config)
     verdict = result.verdicts[0]
     assert verdict.returned == "unrollinr", verdict.reason
-    assert "with wider coil maps (crop 0.5, threshold 0.001) after the first run's zero-filled" in verdict.reason
+    assert verdict.reason.startswith("with wider coil maps (crop 0.5, threshold 0.001)"), verdict.reason
+    assert "after the first run's zero-filled" in verdict.reason
     assert psnr(reference, image) > psnr(reference, zero_filled(measured)) + 5
-    no_retry = dataclasses.replace(config, retry_wider_maps=False)
-    _, without_retry = reconstruct_with_details(measured, mask, config=no_retry)
-    assert without_retry.returned == "zero-filled"
+    same_maps = dataclasses.replace(config, retry_wider_maps=False)
+    _, without_wider_maps = reconstruct_with_details(measured, mask, config=same_maps)
+    assert without_wider_maps.returned == "zero-filled"
 
 
 def test_an_unrollinr_image_that_barely_beats_zeros_on_held_out_samples_is_weak():
     from unrollinr.safety import judge
 
-    strong, weak, rejected = judge(torch.tensor([1.2, 1.81, 1.9]), torch.tensor([1.9, 1.82, 1.5]),
-                                   torch.tensor([2.0, 2.0, 2.0]))
-    assert (strong.returned, strong.weak, strong.doubtful) == ("unrollinr", False, False)
-    assert (weak.returned, weak.weak, weak.doubtful) == ("unrollinr", True, True)
-    assert (rejected.returned, rejected.doubtful) == ("sense", True)
+    good, poor, weak, rejected = judge(torch.tensor([0.6, 1.3, 1.81, 1.9]), torch.tensor([1.9, 1.9, 1.82, 1.5]),
+                                       torch.tensor([2.0, 2.0, 2.0, 2.0]))
+    assert (good.returned, good.poor, good.weak, good.doubtful) == ("unrollinr", False, False, False)
+    assert (poor.returned, poor.poor, poor.weak, poor.doubtful) == ("unrollinr", True, False, False)
+    assert (weak.returned, weak.poor, weak.weak, weak.doubtful) == ("unrollinr", True, True, True)
+    assert (rejected.returned, rejected.poor, rejected.doubtful) == ("sense", True, True)
+
+
+def test_a_retry_replaces_zero_filled_only_with_an_image_that_clearly_beats_zeros():
+    from unrollinr.safety import Verdict, replaces
+
+    zero_filled, sense = Verdict("zero-filled", "", 2.0, poor=True), Verdict("sense", "", 1.5, poor=True)
+    assert not replaces(Verdict("unrollinr", "", 1.9, weak=True, poor=True), zero_filled)
+    assert replaces(Verdict("unrollinr", "", 1.6, poor=True), zero_filled)
+    assert replaces(Verdict("unrollinr", "", 1.45, poor=True), sense)
+    assert not replaces(Verdict("unrollinr", "", 1.55, poor=True), sense)
+
+
+def test_a_poorly_predicting_slice_keeps_the_stronger_tv_run_only_when_it_predicts_better(caplog):
+    full = phantom_kspace(48, 4, noise=0.05, seed=1)  # noisy: the held-out lines are poorly predicted
+    mask = random_line_mask(full.shape[1:], 3, acs_lines=12, seed=0)
+    measured = full * mask
+    config = ReconConfig(**FAST, retry_wider_maps=False)
+    _, alone = reconstruct_with_details(measured, mask, config=dataclasses.replace(config, retry_lam_s=config.lam_s))
+    first = alone.verdicts[0]
+    assert first.poor, first.reason
+    with caplog.at_level("INFO", logger="unrollinr.recon"):
+        _, result = reconstruct_with_details(measured, mask, config=config)
+    assert "retry with TV weight 1 returns" in caplog.text
+    verdict = result.verdicts[0]
+    assert verdict.held_out_loss <= first.held_out_loss
+    kept = verdict.held_out_loss < first.held_out_loss
+    assert kept == verdict.reason.startswith(f"with TV weight 1 after the first run's {first.returned}"), verdict.reason
 
 
 def test_the_safety_net_returns_sense_when_the_prior_is_made_to_fail(problem):

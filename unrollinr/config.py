@@ -92,14 +92,19 @@ class ReconConfig:
         ``espirit_sets`` 2 adds ESPIRiT's second set of maps where its eigenvalue passes
         the crop (soft SENSE: wrapped or cut fields of view); the prior
         proposes one image per set, and the output is their root-sum-of-squares with the
-        first set's phase. When the safety net rejects UnrollINR's image or finds it weak
-        (:mod:`unrollinr.safety`) and ``retry_wider_maps`` is on, the slice is
-        reconstructed once more with maps cropped at ``espirit_retry_crop`` from a wider
-        signal subspace (``espirit_retry_thresh``), and the retry is kept if its returned
-        image predicts the held-out samples better (an object cut or wrapped by the field
-        of view splits its signal between two eigenvectors near the cut, where the first
-        eigenvalue then misses the crop, and a tight subspace leaves the wrapped object's
-        maps under the crop on the object itself).
+        first set's phase.
+    Retry (:mod:`unrollinr.safety`):
+        A slice whose returned image predicts the held-out samples poorly, or whose
+        UnrollINR image the safety net rejects or finds weak, is reconstructed once more,
+        with TV weight ``retry_lam_s`` (where it is above ``lam_s``: the outer k-space is
+        barely explained, and a piecewise-smooth object gains from stronger TV), and, when
+        the image was rejected or weak and ``retry_wider_maps`` is on, with maps cropped at
+        ``espirit_retry_crop`` from a wider signal subspace (``espirit_retry_thresh``: an
+        object cut or wrapped by the field of view splits its signal between two
+        eigenvectors near the cut, where the first eigenvalue then misses the crop, and a
+        tight subspace leaves the wrapped object's maps under the crop on the object
+        itself). The retry is kept if its returned image predicts the held-out samples
+        better.
         ``coil_compression`` compresses to that many virtual coils first (None: off).
     Sections (:data:`SECTIONS`): the settings above fall in ``prior``, ``dc``, ``loss``,
     ``training`` and ``maps``; chain properties, ``--set`` and JSON settings accept
@@ -126,6 +131,7 @@ class ReconConfig:
     tv_second_order: float = 0.5
     tv_log_scale: float = 0.1
     coil_l1: bool = True
+    retry_lam_s: float = 1.0
     dc_solver: str = "auto"
     cg_iterations: int = 20
     cg_training_iterations: int = 5
@@ -169,7 +175,7 @@ class ReconConfig:
                      "espirit_thresh", "espirit_retry_thresh", "tv_log_scale"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("lam", "lam_s", "lr"):
+        for name in ("lam", "lam_s", "retry_lam_s", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.espirit_sets not in (1, 2):
@@ -292,7 +298,7 @@ SECTIONS = {
               "hash_base_resolution", "hash_finest_resolution", "hidden_layers", "hidden_width", "mlp_precision"),
     "dc": ("data_consistency", "lam", "dc_solver", "cg_iterations", "cg_training_iterations", "cg_tolerance",
            "cg_warm_start", "zero_outside_maps"),
-    "loss": ("lam_s", "tv", "tv_second_order", "tv_log_scale", "coil_l1"),
+    "loss": ("lam_s", "tv", "tv_second_order", "tv_log_scale", "coil_l1", "retry_lam_s"),
     "training": ("iterations", "lr", "lr_lam", "lr_lam_s", "holdout_fraction", "patience", "seed"),
     "maps": ("espirit_calib_width", "espirit_kernel_width", "espirit_thresh", "espirit_crop", "espirit_sets",
              "retry_wider_maps", "espirit_retry_crop", "espirit_retry_thresh", "coil_compression"),

@@ -18,6 +18,7 @@ from unrollinr.coils import (
     find_calibration_region,
 )
 from unrollinr.config import ReconConfig
+from unrollinr.safety import Verdict, replaces
 from unrollinr.sense import SenseOp, combine_sets
 from unrollinr.training import FitResult, fit
 
@@ -119,38 +120,79 @@ def reconstruct_with_details(kspace: np.ndarray, mask: np.ndarray | None = None,
     slice_callback = None if callback is None else (lambda iteration, images: callback(iteration, images[0]))
     images, result = reconstruct_prepared(data[None], mask[None], maps[None], config, device=device,
                                           progress=progress, callback=slice_callback)
-    if csm is not None:
-        return images[0], result
-    return _retry_with_wider_maps(kspace, mask, config, device, images[0], result, calibration=calibration)
+    return _retry(kspace, mask, config, device, images[0], result, csm=csm, calibration=calibration)
 
 
-def _retry_with_wider_maps(kspace: np.ndarray, mask: np.ndarray, config: ReconConfig, device: torch.device,
-                           image: np.ndarray, result: FitResult, *,
-                           calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, FitResult]:
-    """When the safety net rejected UnrollINR's image of one slice ``(coils, ky, kx)``, or
-    found it weak (:attr:`~unrollinr.safety.Verdict.doubtful`), reconstruct it again with
-    wider ESPIRiT maps (cropped at ``config.espirit_retry_crop``, from the signal subspace
-    of ``config.espirit_retry_thresh``); keep whichever returned image predicts the
-    held-out samples (the same in both runs) best."""
-    first = result.verdicts[0]
-    wider = dataclasses.replace(config, espirit_crop=min(config.espirit_crop, config.espirit_retry_crop),
-                                espirit_thresh=min(config.espirit_thresh, config.espirit_retry_thresh))
-    if not first.doubtful or not config.retry_wider_maps or wider == config:
+def wider_maps(config: ReconConfig) -> ReconConfig:
+    """``config`` with ESPIRiT maps cropped at ``espirit_retry_crop`` from the signal subspace
+    of ``espirit_retry_thresh`` (where these are wider than its own)."""
+    return dataclasses.replace(config, espirit_crop=min(config.espirit_crop, config.espirit_retry_crop),
+                               espirit_thresh=min(config.espirit_thresh, config.espirit_retry_thresh))
+
+
+@dataclasses.dataclass
+class _Run:
+    """One reconstruction of a slice: its ``(ky, kx)`` image, its result and its configuration."""
+
+    image: np.ndarray
+    result: FitResult
+    config: ReconConfig
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.result.verdicts[0]
+
+
+def _describe_changes(config: ReconConfig, retry: ReconConfig) -> str:
+    """What ``retry`` changed from ``config``, e.g. ``"TV weight 1"``."""
+    changes = []
+    if retry.espirit_crop != config.espirit_crop or retry.espirit_thresh != config.espirit_thresh:
+        changes.append(f"wider coil maps (crop {retry.espirit_crop:g}, threshold {retry.espirit_thresh:g})")
+    if retry.lam_s != config.lam_s:
+        changes.append(f"TV weight {retry.lam_s:g}")
+    return " and ".join(changes)
+
+
+def _retry(kspace: np.ndarray, mask: np.ndarray, config: ReconConfig, device: torch.device,
+           image: np.ndarray, result: FitResult, *, csm: np.ndarray | None = None,
+           calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, FitResult]:
+    """Reconstruct one slice ``(coils, ky, kx)`` again where its first run (``image``,
+    ``result``) calls for it, and keep the run whose returned image predicts the held-out
+    samples (the same in every run) best (:func:`~unrollinr.safety.replaces`):
+
+    1. a doubtful slice (UnrollINR's image rejected or weak) with :func:`wider_maps`, when
+       ``config.retry_wider_maps`` is on and the maps are not given (``csm``);
+    2. then, if the kept run's prediction is poor, with TV weight ``config.retry_lam_s``
+       (where it is above ``lam_s``) and the kept run's maps.
+    """
+    first = best = _Run(image, result, config)
+    seconds = result.seconds
+
+    def attempt(retry: ReconConfig) -> _Run:
+        nonlocal seconds
+        data, maps = prepare_maps(kspace, mask, csm, retry, calibration=calibration, device=device)
+        images, retry_result = reconstruct_prepared(data[None], mask[None], maps[None], retry, device=device,
+                                                    progress=False)
+        seconds += retry_result.seconds
+        candidate = _Run(images[0], retry_result, retry)
+        keep = replaces(candidate.verdict, best.verdict)
+        logger.info("retry with %s returns %s, held-out loss %.4f against %.4f: %s",
+                    _describe_changes(config, retry), candidate.verdict.returned, candidate.verdict.held_out_loss,
+                    best.verdict.held_out_loss, "kept" if keep else "discarded")
+        return candidate if keep else best
+
+    if first.verdict.doubtful and config.retry_wider_maps and csm is None and wider_maps(config) != config:
+        best = attempt(wider_maps(config))
+    if best.verdict.poor and config.retry_lam_s > config.lam_s:
+        best = attempt(dataclasses.replace(best.config, lam_s=config.retry_lam_s))
+    if best is first:
         return image, result
-    data, maps = prepare_maps(kspace, mask, None, wider, calibration=calibration, device=device)
-    images, retry = reconstruct_prepared(data[None], mask[None], maps[None], wider, device=device, progress=False)
-    second = retry.verdicts[0]
-    keep = second.held_out_loss < first.held_out_loss
-    logger.info("retry with ESPIRiT crop %g, threshold %g returns %s, held-out loss %.4f against %.4f: %s",
-                wider.espirit_crop, wider.espirit_thresh, second.returned, second.held_out_loss,
-                first.held_out_loss, "kept" if keep else "discarded")
-    if not keep:
-        return image, result
-    retry.verdicts = [dataclasses.replace(
-        second, reason=f"with wider coil maps (crop {wider.espirit_crop:g}, threshold {wider.espirit_thresh:g}) "
-                       f"after the first run's {first.returned}: {second.reason}")]
-    retry.seconds += result.seconds
-    return images[0], retry
+    best.result.verdicts = [dataclasses.replace(
+        best.verdict, reason=f"with {_describe_changes(config, best.config)} after the first run's "
+                             f"{first.verdict.returned} (held-out loss {first.verdict.held_out_loss:.4f}): "
+                             f"{best.verdict.reason}")]
+    best.result.seconds = seconds
+    return best.image, best.result
 
 
 def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray, config: ReconConfig,
@@ -212,11 +254,10 @@ def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, c
     data, masks, maps = prepare_slices(kspace, masks, config, device=device)
     images, result = reconstruct_prepared(data, masks, maps, config, device=device, progress=progress)
     for s, verdict in enumerate(result.verdicts):
-        if verdict.doubtful:  # as the slice alone would, with its own seed
+        if verdict.doubtful or verdict.poor:  # retried as the slice alone would be, with its own seed
             alone = dataclasses.replace(config, seed=config.seed + s)
             slice_kspace, slice_mask = _validate(kspace[s], masks[s], None)
-            images[s], _ = _retry_with_wider_maps(slice_kspace, slice_mask, alone, device, images[s],
-                                                  result.for_slice(s))
+            images[s], _ = _retry(slice_kspace, slice_mask, alone, device, images[s], result.for_slice(s))
     return images
 
 
@@ -265,8 +306,8 @@ def reconstruct_together(kspaces: Sequence[np.ndarray], masks: Sequence[np.ndarr
                 results[i] = error
             continue
         for j, (i, part) in enumerate(members):
-            results[i] = _retry_with_wider_maps(part.kspace, part.mask, config, device, images[j],
-                                                batch.for_slice(j), calibration=part.calibration)
+            results[i] = _retry(part.kspace, part.mask, config, device, images[j], batch.for_slice(j),
+                                calibration=part.calibration)
     return cast(list[tuple[np.ndarray, FitResult] | Exception], results)  # every slot is filled by now
 
 
