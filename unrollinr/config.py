@@ -93,18 +93,18 @@ class ReconConfig:
         the crop (soft SENSE: wrapped or cut fields of view); the prior
         proposes one image per set, and the output is their root-sum-of-squares with the
         first set's phase.
-    Retry (:mod:`unrollinr.safety`):
-        A slice whose returned image predicts the held-out samples poorly, or whose
-        UnrollINR image the safety net rejects or finds weak, is reconstructed once more,
-        with TV weight ``retry_lam_s`` (where it is above ``lam_s``: the outer k-space is
-        barely explained, and a piecewise-smooth object gains from stronger TV), and, when
-        the image was rejected or weak and ``retry_wider_maps`` is on, with maps cropped at
+    Retries (:mod:`unrollinr.safety`, :func:`unrollinr.recon.reconstruct_with_details`):
+        A slice whose UnrollINR image the safety net rejects or finds weak is, with
+        ``retry_wider_maps`` on, reconstructed again with maps cropped at
         ``espirit_retry_crop`` from a wider signal subspace (``espirit_retry_thresh``: an
         object cut or wrapped by the field of view splits its signal between two
         eigenvectors near the cut, where the first eigenvalue then misses the crop, and a
         tight subspace leaves the wrapped object's maps under the crop on the object
-        itself). The retry is kept if its returned image predicts the held-out samples
-        better.
+        itself). Then, if the image kept still predicts the held-out samples poorly, it is
+        reconstructed again with TV weight ``retry_lam_s`` (where that is above
+        ``lam_s``: the outer k-space is barely explained, and a piecewise-smooth object
+        gains from stronger TV). Each retry is kept if its returned image predicts the
+        held-out samples better.
         ``coil_compression`` compresses to that many virtual coils first (None: off).
     Sections (:data:`SECTIONS`): the settings above fall in ``prior``, ``dc``, ``loss``,
     ``training`` and ``maps``; chain properties, ``--set`` and JSON settings accept
