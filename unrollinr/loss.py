@@ -29,9 +29,11 @@ def _l1_norm(values: torch.Tensor, coil_dim: int | None) -> torch.Tensor:
     vector's Euclidean norm (an l2,1 norm); ``(slices, ...)`` complex to ``(slices,)``."""
     if coil_dim is None:
         return _per_slice(values).abs().sum(dim=1)
-    # vector_norm's gradient is zero (not NaN) where a whole coil vector is zero
-    coil_norms = torch.linalg.vector_norm(torch.view_as_real(values), dim=(coil_dim, -1))
-    return _per_slice(coil_norms).sum(dim=1)
+    # (..., coils, real/imaginary) last, so that the norm reduces one contiguous run: about 2x
+    # faster than reducing the two axes apart (10.7 -> 5.2 ms forward and backward at
+    # 8 x 256 x 256); vector_norm's gradient is zero (not NaN) where a whole coil vector is zero
+    coil_vectors = torch.view_as_real(values).movedim(coil_dim, -2).flatten(start_dim=-2)
+    return _per_slice(torch.linalg.vector_norm(coil_vectors, dim=-1)).sum(dim=1)
 
 
 def normalized_l1_l2(predicted: torch.Tensor, measured: torch.Tensor, *,
