@@ -120,7 +120,8 @@ def reconstruct_with_details(kspace: np.ndarray, mask: np.ndarray | None = None,
     slice_callback = None if callback is None else (lambda iteration, images: callback(iteration, images[0]))
     images, result = reconstruct_prepared(data[None], mask[None], maps[None], config, device=device,
                                           progress=progress, callback=slice_callback)
-    return _retry(kspace, mask, config, device, images[0], result, csm=csm, calibration=calibration)
+    return _retry(kspace, mask, device, _Run(images[0], result, config, data, maps), maps_given=csm is not None,
+                  calibration=calibration)
 
 
 def wider_maps(config: ReconConfig) -> ReconConfig:
@@ -132,11 +133,15 @@ def wider_maps(config: ReconConfig) -> ReconConfig:
 
 @dataclasses.dataclass
 class _Run:
-    """One reconstruction of a slice: its ``(ky, kx)`` image, its result and its configuration."""
+    """One reconstruction of a slice: its ``(ky, kx)`` image, its result, its configuration,
+    and the ``(coils, ky, kx)`` k-space and ``(sets, coils, ky, kx)`` maps it ran on
+    (:func:`prepare_maps`)."""
 
     image: np.ndarray
     result: FitResult
     config: ReconConfig
+    data: np.ndarray
+    maps: np.ndarray
 
     @property
     def verdict(self) -> Verdict:
@@ -153,40 +158,38 @@ def _describe_changes(config: ReconConfig, retry: ReconConfig) -> str:
     return " and ".join(changes)
 
 
-def _retry(kspace: np.ndarray, mask: np.ndarray, config: ReconConfig, device: torch.device,
-           image: np.ndarray, result: FitResult, *, csm: np.ndarray | None = None,
+def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _Run, *, maps_given: bool = False,
            calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, FitResult]:
-    """Reconstruct one slice ``(coils, ky, kx)`` again where its first run (``image``,
-    ``result``) calls for it, and keep the run whose returned image predicts the held-out
-    samples (the same in every run) best (:func:`~unrollinr.safety.replaces`):
+    """Reconstruct one slice (checked k-space ``(coils, ky, kx)`` and mask, as given) again
+    where its ``first`` run calls for it, and keep the run whose returned image predicts the
+    held-out samples (the same in every run) best (:func:`~unrollinr.safety.replaces`):
 
     1. a doubtful slice (UnrollINR's image rejected or weak) with :func:`wider_maps`, when
-       ``config.retry_wider_maps`` is on and the maps are not given (``csm``);
-    2. then, if the kept run's prediction is poor, with TV weight ``config.retry_lam_s``
-       (where it is above ``lam_s``) and the kept run's maps.
+       ``retry_wider_maps`` is on and the maps were not given (``maps_given``);
+    2. then, if the kept run's prediction is poor, with TV weight ``retry_lam_s`` (where
+       it is above ``lam_s``) on the kept run's k-space and maps.
     """
-    first = best = _Run(image, result, config)
-    seconds = result.seconds
+    config, best, seconds = first.config, first, first.result.seconds
 
-    def attempt(retry: ReconConfig) -> _Run:
+    def attempt(retry: ReconConfig, data: np.ndarray, maps: np.ndarray) -> _Run:
         nonlocal seconds
-        data, maps = prepare_maps(kspace, mask, csm, retry, calibration=calibration, device=device)
         images, retry_result = reconstruct_prepared(data[None], mask[None], maps[None], retry, device=device,
                                                     progress=False)
         seconds += retry_result.seconds
-        candidate = _Run(images[0], retry_result, retry)
+        candidate = _Run(images[0], retry_result, retry, data, maps)
         keep = replaces(candidate.verdict, best.verdict)
         logger.info("retry with %s returns %s, held-out loss %.4f against %.4f: %s",
                     _describe_changes(config, retry), candidate.verdict.returned, candidate.verdict.held_out_loss,
                     best.verdict.held_out_loss, "kept" if keep else "discarded")
         return candidate if keep else best
 
-    if first.verdict.doubtful and config.retry_wider_maps and csm is None and wider_maps(config) != config:
-        best = attempt(wider_maps(config))
+    if first.verdict.doubtful and config.retry_wider_maps and not maps_given and wider_maps(config) != config:
+        wider = wider_maps(config)
+        best = attempt(wider, *prepare_maps(kspace, mask, None, wider, calibration=calibration, device=device))
     if best.verdict.poor and config.retry_lam_s > config.lam_s:
-        best = attempt(dataclasses.replace(best.config, lam_s=config.retry_lam_s))
+        best = attempt(dataclasses.replace(best.config, lam_s=config.retry_lam_s), best.data, best.maps)
     if best is first:
-        return image, result
+        return first.image, first.result
     best.result.verdicts = [dataclasses.replace(
         best.verdict, reason=f"with {_describe_changes(config, best.config)} after the first run's "
                              f"{first.verdict.returned} (held-out loss {first.verdict.held_out_loss:.4f}): "
@@ -257,7 +260,8 @@ def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, c
         if verdict.doubtful or verdict.poor:  # retried as the slice alone would be, with its own seed
             alone = dataclasses.replace(config, seed=config.seed + s)
             slice_kspace, slice_mask = _validate(kspace[s], masks[s], None)
-            images[s], _ = _retry(slice_kspace, slice_mask, alone, device, images[s], result.for_slice(s))
+            images[s], _ = _retry(slice_kspace, slice_mask, device,
+                                  _Run(images[s], result.for_slice(s), alone, data[s], maps[s]))
     return images
 
 
@@ -306,7 +310,8 @@ def reconstruct_together(kspaces: Sequence[np.ndarray], masks: Sequence[np.ndarr
                 results[i] = error
             continue
         for j, (i, part) in enumerate(members):
-            results[i] = _retry(part.kspace, part.mask, config, device, images[j], batch.for_slice(j),
+            results[i] = _retry(part.kspace, part.mask, device,
+                                _Run(images[j], batch.for_slice(j), config, part.data, part.maps),
                                 calibration=part.calibration)
     return cast(list[tuple[np.ndarray, FitResult] | Exception], results)  # every slot is filled by now
 
