@@ -106,7 +106,8 @@ def test_every_ablation_runs_and_improves_on_zero_filled(problem, overrides):
 
 def test_the_default_iteration_count_follows_the_image_size(problem):
     measured, mask, _ = problem
-    _, result = reconstruct_with_details(measured, mask, config=ReconConfig(hidden_width=16, hash_levels=4))
+    no_retry = dict(retry_lam_s_good=ReconConfig.lam_s, retry_lam_s_poor=ReconConfig.lam_s)  # a retry runs fewer
+    _, result = reconstruct_with_details(measured, mask, config=ReconConfig(hidden_width=16, hash_levels=4, **no_retry))
     assert result.iterations == len(result.history) == 200
 
 
@@ -298,12 +299,15 @@ def test_a_rejected_slice_is_run_again_with_wider_maps_and_the_better_run_is_kep
 def test_an_unrollinr_image_that_barely_beats_zeros_on_held_out_samples_is_weak():
     from unrollinr.safety import judge
 
-    good, poor, weak, rejected = judge(torch.tensor([0.6, 1.3, 1.81, 1.9]), torch.tensor([1.9, 1.9, 1.82, 1.5]),
-                                       torch.tensor([2.0, 2.0, 2.0, 2.0]))
-    assert (good.returned, good.poor, good.weak, good.doubtful) == ("unrollinr", False, False, False)
+    good, fair, poor, weak, rejected, sense_well = judge(torch.tensor([0.3, 0.6, 1.3, 1.81, 1.9, 0.5]),
+                                                         torch.tensor([1.9, 1.9, 1.9, 1.82, 1.5, 0.3]),
+                                                         torch.tensor([2.0] * 6))
+    assert (good.returned, good.good, good.poor, good.weak, good.doubtful) == ("unrollinr", True, False, False, False)
+    assert (fair.returned, fair.good, fair.poor, fair.weak, fair.doubtful) == ("unrollinr", False, False, False, False)
     assert (poor.returned, poor.poor, poor.weak, poor.doubtful) == ("unrollinr", True, False, False)
     assert (weak.returned, weak.poor, weak.weak, weak.doubtful) == ("unrollinr", True, True, True)
     assert (rejected.returned, rejected.poor, rejected.doubtful) == ("sense", True, True)
+    assert (sense_well.returned, sense_well.good) == ("sense", False)  # the weaker TV retry is for UnrollINR's image
 
 
 def test_a_retry_replaces_zero_filled_only_with_an_image_that_clearly_beats_zeros():
@@ -316,21 +320,29 @@ def test_a_retry_replaces_zero_filled_only_with_an_image_that_clearly_beats_zero
     assert not replaces(Verdict("unrollinr", "", 1.55, poor=True), sense)
 
 
-def test_a_poorly_predicting_slice_keeps_the_stronger_tv_run_only_when_it_predicts_better(caplog):
-    full = phantom_kspace(48, 4, noise=0.05, seed=1)  # noisy: the held-out lines are poorly predicted
-    mask = random_line_mask(full.shape[1:], 3, acs_lines=12, seed=0)
+@pytest.mark.parametrize("noise, acceleration, flag, weight_name", [
+    (0.05, 3, "poor", "retry_lam_s_poor"),  # noisy: the held-out lines are poorly predicted
+    (0.002, 2, "good", "retry_lam_s_good"),  # clean, at R 2: they are well predicted
+])
+def test_a_slice_keeps_the_retry_with_another_tv_weight_only_when_it_predicts_better(caplog, noise, acceleration,
+                                                                                     flag, weight_name):
+    full = phantom_kspace(48, 4 if flag == "poor" else 8, noise=noise, seed=1)
+    mask = random_line_mask(full.shape[1:], acceleration, acs_lines=12, seed=0)
     measured = full * mask
     config = ReconConfig(**FAST, retry_wider_maps=False)
-    _, alone = reconstruct_with_details(measured, mask, config=dataclasses.replace(config, retry_lam_s=config.lam_s))
+    weight = getattr(config, weight_name)
+    without_retry = dataclasses.replace(config, **{weight_name: config.lam_s})
+    _, alone = reconstruct_with_details(measured, mask, config=without_retry)
     first = alone.verdicts[0]
-    assert first.poor, first.reason
+    assert getattr(first, flag), first.reason
     with caplog.at_level("INFO", logger="unrollinr.recon"):
         _, result = reconstruct_with_details(measured, mask, config=config)
-    assert "retry with TV weight 1 returns" in caplog.text
+    assert f"retry with TV weight {weight:g} returns" in caplog.text
     verdict = result.verdicts[0]
     assert verdict.held_out_loss <= first.held_out_loss
     kept = verdict.held_out_loss < first.held_out_loss
-    assert kept == verdict.reason.startswith(f"with TV weight 1 after the first run's {first.returned}"), verdict.reason
+    assert kept == verdict.reason.startswith(f"with TV weight {weight:g} after the first run's {first.returned}"), \
+        verdict.reason
 
 
 def test_the_safety_net_returns_sense_when_the_prior_is_made_to_fail(problem):
@@ -363,6 +375,11 @@ def test_a_batch_in_which_early_stopping_fires_equals_its_slices_alone(problem, 
         assert single.best_iterations == [result.best_iterations[s]]
         # rounding only (see test_batched_slices_match_separate_reconstructions)
         assert np.abs(batch[s] - alone[0]).max() < 0.005 * np.abs(alone[0]).max()
+        # the kept weights a retry starts from, named as the slice alone names them
+        from_batch = result.for_slice(s).parameters
+        assert from_batch.keys() == single.parameters.keys()
+        for name, value in single.parameters.items():
+            assert torch.allclose(from_batch[name], value, rtol=0.02, atol=1e-4), name
 
 
 def test_the_library_leaves_the_global_random_and_thread_state_alone(phantom_48):

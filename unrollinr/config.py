@@ -100,11 +100,15 @@ class ReconConfig:
         object cut or wrapped by the field of view splits its signal between two
         eigenvectors near the cut, where the first eigenvalue then misses the crop, and a
         tight subspace leaves the wrapped object's maps under the crop on the object
-        itself). Then, if the image kept still predicts the held-out samples poorly, it is
-        reconstructed again with TV weight ``retry_lam_s`` (where that is above
-        ``lam_s``: the outer k-space is barely explained, and a piecewise-smooth object
-        gains from stronger TV). Each retry is kept if its returned image predicts the
-        held-out samples better.
+        itself). Then the TV weight is tried again where the held-out samples call for it,
+        on the kept run's k-space and maps: ``retry_lam_s_poor`` (where above ``lam_s``)
+        if the image kept predicts them poorly (the outer k-space is barely explained, and
+        a piecewise-smooth object gains from stronger TV), ``retry_lam_s_good`` (where
+        below ``lam_s``) if UnrollINR predicts them well (the data leave little to the
+        prior, and TV only smooths detail away). This retry continues from the kept run's
+        prior weights (fresh optimiser state) for ``retry_iterations`` steps, at most the
+        first run's. Each retry is kept if its returned image predicts the held-out
+        samples better.
         ``coil_compression`` compresses to that many virtual coils first (None: off).
     Sections (:data:`SECTIONS`): the settings above fall in ``prior``, ``dc``, ``loss``,
     ``training`` and ``maps``; chain properties, ``--set`` and JSON settings accept
@@ -131,7 +135,8 @@ class ReconConfig:
     tv_second_order: float = 0.5
     tv_log_scale: float = 0.1
     coil_l1: bool = True
-    retry_lam_s: float = 1.0
+    retry_lam_s_poor: float = 1.0
+    retry_lam_s_good: float = 0.1
     dc_solver: str = "auto"
     cg_iterations: int = 20
     cg_training_iterations: int = 5
@@ -145,6 +150,7 @@ class ReconConfig:
     lr_lam_s: float = 1e-3
     holdout_fraction: float = 0.05
     patience: int = 100
+    retry_iterations: int = 100
     seed: int = 0
 
     espirit_calib_width: int = 24
@@ -167,7 +173,7 @@ class ReconConfig:
         _check_choice("mlp_precision", self.mlp_precision, MLP_PRECISIONS)
         _check_choice("dc_solver", self.dc_solver, DC_SOLVERS)
         for name in ("hash_levels", "hash_features", "hash_base_resolution",
-                     "hidden_width", "cg_iterations", "cg_training_iterations", "patience",
+                     "hidden_width", "cg_iterations", "cg_training_iterations", "patience", "retry_iterations",
                      "espirit_kernel_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -175,7 +181,7 @@ class ReconConfig:
                      "espirit_thresh", "espirit_retry_thresh", "tv_log_scale"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("lam", "lam_s", "retry_lam_s", "lr"):
+        for name in ("lam", "lam_s", "retry_lam_s_poor", "retry_lam_s_good", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.espirit_sets not in (1, 2):
@@ -298,8 +304,10 @@ SECTIONS = {
               "hash_base_resolution", "hash_finest_resolution", "hidden_layers", "hidden_width", "mlp_precision"),
     "dc": ("data_consistency", "lam", "dc_solver", "cg_iterations", "cg_training_iterations", "cg_tolerance",
            "cg_warm_start", "zero_outside_maps"),
-    "loss": ("lam_s", "tv", "tv_second_order", "tv_log_scale", "coil_l1", "retry_lam_s"),
-    "training": ("iterations", "lr", "lr_lam", "lr_lam_s", "holdout_fraction", "patience", "seed"),
+    "loss": ("lam_s", "tv", "tv_second_order", "tv_log_scale", "coil_l1", "retry_lam_s_poor",
+             "retry_lam_s_good"),
+    "training": ("iterations", "lr", "lr_lam", "lr_lam_s", "holdout_fraction", "patience", "retry_iterations",
+                 "seed"),
     "maps": ("espirit_calib_width", "espirit_kernel_width", "espirit_thresh", "espirit_crop", "espirit_sets",
              "retry_wider_maps", "espirit_retry_crop", "espirit_retry_thresh", "coil_compression"),
 }

@@ -158,6 +158,15 @@ def _describe_changes(config: ReconConfig, retry: ReconConfig) -> str:
     return " and ".join(changes)
 
 
+def _retry_tv_weight(config: ReconConfig, verdict: Verdict) -> float | None:
+    """The TV weight to try again with after a run judged ``verdict``; ``None`` for none."""
+    if verdict.poor and config.retry_lam_s_poor > config.lam_s:
+        return config.retry_lam_s_poor
+    if verdict.good and config.retry_lam_s_good < config.lam_s:
+        return config.retry_lam_s_good
+    return None
+
+
 def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _Run, *, maps_given: bool = False,
            calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, FitResult]:
     """Reconstruct one slice (checked k-space ``(coils, ky, kx)`` and mask, as given) again
@@ -166,15 +175,18 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
 
     1. a doubtful slice (UnrollINR's image rejected or weak) with :func:`wider_maps`, when
        ``retry_wider_maps`` is on and the maps were not given (``maps_given``);
-    2. then, if the kept run's prediction is poor, with TV weight ``retry_lam_s`` (where
-       it is above ``lam_s``) on the kept run's k-space and maps.
+    2. then, on the kept run's k-space and maps, from its prior weights, for
+       ``retry_iterations`` steps (at most as many as the first run), with TV weight
+       ``retry_lam_s_poor`` if its prediction is poor (where that is above ``lam_s``), or
+       ``retry_lam_s_good`` if it is good (where that is below ``lam_s``).
     """
     config, best, seconds = first.config, first, first.result.seconds
 
-    def attempt(retry: ReconConfig, data: np.ndarray, maps: np.ndarray) -> _Run:
+    def attempt(retry: ReconConfig, data: np.ndarray, maps: np.ndarray,
+                initial_parameters: Mapping[str, torch.Tensor] | None = None) -> _Run:
         nonlocal seconds
         images, retry_result = reconstruct_prepared(data[None], mask[None], maps[None], retry, device=device,
-                                                    progress=False)
+                                                    progress=False, initial_parameters=initial_parameters)
         seconds += retry_result.seconds
         candidate = _Run(images[0], retry_result, retry, data, maps)
         keep = replaces(candidate.verdict, best.verdict)
@@ -186,8 +198,12 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
     if first.verdict.doubtful and config.retry_wider_maps and not maps_given and wider_maps(config) != config:
         wider = wider_maps(config)
         best = attempt(wider, *prepare_maps(kspace, mask, None, wider, calibration=calibration, device=device))
-    if best.verdict.poor and config.retry_lam_s > config.lam_s:
-        best = attempt(dataclasses.replace(best.config, lam_s=config.retry_lam_s), best.data, best.maps)
+    tv_weight = _retry_tv_weight(config, best.verdict)
+    if tv_weight is not None:
+        prior_weights = {name: value for name, value in best.result.parameters.items() if name.startswith("priors.")}
+        steps = min(config.retry_iterations, config.training_iterations(max(mask.shape)))
+        best = attempt(dataclasses.replace(best.config, lam_s=tv_weight, iterations=steps),
+                       best.data, best.maps, prior_weights)
     if best is first:
         return first.image, first.result
     best.result.verdicts = [dataclasses.replace(
@@ -256,12 +272,11 @@ def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, c
     device = default_device() if device is None else torch.device(device)
     data, masks, maps = prepare_slices(kspace, masks, config, device=device)
     images, result = reconstruct_prepared(data, masks, maps, config, device=device, progress=progress)
-    for s, verdict in enumerate(result.verdicts):
-        if verdict.doubtful or verdict.poor:  # retried as the slice alone would be, with its own seed
-            alone = dataclasses.replace(config, seed=config.seed + s)
-            slice_kspace, slice_mask = _validate(kspace[s], masks[s], None)
-            images[s], _ = _retry(slice_kspace, slice_mask, device,
-                                  _Run(images[s], result.for_slice(s), alone, data[s], maps[s]))
+    for s in range(len(images)):  # each slice retried as it would be alone, with its own seed
+        alone = dataclasses.replace(config, seed=config.seed + s)
+        slice_kspace, slice_mask = _validate(kspace[s], masks[s], None)
+        images[s], _ = _retry(slice_kspace, slice_mask, device,
+                              _Run(images[s], result.for_slice(s), alone, data[s], maps[s]))
     return images
 
 

@@ -31,6 +31,14 @@ explained, and a stronger TV weight may do better (the caller may try it). On
 ``bench/robust.py``, the first runs of the slices that a TV weight of 1.0 instead of 0.35
 improved by more than 0.5 dB scored 0.68-1.01 times the zeros' loss; those it made
 worse by more than 0.5 dB, 0.22-0.59 (brain_8ch_256 at R 8: 0.33).
+
+UnrollINR's image predicts them *well* when its held-out loss is below
+:data:`GOOD_PREDICTION` times the zeros': the data leave little to the prior, and a
+weaker TV weight may keep more detail (the caller may try it). The held-out loss ranked
+TV weights 0.15-1.0 as PSNR did on the 2D-mask case of every set in ``bench/robust.py``
+(brain_16ch_96 at R 4, which scores 0.086 of the zeros' loss: 41.93 dB at 0.15 against
+40.51 at 0.35), and it scored 0.15 worse than 0.35 on the line masks where 0.15 lost dB
+(the GE phantom at R 4, 0.22 of the zeros' loss; brain_8ch_256 at R 8 and with 4 coils).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ UNROLLINR, SENSE, ZERO_FILLED = "unrollinr", "sense", "zero-filled"
 ZERO_FILLED_MARGIN = 1.1
 WEAK_PREDICTION = 0.85
 POOR_PREDICTION = 0.6
+GOOD_PREDICTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ class Verdict:
     held_out_loss: float = float("nan")  # of the image returned; NaN when unchecked
     weak: bool = False  # UnrollINR returned, but it predicts held-out samples barely better than zeros
     poor: bool = False  # the image returned predicts held-out samples poorly (above POOR_PREDICTION of zeros)
+    good: bool = False  # UnrollINR returned, and it predicts held-out samples well (below GOOD_PREDICTION of zeros)
 
     @property
     def doubtful(self) -> bool:
@@ -79,7 +89,8 @@ def judge(unrollinr_loss: torch.Tensor, sense_loss: torch.Tensor, zero_loss: tor
                                     poor=sense > POOR_PREDICTION * zeros))
         else:
             verdicts.append(Verdict(UNROLLINR, f"UnrollINR predicts held-out k-space best ({scores})", ours,
-                                    weak=ours > WEAK_PREDICTION * zeros, poor=ours > POOR_PREDICTION * zeros))
+                                    weak=ours > WEAK_PREDICTION * zeros, poor=ours > POOR_PREDICTION * zeros,
+                                    good=ours < GOOD_PREDICTION * zeros))
     return verdicts
 
 

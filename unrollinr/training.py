@@ -52,11 +52,19 @@ class FitResult:
         return ",".join(v.returned for v in self.verdicts)
 
     def for_slice(self, s: int) -> FitResult:
-        """Slice ``s`` of a batch's result; ``iterations``, ``seconds`` and ``history`` stay
-        the batch's, and ``parameters`` is empty."""
+        """Slice ``s`` of a batch's result, with the weights a fit of that slice alone would
+        name (its prior's as ``priors.0.*``, its entries of the per-slice weights);
+        ``iterations``, ``seconds`` and ``history`` stay the batch's."""
+        prefix = f"priors.{s}."
+        parameters = {}
+        for name, value in self.parameters.items():
+            if name.startswith(prefix):
+                parameters["priors.0." + name.removeprefix(prefix)] = value
+            elif not name.startswith("priors."):
+                parameters[name] = value[s:s + 1]
         return dataclasses.replace(self, image=self.image[s:s + 1], prior=self.prior[s:s + 1],
                                    best_iterations=[self.best_iterations[s]], verdicts=[self.verdicts[s]],
-                                   parameters={})
+                                   parameters=parameters)
 
     image: torch.Tensor
     prior: torch.Tensor
@@ -257,7 +265,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
     bar.close()
     model.load_state_dict(tracker.best_state, strict=False)
-    verdicts = _verdicts(model, like, tracker.held_losses, held_op, held_samples, data_loss)
+    verdicts = _verdicts(model, config, kspace * train_op.mask.unsqueeze(1), like, tracker.held_losses, held_op,
+                         held_samples, data_loss)
     return _final_pass(model, op, kspace, config, like, start, history, iteration + 1, tracker.best_iterations,
                        tracker.best_state, verdicts)
 
@@ -309,17 +318,22 @@ class _BestIterates:
                 self.best_state[name][s] = parameter.detach()[s]
 
 
-def _verdicts(model: UnrollINR, like: torch.Tensor, unrollinr_scores: torch.Tensor, held_op: SenseOp | None,
-              held_samples: torch.Tensor | None,
+def _verdicts(model: UnrollINR, config: ReconConfig, train_kspace: torch.Tensor, like: torch.Tensor,
+              unrollinr_scores: torch.Tensor, held_op: SenseOp | None, held_samples: torch.Tensor | None,
               data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[Verdict]:
-    """The safety net's verdict per slice (:mod:`unrollinr.safety`), from the held-out samples."""
+    """The safety net's verdict per slice (:mod:`unrollinr.safety`), from the held-out samples.
+
+    SENSE is solved from the training samples ``train_kspace`` ``(slices, coils, ky, kx)``
+    as inference solves it (from zero, ``cg_iterations``), not by the training step's
+    warm-started solver, whose start is UnrollINR's last image."""
     n_slices = like.shape[0]
     if held_op is None or held_samples is None:
         return [unchecked("no samples held out")] * n_slices
     if model.dc is None:
         return [unchecked("no data-consistency step")] * n_slices
     with torch.no_grad():
-        sense = model.dc(torch.zeros_like(like), model.lam)
+        sense = _inference_dc(config, model.dc.op, train_kspace, model.dc.column_solver)(torch.zeros_like(like),
+                                                                                          model.lam)
         sense_scores = data_loss(held_op.measure(sense), held_samples)
         zero_scores = data_loss(torch.zeros_like(held_samples), held_samples)
     verdicts = judge(unrollinr_scores.to(sense_scores.device), sense_scores, zero_scores)
@@ -359,8 +373,7 @@ def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: Rec
     if model.dc is not None:  # config.data_consistency
         # Without a holdout training used this operator: its exact solver carries over.
         solver = model.dc.column_solver if model.dc.op is op else exact_solver(config, op)
-        model.dc = DataConsistency(op, kspace, iterations=config.cg_iterations,
-                                   tolerance=config.cg_tolerance, warm_start=False, column_solver=solver)
+        model.dc = _inference_dc(config, op, kspace, solver)
     with torch.no_grad():
         x, z = model(like)
         if any(v.returned == SENSE for v in verdicts) and model.dc is not None:  # SENSE needs the DC step
@@ -375,6 +388,14 @@ def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: Rec
                 float(model.lam_s.detach().mean()))
     return FitResult(image=x, prior=z, iterations=iterations, best_iterations=best_iterations,
                      seconds=seconds, verdicts=verdicts, history=history, parameters=parameters)
+
+
+def _inference_dc(config: ReconConfig, op: SenseOp, kspace: torch.Tensor,
+                  column_solver: ColumnSolver | None) -> DataConsistency:
+    """The DC step of inference for ``op`` and its measured ``kspace`` ``(slices, coils, ky, kx)``:
+    ``column_solver`` if given, else ``cg_iterations`` of CG from zero."""
+    return DataConsistency(op, kspace, iterations=config.cg_iterations, tolerance=config.cg_tolerance,
+                           warm_start=False, column_solver=column_solver)
 
 
 def _replace(images: torch.Tensor, verdicts: list[Verdict], returned: str, replacement: torch.Tensor) -> torch.Tensor:
