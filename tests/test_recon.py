@@ -10,7 +10,7 @@ from unrollinr.baselines import bart_available, bart_maps, bart_pics, cg_sense, 
 from unrollinr.coils import espirit_maps
 from unrollinr.evaluate import reference_image
 from unrollinr.fft import fft2c, ifft2c
-from unrollinr.masks import random_line_mask
+from unrollinr.masks import random_line_mask, variable_density_mask
 from unrollinr.metrics import psnr, ssim
 from unrollinr.phantoms import phantom_kspace
 from unrollinr.recon import reconstruct_slices, reconstruct_with_details
@@ -345,10 +345,16 @@ def test_a_slice_keeps_the_retry_with_another_tv_weight_only_when_it_predicts_be
         verdict.reason
 
 
-def test_the_safety_net_returns_sense_when_the_prior_is_made_to_fail(problem):
+@pytest.mark.parametrize("mask_kind", ["lines", "2d"])
+def test_the_safety_net_returns_sense_when_the_prior_is_made_to_fail(problem, phantom_48, mask_kind):
+    """On 2D masks SENSE is solved by CG: the judge must solve it from zero, not from the
+    failed prior's image (it returned zero-filled, SENSE scoring 6.06 against the zeros' 2.00)."""
     from unrollinr.recon import reconstruct_prepared
 
     measured, mask, reference = problem
+    if mask_kind == "2d":
+        mask = variable_density_mask((48, 48), 3, acs=12, seed=0)
+        measured = phantom_48 * mask
     image, result, config = reconstruct_with_a_broken_prior(measured, mask)
     assert result.returned == "sense" and "SENSE predicts held-out k-space better" in result.verdicts[0].reason
     maps = espirit_maps(measured, mask)[None]

@@ -34,11 +34,12 @@ worse by more than 0.5 dB, 0.22-0.59 (brain_8ch_256 at R 8: 0.33).
 
 UnrollINR's image predicts them *well* when its held-out loss is below
 :data:`GOOD_PREDICTION` times the zeros': the data leave little to the prior, and a
-weaker TV weight may keep more detail (the caller may try it). The held-out loss ranked
-TV weights 0.15-1.0 as PSNR did on the 2D-mask case of every set in ``bench/robust.py``
-(brain_16ch_96 at R 4, which scores 0.086 of the zeros' loss: 41.93 dB at 0.15 against
-40.51 at 0.35), and it scored 0.15 worse than 0.35 on the line masks where 0.15 lost dB
-(the GE phantom at R 4, 0.22 of the zeros' loss; brain_8ch_256 at R 8 and with 4 coils).
+weaker TV weight may keep more detail (the caller may try it). On the 2D-mask case of
+every set in ``bench/robust.py`` the TV weight (0.15-1.0) whose image predicted the
+held-out samples best also had the best PSNR (brain_16ch_96 at R 4, which scores 0.086 of
+the zeros' loss: 41.93 dB at 0.15 against 40.51 at 0.35), and 0.15 scored worse than 0.35
+on the line masks where it lost dB (the GE phantom at R 4, 0.22 of the zeros' loss;
+brain_8ch_256 at R 8 and with 4 coils; brain_16ch_96 at R 4).
 """
 
 from __future__ import annotations
