@@ -310,6 +310,34 @@ def test_an_unrollinr_image_that_barely_beats_zeros_on_held_out_samples_is_weak(
     assert (sense_well.returned, sense_well.good) == ("sense", False)  # the weaker TV retry is for UnrollINR's image
 
 
+def test_the_judge_rejects_a_prior_that_invents_the_background_outside_the_coil_maps():
+    from unrollinr.safety import BRIGHTEST_BACKGROUND, judge
+
+    losses = dict(unrollinr_loss=torch.tensor([0.7] * 3), sense_loss=torch.tensor([0.8] * 3),
+                  zero_loss=torch.tensor([2.0] * 3))
+    backgrounds = torch.tensor([0.3, float("nan"), 4.0])  # measured: 0.02-0.37 when sound, 2.4-4.1 when invented
+    dim, full_field, bright = judge(**losses, backgrounds=backgrounds)
+    assert dim.returned == full_field.returned == "unrollinr"
+    assert bright.returned == "sense" and bright.held_out_loss == pytest.approx(0.8)
+    assert "4.00 times as bright as the zero-filled image there" in bright.reason
+    assert judge(**losses, backgrounds=torch.tensor([BRIGHTEST_BACKGROUND * 0.99] * 3))[0].returned == "unrollinr"
+
+
+def test_the_background_compares_the_prior_outside_every_map_with_the_zero_filled_image_there():
+    from unrollinr.training import _backgrounds
+
+    maps = torch.zeros(2, 2, 1, 4, 4, dtype=torch.complex64)
+    maps[0, 0, :, :2] = 1  # slice 0: the top half inside the first set's maps
+    maps[0, 1, :, 2:3] = 1  # and the third row inside the second set's
+    maps[1, 0] = 1  # slice 1: the maps cover the field of view
+    prior = torch.full((2, 2, 4, 4), 3.0, dtype=torch.complex64)
+    kspace = torch.zeros(2, 1, 4, 4, dtype=torch.complex64)
+    kspace[:, 0, 2, 2] = 4.0  # DC only: a flat zero-filled image of magnitude 1
+    ratios = _backgrounds(prior, maps, kspace)
+    assert ratios[0].item() == pytest.approx(3 * 2**0.5)  # the two sets' RSS of 3, over 1, on the last row
+    assert torch.isnan(ratios[1])
+
+
 def test_a_retry_replaces_zero_filled_only_with_an_image_that_clearly_beats_zeros():
     from unrollinr.safety import Verdict, replaces
 

@@ -321,7 +321,8 @@ class _BestIterates:
 def _verdicts(model: UnrollINR, config: ReconConfig, train_kspace: torch.Tensor, like: torch.Tensor,
               unrollinr_scores: torch.Tensor, held_op: SenseOp | None, held_samples: torch.Tensor | None,
               data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[Verdict]:
-    """The safety net's verdict per slice (:mod:`unrollinr.safety`), from the held-out samples.
+    """The safety net's verdict per slice (:mod:`unrollinr.safety`), from the held-out samples
+    and the background of UnrollINR's image (its prior where every coil map vanishes).
 
     SENSE is solved from the training samples ``train_kspace`` ``(slices, coils, ky, kx)``
     as inference solves it (from zero, ``cg_iterations``), not by the training step's
@@ -336,11 +337,25 @@ def _verdicts(model: UnrollINR, config: ReconConfig, train_kspace: torch.Tensor,
                                                                                           model.lam)
         sense_scores = data_loss(held_op.measure(sense), held_samples)
         zero_scores = data_loss(torch.zeros_like(held_samples), held_samples)
-    verdicts = judge(unrollinr_scores.to(sense_scores.device), sense_scores, zero_scores)
+        backgrounds = _backgrounds(model.prior(like), model.dc.op.maps, train_kspace)
+    verdicts = judge(unrollinr_scores.to(sense_scores.device), sense_scores, zero_scores, backgrounds)
     for s, verdict in enumerate(verdicts):
         log = logger.info if verdict.returned == UNROLLINR else logger.warning
         log("slice %d of the batch returns %s: %s", s, verdict.returned, verdict.reason)
     return verdicts
+
+
+def _backgrounds(prior: torch.Tensor, maps: torch.Tensor, kspace: torch.Tensor) -> torch.Tensor:
+    """Per slice, the mean magnitude of the prior ``(slices, sets, y, x)`` where every coil
+    map of ``maps`` ``(slices, sets, coils, y, x)`` vanishes (where UnrollINR's image is the
+    prior's), over that of the zero-filled root-sum-of-squares of ``kspace``
+    ``(slices, coils, ky, kx)`` there; NaN where the maps cover the field of view."""
+    outside = maps.abs().sum(dim=(1, 2)) == 0
+    zero_filled = torch.linalg.vector_norm(ifft2c(kspace), dim=1)
+    invented = (torch.linalg.vector_norm(prior, dim=1) * outside).flatten(start_dim=1).sum(dim=1)
+    measured = (zero_filled * outside).flatten(start_dim=1).sum(dim=1)
+    return torch.where(outside.flatten(start_dim=1).any(dim=1), invented / measured.clamp_min(1e-30),
+                       torch.full_like(invented, float("nan")))
 
 
 def _parameters(model: UnrollINR) -> dict[str, torch.Tensor]:
