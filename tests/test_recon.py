@@ -336,6 +336,10 @@ def test_the_background_compares_the_prior_outside_every_map_with_the_zero_fille
     ratios = _backgrounds(prior, maps, kspace)
     assert ratios[0].item() == pytest.approx(3 * 2**0.5)  # the two sets' RSS of 3, over 1, on the last row
     assert torch.isnan(ratios[1])
+    # noise-free data with nothing outside the maps: 1% of the zero-filled mean inside is the measure
+    inside = (maps[:1].abs().sum(dim=(1, 2)) > 0).to(torch.complex64)  # (1, 4, 4): 1 inside, exactly 0 outside
+    ratio = _backgrounds(prior[:1] / 100, maps[:1], fft2c(inside[:, None]))
+    assert ratio.item() == pytest.approx(3 * 2**0.5, rel=1e-4)
 
 
 def test_a_retry_replaces_zero_filled_only_with_an_image_that_clearly_beats_zeros():

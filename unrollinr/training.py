@@ -349,12 +349,17 @@ def _backgrounds(prior: torch.Tensor, maps: torch.Tensor, kspace: torch.Tensor) 
     """Per slice, the mean magnitude of the prior ``(slices, sets, y, x)`` where every coil
     map of ``maps`` ``(slices, sets, coils, y, x)`` vanishes (where UnrollINR's image is the
     prior's), over that of the zero-filled root-sum-of-squares of ``kspace``
-    ``(slices, coils, ky, kx)`` there; NaN where the maps cover the field of view."""
+    ``(slices, coils, ky, kx)`` there, or over 1% of its mean inside the maps where that is
+    more (noise-free data can leave nothing outside); NaN where the maps cover the field of view."""
     outside = maps.abs().sum(dim=(1, 2)) == 0
     zero_filled = torch.linalg.vector_norm(ifft2c(kspace), dim=1)
-    invented = (torch.linalg.vector_norm(prior, dim=1) * outside).flatten(start_dim=1).sum(dim=1)
-    measured = (zero_filled * outside).flatten(start_dim=1).sum(dim=1)
-    return torch.where(outside.flatten(start_dim=1).any(dim=1), invented / measured.clamp_min(1e-30),
+
+    def mean(image: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        return (image * region).flatten(start_dim=1).sum(dim=1) / region.flatten(start_dim=1).sum(dim=1).clamp_min(1)
+
+    invented = mean(torch.linalg.vector_norm(prior, dim=1), outside)
+    measured = torch.maximum(mean(zero_filled, outside), 0.01 * mean(zero_filled, ~outside)).clamp_min(1e-30)
+    return torch.where(outside.flatten(start_dim=1).any(dim=1), invented / measured,
                        torch.full_like(invented, float("nan")))
 
 
