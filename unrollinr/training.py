@@ -352,7 +352,7 @@ def _backgrounds(prior: torch.Tensor, maps: torch.Tensor, kspace: torch.Tensor) 
     ``(slices, coils, ky, kx)`` there, or over 1% of its mean inside the maps where that is
     more (noise-free data can leave nothing outside); NaN where the maps cover the field of view."""
     outside = maps.abs().sum(dim=(1, 2)) == 0
-    zero_filled = torch.linalg.vector_norm(ifft2c(kspace), dim=1)
+    zero_filled = _zero_filled_rss(kspace)
 
     def mean(image: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         return (image * region).flatten(start_dim=1).sum(dim=1) / region.flatten(start_dim=1).sum(dim=1).clamp_min(1)
@@ -361,6 +361,12 @@ def _backgrounds(prior: torch.Tensor, maps: torch.Tensor, kspace: torch.Tensor) 
     measured = torch.maximum(mean(zero_filled, outside), 0.01 * mean(zero_filled, ~outside)).clamp_min(1e-30)
     return torch.where(outside.flatten(start_dim=1).any(dim=1), invented / measured,
                        torch.full_like(invented, float("nan")))
+
+
+def _zero_filled_rss(kspace: torch.Tensor) -> torch.Tensor:
+    """The root-sum-of-squares of the zero-filled coil images of ``kspace``
+    ``(slices, coils, ky, kx)``: real ``(slices, y, x)``."""
+    return torch.linalg.vector_norm(ifft2c(kspace), dim=1)
 
 
 def _parameters(model: UnrollINR) -> dict[str, torch.Tensor]:
@@ -400,7 +406,7 @@ def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: Rec
             x = _replace(x, verdicts, SENSE, model.dc(torch.zeros_like(like), model.lam))
         if any(v.returned == ZERO_FILLED for v in verdicts):
             zero_filled = torch.zeros_like(like)
-            zero_filled[:, 0] = torch.linalg.vector_norm(ifft2c(kspace), dim=1).to(like.dtype)
+            zero_filled[:, 0] = _zero_filled_rss(kspace).to(like.dtype)
             x = _replace(x, verdicts, ZERO_FILLED, zero_filled)
     seconds = time.perf_counter() - start
     logger.info("UnrollINR: %d iterations (best %s) in %.1f s, lambda %.4g, lambda_s %.4g",
