@@ -100,15 +100,16 @@ class ReconConfig:
         object cut or wrapped by the field of view splits its signal between two
         eigenvectors near the cut, where the first eigenvalue then misses the crop, and a
         tight subspace leaves the wrapped object's maps under the crop on the object
-        itself). Then the TV weight is tried again where the held-out samples call for it,
-        on the kept run's k-space and maps: ``retry_lam_s_poor`` (where above ``lam_s``)
-        if the image kept predicts them poorly (the outer k-space is barely explained, and
-        a piecewise-smooth object gains from stronger TV), ``retry_lam_s_good`` (where
-        below ``lam_s``) if UnrollINR predicts them well (the data leave little to the
-        prior, and TV only smooths detail away). This retry continues from the kept run's
-        prior weights (fresh optimiser state) for ``retry_iterations`` steps, at most the
-        first run's. Each retry is kept if its returned image predicts the held-out
-        samples better.
+        itself). Then, where UnrollINR's image kept predicts the held-out samples well,
+        the TV weight ``retry_lam_s_good`` (where below ``lam_s``) is tried (the data
+        leave little to the prior, and TV only smooths detail away), on the kept run's
+        k-space and maps, from its prior weights (fresh optimiser state), for
+        ``retry_iterations`` steps, at most the first run's. Each retry is kept if its
+        returned image predicts the held-out samples better.
+    TV review (no retry: within the run):
+        Halfway through training, a slice whose image predicts the held-out samples poorly
+        continues with the TV weight ``lam_s_poor`` (where above ``lam_s``): its outer
+        k-space is barely explained, and a piecewise-smooth object gains from stronger TV.
         ``coil_compression`` compresses to that many virtual coils first (None: off).
     Sections (:data:`SECTIONS`): the settings above fall in ``prior``, ``dc``, ``loss``,
     ``training`` and ``maps``; chain properties, ``--set`` and JSON settings accept
@@ -135,7 +136,7 @@ class ReconConfig:
     tv_second_order: float = 0.5
     tv_log_scale: float = 0.1
     coil_l1: bool = True
-    retry_lam_s_poor: float = 1.0
+    lam_s_poor: float = 1.0
     retry_lam_s_good: float = 0.1
     dc_solver: str = "auto"
     cg_iterations: int = 20
@@ -181,7 +182,7 @@ class ReconConfig:
                      "espirit_thresh", "espirit_retry_thresh", "tv_log_scale"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("lam", "lam_s", "retry_lam_s_poor", "retry_lam_s_good", "lr"):
+        for name in ("lam", "lam_s", "lam_s_poor", "retry_lam_s_good", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.espirit_sets not in (1, 2):
@@ -304,7 +305,7 @@ SECTIONS = {
               "hash_base_resolution", "hash_finest_resolution", "hidden_layers", "hidden_width", "mlp_precision"),
     "dc": ("data_consistency", "lam", "dc_solver", "cg_iterations", "cg_training_iterations", "cg_tolerance",
            "cg_warm_start", "zero_outside_maps"),
-    "loss": ("lam_s", "tv", "tv_second_order", "tv_log_scale", "coil_l1", "retry_lam_s_poor",
+    "loss": ("lam_s", "tv", "tv_second_order", "tv_log_scale", "coil_l1", "lam_s_poor",
              "retry_lam_s_good"),
     "training": ("iterations", "lr", "lr_lam", "lr_lam_s", "holdout_fraction", "patience", "retry_iterations",
                  "seed"),

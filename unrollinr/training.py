@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +21,7 @@ from unrollinr.config import ReconConfig
 from unrollinr.fft import ifft2c
 from unrollinr.loss import normalized_l1_l2, total_variation
 from unrollinr.model import INRImage, PixelImage, UnrollINR
-from unrollinr.safety import SENSE, UNROLLINR, ZERO_FILLED, Verdict, judge, unchecked
+from unrollinr.safety import POOR_PREDICTION, SENSE, UNROLLINR, ZERO_FILLED, Verdict, judge, unchecked
 from unrollinr.sense import SenseOp, is_line_mask
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     tracker = _BestIterates(model)
     history: list[dict[str, float]] = []
     iterations = config.training_iterations(max(op.image_shape[-2:]))
+    review = _TvReview(model, config, held_samples, data_loss, review_at=iterations // 2)
     bar = tqdm(range(iterations), desc="UnrollINR", unit="it", disable=not _show_progress(progress),
                leave=False)
     iteration = 0
@@ -246,7 +248,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         loss = data + model.lam_s * penalty
         loss.sum().backward()
 
-        objective = (data + config.lam_s * penalty).detach()
+        objective = (data + review.objective_weights * penalty).detach()
         record = {"loss": float(loss.detach().sum()), "objective": float(objective.sum()),
                   "lam": float(model.lam.detach().mean()), "lam_s": float(model.lam_s.detach().mean())}
         held_loss = None
@@ -258,6 +260,9 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         if callback is not None:
             callback(iteration, x.detach())
         tracker.update(iteration, objective, held_loss, config.patience)  # the weights that gave x, before this step
+        if iteration == review.review_at and held_loss is not None:
+            for s in review.raise_poor_slices(held_loss, tracker.stopped):
+                tracker.restart(s)
         if tracker.all_stopped:
             logger.info("early stop at iteration %d (best %s)", iteration, tracker.best_iterations)
             break
@@ -267,8 +272,46 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     model.load_state_dict(tracker.best_state, strict=False)
     verdicts = _verdicts(model, config, kspace * train_op.mask.unsqueeze(1), like, tracker.held_losses, held_op,
                          held_samples, data_loss)
+    verdicts = [dataclasses.replace(v, reason=f"{v.reason}; {review.notes[s]}") if s in review.notes else v
+                for s, v in enumerate(verdicts)]
     return _final_pass(model, op, kspace, config, like, start, history, iteration + 1, tracker.best_iterations,
                        tracker.best_state, verdicts)
+
+
+class _TvReview:
+    """Halfway through training (``review_at``), each slice whose current image predicts the
+    held-out samples poorly (above :data:`~unrollinr.safety.POOR_PREDICTION` times the
+    zeros' loss) continues with the TV weight ``config.lam_s_poor`` (where that is above
+    ``config.lam_s``): its outer k-space is barely explained, and a piecewise-smooth object
+    gains from stronger TV. The objective that chooses a raised slice's iterate weighs TV
+    by the new weight from then on (``objective_weights``, ``(slices,)``); ``notes`` says,
+    per raised slice, what was done and why."""
+
+    def __init__(self, model: UnrollINR, config: ReconConfig, held_samples: torch.Tensor | None,
+                 data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], review_at: int) -> None:
+        self.model = model
+        self.lam_s_poor = config.lam_s_poor if config.tv and config.lam_s_poor > config.lam_s else None
+        self.review_at = review_at if self.lam_s_poor is not None and held_samples is not None else -1
+        self.zero_losses = None if held_samples is None else data_loss(torch.zeros_like(held_samples), held_samples)
+        self.objective_weights = torch.full_like(model.log_lam_s.detach(), config.lam_s)
+        self.notes: dict[int, str] = {}
+
+    def raise_poor_slices(self, held_losses: torch.Tensor, stopped: Sequence[bool]) -> list[int]:
+        """Raise the TV weight of the poorly predicting slices that have not stopped, given
+        the current image's held-out losses ``(slices,)``; returns the raised slices."""
+        assert self.lam_s_poor is not None and self.zero_losses is not None
+        raised = []
+        for s, share in enumerate((held_losses / self.zero_losses).tolist()):
+            if stopped[s] or share <= POOR_PREDICTION:
+                continue
+            with torch.no_grad():
+                self.model.log_lam_s[s] = math.log(self.lam_s_poor)
+            self.objective_weights[s] = self.lam_s_poor
+            self.notes[s] = (f"TV weight raised to {self.lam_s_poor:g} at iteration {self.review_at}, where the "
+                             f"held-out loss was {share:.2f} of the zeros'")
+            logger.info("slice %d of the batch: %s", s, self.notes[s])
+            raised.append(s)
+        return raised
 
 
 class _BestIterates:
@@ -307,6 +350,11 @@ class _BestIterates:
                 self._store_slice(s)
             elif iteration - self.best_iterations[s] >= patience:
                 self.stopped[s] = True
+
+    def restart(self, s: int) -> None:
+        """Forget slice ``s``'s best objective (its objective has changed); its stored weights
+        stay until a later iterate replaces them."""
+        self.best_objectives[s] = float("inf")
 
     def _store_slice(self, s: int) -> None:
         """Copy slice ``s``'s weights (its prior and its entries of the per-slice weights)."""
