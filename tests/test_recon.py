@@ -353,14 +353,15 @@ def test_a_retry_replaces_zero_filled_only_with_an_image_that_clearly_beats_zero
 
 
 def test_a_slice_that_predicts_the_held_out_samples_poorly_continues_with_stronger_tv():
-    noisy = phantom_kspace(48, 4, noise=0.05, seed=1)  # noisy: the held-out lines are poorly predicted
-    mask = random_line_mask(noisy.shape[1:], 3, acs_lines=12, seed=0)
-    clean = phantom_kspace(48, 8, noise=0.002, seed=1)  # clean, at R 2: they are well predicted
-    clean_mask = random_line_mask(clean.shape[1:], 2, acs_lines=12, seed=0)
-    config = ReconConfig(**FAST, retry_wider_maps=False, retry_lam_s_good=ReconConfig.lam_s)
-    halfway = FAST["iterations"] // 2
-    for measured, sampled, raised in ((noisy * mask, mask, True), (clean * clean_mask, clean_mask, False)):
-        _, result = reconstruct_with_details(measured, sampled, config=config)
+    """Raised halfway: a slightly noisy phantom (held-out loss 0.76 of the zeros' there). Left
+    alone: a clean one (well predicted) and a very noisy one (weak: above 0.85 of it, the
+    wider-maps retry's case)."""
+    config = ReconConfig(iterations=100, cg_iterations=8, retry_wider_maps=False, retry_lam_s_good=ReconConfig.lam_s)
+    halfway = config.iterations // 2
+    for noise, coils, acceleration, raised in ((0.02, 4, 3, True), (0.002, 8, 2, False), (0.05, 4, 3, False)):
+        full = phantom_kspace(48, coils, noise=noise, seed=1)
+        mask = random_line_mask(full.shape[1:], acceleration, acs_lines=12, seed=0)
+        _, result = reconstruct_with_details(full * mask, mask, config=config)
         weights = [record["lam_s"] for record in result.history]
         assert weights[halfway] == pytest.approx(config.lam_s, rel=0.05)
         assert weights[halfway + 1] == pytest.approx(config.lam_s_poor if raised else config.lam_s, rel=0.05)
@@ -368,9 +369,9 @@ def test_a_slice_that_predicts_the_held_out_samples_poorly_continues_with_strong
         assert (note in result.verdicts[0].reason) == raised, result.verdicts[0].reason
         if raised:
             assert result.best_iterations[0] > halfway  # the kept iterate has the new weight
-    unreviewed = dataclasses.replace(config, lam_s_poor=config.lam_s)
-    _, result = reconstruct_with_details(noisy * mask, mask, config=unreviewed)
-    assert result.history[-1]["lam_s"] == pytest.approx(config.lam_s, rel=0.05)
+            unreviewed = dataclasses.replace(config, lam_s_poor=config.lam_s)
+            _, result = reconstruct_with_details(full * mask, mask, config=unreviewed)
+            assert max(record["lam_s"] for record in result.history) == pytest.approx(config.lam_s, rel=0.05)
 
 
 def test_a_slice_keeps_the_retry_with_a_weaker_tv_weight_only_when_it_predicts_better(caplog):
