@@ -302,11 +302,11 @@ def test_an_unrollinr_image_that_barely_beats_zeros_on_held_out_samples_is_weak(
     good, fair, poor, weak, rejected, sense_well = judge(torch.tensor([0.3, 0.6, 1.3, 1.81, 1.9, 0.5]),
                                                          torch.tensor([1.9, 1.9, 1.9, 1.82, 1.5, 0.3]),
                                                          torch.tensor([2.0] * 6))
-    assert (good.returned, good.good, good.weak, good.doubtful) == ("unrollinr", True, False, False)
-    assert (fair.returned, fair.good, fair.weak, fair.doubtful) == ("unrollinr", False, False, False)
-    assert (poor.returned, poor.good, poor.weak, poor.doubtful) == ("unrollinr", False, False, False)
-    assert (weak.returned, weak.weak, weak.doubtful) == ("unrollinr", True, True)
-    assert (rejected.returned, rejected.doubtful) == ("sense", True)
+    assert (good.returned, good.good, good.poor, good.weak, good.doubtful) == ("unrollinr", True, False, False, False)
+    assert (fair.returned, fair.good, fair.poor, fair.weak, fair.doubtful) == ("unrollinr", False, False, False, False)
+    assert (poor.returned, poor.poor, poor.weak, poor.doubtful) == ("unrollinr", True, False, False)
+    assert (weak.returned, weak.poor, weak.weak, weak.doubtful) == ("unrollinr", True, True, True)
+    assert (rejected.returned, rejected.poor, rejected.doubtful) == ("sense", True, True)
     assert (sense_well.returned, sense_well.good) == ("sense", False)  # the weaker TV retry is for UnrollINR's image
 
 
@@ -354,43 +354,52 @@ def test_a_retry_replaces_zero_filled_only_with_an_image_that_clearly_beats_zero
 
 def test_a_slice_that_predicts_the_held_out_samples_poorly_continues_with_stronger_tv():
     """Raised halfway: a slightly noisy phantom (held-out loss 0.76 of the zeros' there). Left
-    alone: a clean one (well predicted) and a very noisy one (weak: above 0.85 of it, the
-    wider-maps retry's case)."""
-    config = ReconConfig(iterations=100, cg_iterations=8, retry_wider_maps=False, retry_lam_s_good=ReconConfig.lam_s)
+    alone: a clean one (well predicted) and a very noisy one (weak: above 0.85 of it, its
+    maps in doubt)."""
+    from unrollinr.recon import reconstruct_prepared
+
+    config = ReconConfig(iterations=100, cg_iterations=8)
     halfway = config.iterations // 2
     for noise, coils, acceleration, raised in ((0.02, 4, 3, True), (0.002, 8, 2, False), (0.05, 4, 3, False)):
         full = phantom_kspace(48, coils, noise=noise, seed=1)
         mask = random_line_mask(full.shape[1:], acceleration, acs_lines=12, seed=0)
-        _, result = reconstruct_with_details(full * mask, mask, config=config)
+        maps = espirit_maps(full * mask, mask, sets=2)
+        _, result = reconstruct_prepared((full * mask)[None], mask[None], maps[None], config)
         weights = [record["lam_s"] for record in result.history]
         assert weights[halfway] == pytest.approx(config.lam_s, rel=0.05)
         assert weights[halfway + 1] == pytest.approx(config.lam_s_poor if raised else config.lam_s, rel=0.05)
         note = f"TV weight raised to {config.lam_s_poor:g} at iteration {halfway}"
-        assert (note in result.verdicts[0].reason) == raised, result.verdicts[0].reason
+        assert (note in result.verdicts[0].reason) == raised == result.verdicts[0].tv_raised, result.verdicts[0].reason
         if raised:
             assert result.best_iterations[0] > halfway  # the kept iterate has the new weight
             unreviewed = dataclasses.replace(config, lam_s_poor=config.lam_s)
-            _, result = reconstruct_with_details(full * mask, mask, config=unreviewed)
+            _, result = reconstruct_prepared((full * mask)[None], mask[None], maps[None], unreviewed)
             assert max(record["lam_s"] for record in result.history) == pytest.approx(config.lam_s, rel=0.05)
 
 
-def test_a_slice_keeps_the_retry_with_a_weaker_tv_weight_only_when_it_predicts_better(caplog):
-    full = phantom_kspace(48, 8, noise=0.002, seed=1)  # clean, at R 2: the held-out lines are well predicted
-    mask = random_line_mask(full.shape[1:], 2, acs_lines=12, seed=0)
+@pytest.mark.parametrize("noise, acceleration, flag, weight_name", [
+    (0.05, 3, "poor", "lam_s_poor"),  # noisy: weak halfway, so not raised then, and poor at the end
+    (0.002, 2, "good", "retry_lam_s_good"),  # clean, at R 2: the held-out lines are well predicted
+])
+def test_a_slice_keeps_the_retry_with_another_tv_weight_only_when_it_predicts_better(caplog, noise, acceleration,
+                                                                                     flag, weight_name):
+    full = phantom_kspace(48, 4 if flag == "poor" else 8, noise=noise, seed=1)
+    mask = random_line_mask(full.shape[1:], acceleration, acs_lines=12, seed=0)
     measured = full * mask
     config = ReconConfig(**FAST, retry_wider_maps=False)
-    _, alone = reconstruct_with_details(measured, mask,
-                                        config=dataclasses.replace(config, retry_lam_s_good=config.lam_s))
+    weight = getattr(config, weight_name)
+    without_retry = dataclasses.replace(config, **{weight_name: config.lam_s})
+    _, alone = reconstruct_with_details(measured, mask, config=without_retry)
     first = alone.verdicts[0]
-    assert first.good, first.reason
+    assert getattr(first, flag) and not first.tv_raised, first.reason
     with caplog.at_level("INFO", logger="unrollinr.recon"):
         _, result = reconstruct_with_details(measured, mask, config=config)
-    assert f"retry with TV weight {config.retry_lam_s_good:g} returns" in caplog.text
+    assert f"retry with TV weight {weight:g} returns" in caplog.text
     verdict = result.verdicts[0]
     assert verdict.held_out_loss <= first.held_out_loss
     kept = verdict.held_out_loss < first.held_out_loss
-    assert kept == verdict.reason.startswith(f"with TV weight {config.retry_lam_s_good:g} after the first run's "
-                                             f"{first.returned}"), verdict.reason
+    assert kept == verdict.reason.startswith(f"with TV weight {weight:g} after the first run's {first.returned}"), \
+        verdict.reason
 
 
 @pytest.mark.parametrize("mask_kind", ["lines", "2d"])

@@ -107,9 +107,10 @@ class ReconConfig:
         ``retry_iterations`` steps, at most the first run's. Each retry is kept if its
         returned image predicts the held-out samples better.
     TV review (no retry: within the run):
-        Halfway through training, a slice whose image predicts the held-out samples poorly
-        continues with the TV weight ``lam_s_poor`` (where above ``lam_s``): its outer
-        k-space is barely explained, and a piecewise-smooth object gains from stronger TV.
+        Halfway through training, a slice whose image predicts the held-out samples poorly,
+        but better than barely, continues with the TV weight ``lam_s_poor`` (where above
+        ``lam_s``): its outer k-space is barely explained, and a piecewise-smooth object
+        gains from stronger TV (:func:`unrollinr.training.fit`).
         ``coil_compression`` compresses to that many virtual coils first (None: off).
     Sections (:data:`SECTIONS`): the settings above fall in ``prior``, ``dc``, ``loss``,
     ``training`` and ``maps``; chain properties, ``--set`` and JSON settings accept

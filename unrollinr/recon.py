@@ -158,6 +158,16 @@ def _describe_changes(config: ReconConfig, retry: ReconConfig) -> str:
     return " and ".join(changes)
 
 
+def _retry_tv_weight(config: ReconConfig, verdict: Verdict) -> float | None:
+    """The TV weight to try again with after a run judged ``verdict``; ``None`` for none.
+
+    A poorly predicting slice whose weight the run did not raise (it was weak halfway, its
+    maps in doubt, and the wider maps did not beat it) gets ``lam_s_poor`` now."""
+    if verdict.poor and not verdict.tv_raised and config.lam_s_poor > config.lam_s:
+        return config.lam_s_poor
+    if verdict.good and config.retry_lam_s_good < config.lam_s:
+        return config.retry_lam_s_good
+    return None
 
 
 def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _Run, *, maps_given: bool = False,
@@ -168,10 +178,11 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
 
     1. a doubtful slice (UnrollINR's image rejected or weak) with :func:`wider_maps`, when
        ``retry_wider_maps`` is on and the maps were not given (``maps_given``);
-    2. then, where UnrollINR's image kept predicts them well, with TV weight
-       ``retry_lam_s_good`` (where that is below ``lam_s``), on the kept run's k-space and
-       maps, from its prior weights, for ``retry_iterations`` steps (at most as many as
-       the first run).
+    2. then, on the kept run's k-space and maps, from its prior weights, for
+       ``retry_iterations`` steps (at most as many as the first run), with TV weight
+       ``lam_s_poor`` if its prediction is poor and its run did not raise the weight
+       (where that is above ``lam_s``), or ``retry_lam_s_good`` if it is good (where
+       that is below ``lam_s``).
     """
     config, best, seconds = first.config, first, first.result.seconds
 
@@ -191,10 +202,11 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
     if first.verdict.doubtful and config.retry_wider_maps and not maps_given and wider_maps(config) != config:
         wider = wider_maps(config)
         best = attempt(wider, *prepare_maps(kspace, mask, None, wider, calibration=calibration, device=device))
-    if best.verdict.good and config.retry_lam_s_good < config.lam_s:
+    tv_weight = _retry_tv_weight(config, best.verdict)
+    if tv_weight is not None:
         prior_weights = {name: value for name, value in best.result.parameters.items() if name.startswith("priors.")}
         steps = min(config.retry_iterations, config.training_iterations(max(mask.shape)))
-        best = attempt(dataclasses.replace(best.config, lam_s=config.retry_lam_s_good, iterations=steps),
+        best = attempt(dataclasses.replace(best.config, lam_s=tv_weight, iterations=steps),
                        best.data, best.maps, prior_weights)
     if best is first:
         return first.image, first.result

@@ -27,11 +27,11 @@ scored 0.22-0.77 times the zeros' loss.
 
 An image's prediction is *poor* when its held-out loss is above :data:`POOR_PREDICTION`
 times the zeros': the outer k-space it should predict is barely explained, and a stronger
-TV weight may do better (training raises it halfway for such a slice,
-:func:`unrollinr.training.fit`). On ``bench/robust.py``, the first runs of the slices
-that a TV weight of 1.0 instead of 0.35 improved by more than 0.5 dB scored 0.68-1.01
-times the zeros' loss; those it made worse by more than 0.5 dB, 0.22-0.59
-(brain_8ch_256 at R 8: 0.33).
+TV weight may do better. Training raises it halfway for such a slice, unless the slice is
+weak then (:func:`unrollinr.training.fit`); a weak one whose image stays poor is retried
+with it. On ``bench/robust.py``, the first runs of the slices that a TV weight of 1.0
+instead of 0.35 improved by more than 0.5 dB scored 0.68-1.01 times the zeros' loss;
+those it made worse by more than 0.5 dB, 0.22-0.59 (brain_8ch_256 at R 8: 0.33).
 
 UnrollINR's image predicts them *well* when its held-out loss is below
 :data:`GOOD_PREDICTION` times the zeros': the data leave little to the prior, and a
@@ -75,7 +75,9 @@ class Verdict:
     reason: str
     held_out_loss: float = float("nan")  # of the image returned; NaN when unchecked
     weak: bool = False  # UnrollINR returned, but it predicts held-out samples barely better than zeros
+    poor: bool = False  # the image returned predicts held-out samples poorly (above POOR_PREDICTION of zeros)
     good: bool = False  # UnrollINR returned, and it predicts held-out samples well (below GOOD_PREDICTION of zeros)
+    tv_raised: bool = False  # the run raised the TV weight halfway (unrollinr.training.fit)
 
     @property
     def doubtful(self) -> bool:
@@ -99,16 +101,19 @@ def judge(unrollinr_loss: torch.Tensor, sense_loss: torch.Tensor, zero_loss: tor
                                               backgrounds.tolist(), strict=True):
         scores = f"held-out loss UnrollINR {ours:.4f}, SENSE {sense:.4f}, zeros {zeros:.4f}"
         if min(ours, sense) > ZERO_FILLED_MARGIN * zeros:
-            verdicts.append(Verdict(ZERO_FILLED, f"the coil maps do not predict held-out k-space ({scores})", zeros))
+            verdicts.append(Verdict(ZERO_FILLED, f"the coil maps do not predict held-out k-space ({scores})", zeros,
+                                    poor=True))
         elif sense < ours:
-            verdicts.append(Verdict(SENSE, f"SENSE predicts held-out k-space better ({scores})", sense))
+            verdicts.append(Verdict(SENSE, f"SENSE predicts held-out k-space better ({scores})", sense,
+                                    poor=sense > POOR_PREDICTION * zeros))
         elif background > BRIGHTEST_BACKGROUND:
             verdicts.append(Verdict(SENSE, f"UnrollINR's image outside the coil maps is {background:.2f} times as "
                                            f"bright as the zero-filled image there: its prior invented it ({scores})",
-                                    sense))
+                                    sense, poor=sense > POOR_PREDICTION * zeros))
         else:
             verdicts.append(Verdict(UNROLLINR, f"UnrollINR predicts held-out k-space best ({scores})", ours,
-                                    weak=ours > WEAK_PREDICTION * zeros, good=ours < GOOD_PREDICTION * zeros))
+                                    weak=ours > WEAK_PREDICTION * zeros, poor=ours > POOR_PREDICTION * zeros,
+                                    good=ours < GOOD_PREDICTION * zeros))
     return verdicts
 
 

@@ -281,8 +281,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     model.load_state_dict(tracker.best_state, strict=False)
     verdicts = _verdicts(model, config, kspace * train_op.mask.unsqueeze(1), like, tracker.held_losses, held_op,
                          held_samples, data_loss)
-    verdicts = [dataclasses.replace(v, reason=f"{v.reason}; {review.notes[s]}") if s in review.notes else v
-                for s, v in enumerate(verdicts)]
+    verdicts = [dataclasses.replace(v, reason=f"{v.reason}; {review.notes[s]}", tv_raised=True)
+                if s in review.notes else v for s, v in enumerate(verdicts)]
     return _final_pass(model, op, kspace, config, like, start, history, iteration + 1, tracker.best_iterations,
                        tracker.best_state, verdicts)
 
