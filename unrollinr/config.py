@@ -100,17 +100,18 @@ class ReconConfig:
         object cut or wrapped by the field of view splits its signal between two
         eigenvectors near the cut, where the first eigenvalue then misses the crop, and a
         tight subspace leaves the wrapped object's maps under the crop on the object
-        itself). Then, where UnrollINR's image kept predicts the held-out samples well,
-        the TV weight ``retry_lam_s_good`` (where below ``lam_s``) is tried (the data
-        leave little to the prior, and TV only smooths detail away), on the kept run's
-        k-space and maps, from its prior weights (fresh optimiser state), for
-        ``retry_iterations`` steps, at most the first run's. Each retry is kept if its
-        returned image predicts the held-out samples better.
-    TV review (no retry: within the run):
+        itself). Then the TV weight is tried again, on the kept run's k-space and maps,
+        from its prior weights (fresh optimiser state), for ``retry_iterations`` steps (at
+        most the first run's): ``retry_lam_s_good`` (where below ``lam_s``) where
+        UnrollINR's image predicts the held-out samples well (the data leave little to the
+        prior, and TV only smooths detail away); ``lam_s_poor`` where the image kept
+        predicts them poorly and its run did not raise the weight (below). Each retry is
+        kept if its returned image predicts the held-out samples better.
+    TV review (within the run, no retry):
         Halfway through training, a slice whose image predicts the held-out samples poorly,
-        but better than barely, continues with the TV weight ``lam_s_poor`` (where above
-        ``lam_s``): its outer k-space is barely explained, and a piecewise-smooth object
-        gains from stronger TV (:func:`unrollinr.training.fit`).
+        but better than barely (weak: its maps in doubt), continues with the TV weight
+        ``lam_s_poor`` (where above ``lam_s``): its outer k-space is barely explained, and a
+        piecewise-smooth object gains from stronger TV (:func:`unrollinr.training.fit`).
         ``coil_compression`` compresses to that many virtual coils first (None: off).
     Sections (:data:`SECTIONS`): the settings above fall in ``prior``, ``dc``, ``loss``,
     ``training`` and ``maps``; chain properties, ``--set`` and JSON settings accept
