@@ -106,7 +106,7 @@ def test_every_ablation_runs_and_improves_on_zero_filled(problem, overrides):
 
 def test_the_default_iteration_count_follows_the_image_size(problem):
     measured, mask, _ = problem
-    no_retry = dict(retry_lam_s_good=ReconConfig.lam_s)  # a retry runs fewer
+    no_retry = dict(retry_lam_s_good=ReconConfig.lam_s, lam_s_poor=ReconConfig.lam_s)  # a TV retry runs fewer
     _, result = reconstruct_with_details(measured, mask, config=ReconConfig(hidden_width=16, hash_levels=4, **no_retry))
     assert result.iterations == len(result.history) == 200
 
