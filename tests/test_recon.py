@@ -452,3 +452,28 @@ def test_the_library_leaves_the_global_random_and_thread_state_alone(phantom_48)
     state, threads = torch.get_rng_state(), torch.get_num_threads()
     reconstruct(phantom_48 * mask, mask, config=ReconConfig(iterations=3, dc_solver="exact"))
     assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == threads
+
+
+def test_a_raise_that_predicts_the_held_out_samples_worse_goes_back_to_the_iterate_before_it():
+    from unrollinr.loss import normalized_l1_l2
+    from unrollinr.model import PixelImage, UnrollINR
+    from unrollinr.training import _BestIterates, _TvReview
+
+    images = [torch.full((1, 4, 4), 1.0 + s, dtype=torch.complex64) for s in range(2)]
+    model = UnrollINR([PixelImage(image) for image in images], None, torch.ones(2, 1, 4, 4, dtype=torch.bool),
+                      lam=0.05, lam_s=0.35)
+    tracker = _BestIterates(model)
+    tracker.update(0, torch.tensor([1.0, 1.0]), torch.tensor([1.5, 1.5]), patience=10)
+    review = _TvReview(model, ReconConfig(), torch.ones(2, 3, dtype=torch.complex64), normalized_l1_l2, review_at=1)
+    review.raise_poor_slices(torch.tensor([1.5, 1.5]), tracker)  # 0.75 of the zeros' loss (2.0): both raised
+    assert review.before.keys() == {0, 1} and float(model.lam_s.detach()[0]) == pytest.approx(1.0)
+    with torch.no_grad():
+        for prior in model.priors:
+            prior.image.mul_(10)
+    tracker.update(2, torch.tensor([5.0, 5.0]), torch.tensor([1.4, 1.6]), patience=10)  # slice 1 predicts worse
+    review.keep_the_better_prediction(tracker)
+    kept = tracker.best_state
+    assert torch.equal(kept["priors.0.image"], model.priors[0].image) and tracker.best_iterations[0] == 2
+    assert torch.equal(torch.view_as_complex(kept["priors.1.image"]), images[1]) and tracker.best_iterations[1] == 0
+    assert float(tracker.held_losses[1]) == pytest.approx(1.5)
+    assert "back to iteration 0" in review.notes[1] and "back to" not in review.notes[0]

@@ -77,7 +77,7 @@ class Verdict:
     weak: bool = False  # UnrollINR returned, but it predicts held-out samples barely better than zeros
     poor: bool = False  # the image returned predicts held-out samples poorly (above POOR_PREDICTION of zeros)
     good: bool = False  # UnrollINR returned, and it predicts held-out samples well (below GOOD_PREDICTION of zeros)
-    tv_raised: bool = False  # the run raised the TV weight halfway (unrollinr.training.fit)
+    tv_raised: bool = False  # the run raised the TV weight halfway, kept or not (unrollinr.training.fit)
 
     @property
     def doubtful(self) -> bool:
