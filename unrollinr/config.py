@@ -111,7 +111,8 @@ class ReconConfig:
         Halfway through training, a slice whose image predicts the held-out samples poorly,
         but better than barely (weak: its maps in doubt), continues with the TV weight
         ``lam_s_poor`` (where above ``lam_s``): its outer k-space is barely explained, and a
-        piecewise-smooth object gains from stronger TV (:func:`unrollinr.training.fit`).
+        piecewise-smooth object gains from stronger TV (:func:`unrollinr.training.fit`). It
+        goes back to its best iterate before the raise if that one predicted them better.
         ``coil_compression`` compresses to that many virtual coils first (None: off).
     Sections (:data:`SECTIONS`): the settings above fall in ``prior``, ``dc``, ``loss``,
     ``training`` and ``maps``; chain properties, ``--set`` and JSON settings accept
