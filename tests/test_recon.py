@@ -455,7 +455,6 @@ def test_the_library_leaves_the_global_random_and_thread_state_alone(phantom_48)
 
 
 def test_a_raise_that_predicts_the_held_out_samples_worse_goes_back_to_the_iterate_before_it():
-    from unrollinr.loss import normalized_l1_l2
     from unrollinr.model import PixelImage, UnrollINR
     from unrollinr.training import _BestIterates, _TvReview
 
@@ -464,7 +463,7 @@ def test_a_raise_that_predicts_the_held_out_samples_worse_goes_back_to_the_itera
                       lam=0.05, lam_s=0.35)
     tracker = _BestIterates(model)
     tracker.update(0, torch.tensor([1.0, 1.0]), torch.tensor([1.5, 1.5]), patience=10)
-    review = _TvReview(model, ReconConfig(), torch.ones(2, 3, dtype=torch.complex64), normalized_l1_l2, review_at=1)
+    review = _TvReview(model, ReconConfig(), torch.tensor([2.0, 2.0]), review_at=1)
     review.raise_poor_slices(torch.tensor([1.5, 1.5]), tracker)  # 0.75 of the zeros' loss (2.0): both raised
     assert review.before.keys() == {0, 1} and float(model.lam_s.detach()[0]) == pytest.approx(1.0)
     with torch.no_grad():

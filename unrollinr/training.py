@@ -245,7 +245,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     tracker = _BestIterates(model)
     history: list[dict[str, float]] = []
     iterations = config.training_iterations(max(op.image_shape[-2:]))
-    review = _TvReview(model, config, held_samples, data_loss, review_at=iterations // 2)
+    zero_losses = None if held_samples is None else data_loss(torch.zeros_like(held_samples), held_samples)
+    review = _TvReview(model, config, zero_losses, review_at=iterations // 2)
     bar = tqdm(range(iterations), desc="UnrollINR", unit="it", disable=not _show_progress(progress),
                leave=False)
     iteration = 0
@@ -280,7 +281,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     review.keep_the_better_prediction(tracker)
     model.load_state_dict(tracker.best_state, strict=False)
     verdicts = _verdicts(model, config, kspace * train_op.mask.unsqueeze(1), like, tracker.held_losses, held_op,
-                         held_samples, data_loss)
+                         held_samples, zero_losses, data_loss)
     verdicts = [dataclasses.replace(v, reason=f"{v.reason}; {review.notes[s]}", tv_raised=True)
                 if s in review.notes else v for s, v in enumerate(verdicts)]
     return _final_pass(model, op, kspace, config, like, start, history, iteration + 1, tracker.best_iterations,
@@ -304,12 +305,13 @@ class _TvReview:
     against 29.97 dB), as a retry is kept only if it predicts them better. ``notes`` says,
     per raised slice, what was done and why."""
 
-    def __init__(self, model: UnrollINR, config: ReconConfig, held_samples: torch.Tensor | None,
-                 data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], review_at: int) -> None:
+    def __init__(self, model: UnrollINR, config: ReconConfig, zero_losses: torch.Tensor | None,
+                 review_at: int) -> None:
+        """``zero_losses`` ``(slices,)``: the zeros' held-out losses (``None``: no holdout, no review)."""
         self.model = model
         self.lam_s_poor = config.lam_s_poor if config.tv and config.lam_s_poor > config.lam_s else None
-        self.review_at = review_at if self.lam_s_poor is not None and held_samples is not None else -1
-        self.zero_losses = None if held_samples is None else data_loss(torch.zeros_like(held_samples), held_samples)
+        self.review_at = review_at if self.lam_s_poor is not None and zero_losses is not None else -1
+        self.zero_losses = zero_losses
         self.objective_weights = torch.full_like(model.log_lam_s.detach(), config.lam_s)
         self.notes: dict[int, str] = {}
         self.before: dict[int, _SliceBest] = {}
@@ -420,15 +422,17 @@ class _BestIterates:
 
 def _verdicts(model: UnrollINR, config: ReconConfig, train_kspace: torch.Tensor, like: torch.Tensor,
               unrollinr_scores: torch.Tensor, held_op: SenseOp | None, held_samples: torch.Tensor | None,
+              zero_scores: torch.Tensor | None,
               data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[Verdict]:
     """The safety net's verdict per slice (:mod:`unrollinr.safety`), from the held-out samples
     and the background of UnrollINR's image (its prior where every coil map vanishes).
 
     SENSE is solved from the training samples ``train_kspace`` ``(slices, coils, ky, kx)``
     as inference solves it (from zero, ``cg_iterations``), not by the training step's
-    warm-started solver, whose start is UnrollINR's last image."""
+    warm-started solver, whose start is UnrollINR's last image. ``zero_scores`` ``(slices,)``
+    are the zeros' held-out losses."""
     n_slices = like.shape[0]
-    if held_op is None or held_samples is None:
+    if held_op is None or held_samples is None or zero_scores is None:
         return [unchecked("no samples held out")] * n_slices
     if model.dc is None:
         return [unchecked("no data-consistency step")] * n_slices
@@ -436,7 +440,6 @@ def _verdicts(model: UnrollINR, config: ReconConfig, train_kspace: torch.Tensor,
         sense = _inference_dc(config, model.dc.op, train_kspace, model.dc.column_solver)(torch.zeros_like(like),
                                                                                           model.lam)
         sense_scores = data_loss(held_op.measure(sense), held_samples)
-        zero_scores = data_loss(torch.zeros_like(held_samples), held_samples)
         backgrounds = _backgrounds(model.prior(like), model.dc.op.maps, train_kspace)
     verdicts = judge(unrollinr_scores.to(sense_scores.device), sense_scores, zero_scores, backgrounds)
     for s, verdict in enumerate(verdicts):
