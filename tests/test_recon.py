@@ -291,9 +291,32 @@ def test_a_rejected_slice_is_run_again_with_wider_maps_and_the_better_run_is_kep
     assert verdict.reason.startswith("with wider coil maps (crop 0.5, threshold 0.001)"), verdict.reason
     assert "after the first run's zero-filled" in verdict.reason
     assert psnr(reference, image) > psnr(reference, zero_filled(measured)) + 5
-    same_maps = dataclasses.replace(config, retry_wider_maps=False)
+    same_maps = dataclasses.replace(config, retry_wider_maps=False, calibrationless_fallback=False)
     _, without_wider_maps = reconstruct_with_details(measured, mask, config=same_maps)
     assert without_wider_maps.returned == "zero-filled"
+
+
+def test_a_slice_whose_maps_fail_after_its_retries_returns_the_calibrationless_image():
+    """Maps from so tight a subspace that no image fits the data, and no wider maps: the
+    zero-filled image was the last resort; the coil images under joint TV, which need no
+    maps, predict the held-out lines better and are returned, from every measured line."""
+    from unrollinr.calibrationless import joint_tv_coil_images
+    from unrollinr.recon import CALIBRATIONLESS_ITERATIONS
+
+    full = _wrapped(phantom_kspace(64, 8, noise=0.002, seed=0))
+    mask = random_line_mask(full.shape[1:], 2, acs_lines=12, seed=0)
+    measured, reference = full * mask, reference_image(full)
+    config = ReconConfig(iterations=60, cg_iterations=8, espirit_thresh=0.6, retry_wider_maps=False)
+    image, result = reconstruct_with_details(measured, mask, config=config)
+    verdict = result.verdicts[0]
+    assert verdict.returned == "calibrationless", verdict.reason
+    assert verdict.reason.startswith("the coil images without maps predict held-out k-space better than "
+                                     "zero-filled's image"), verdict.reason
+    assert verdict.held_out_loss < 0.95 * 2.0
+    coil_images = joint_tv_coil_images(torch.from_numpy(measured), torch.from_numpy(mask),
+                                       weight=config.calibrationless_weight, iterations=CALIBRATIONLESS_ITERATIONS)
+    np.testing.assert_allclose(image, torch.linalg.vector_norm(coil_images, dim=0).numpy(), rtol=1e-5, atol=1e-6)
+    assert psnr(reference, image) > psnr(reference, zero_filled(measured)) + 3
 
 
 def test_an_unrollinr_image_that_barely_beats_zeros_on_held_out_samples_is_weak():

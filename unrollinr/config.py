@@ -106,7 +106,11 @@ class ReconConfig:
         UnrollINR's image predicts the held-out samples well (the data leave little to the
         prior, and TV only smooths detail away); ``lam_s_poor`` where the image kept
         predicts them poorly and its run did not raise the weight (below). Each retry is
-        kept if its returned image predicts the held-out samples better.
+        kept if its returned image predicts the held-out samples better. A slice still
+        doubtful then returns, with ``calibrationless_fallback`` on, the root-sum-of-squares
+        of its coil images reconstructed without maps under joint TV of weight
+        ``calibrationless_weight`` (relative to the zero-filled image's maximum), where that
+        predicts the held-out samples clearly better (:mod:`unrollinr.calibrationless`).
     TV review (within the run, no retry):
         Halfway through training, a slice whose image predicts the held-out samples poorly,
         but better than barely (weak: its maps in doubt), continues with the TV weight
@@ -155,6 +159,8 @@ class ReconConfig:
     holdout_fraction: float = 0.05
     patience: int = 100
     retry_iterations: int = 100
+    calibrationless_fallback: bool = True
+    calibrationless_weight: float = 0.01
     seed: int = 0
 
     espirit_calib_width: int = 24
@@ -185,7 +191,7 @@ class ReconConfig:
                      "espirit_thresh", "espirit_retry_thresh", "tv_log_scale"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("lam", "lam_s", "lam_s_poor", "retry_lam_s_good", "lr"):
+        for name in ("lam", "lam_s", "lam_s_poor", "retry_lam_s_good", "lr", "calibrationless_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.espirit_sets not in (1, 2):
@@ -311,7 +317,7 @@ SECTIONS = {
     "loss": ("lam_s", "tv", "tv_second_order", "tv_log_scale", "coil_l1", "lam_s_poor",
              "retry_lam_s_good"),
     "training": ("iterations", "lr", "lr_lam", "lr_lam_s", "holdout_fraction", "patience", "retry_iterations",
-                 "seed"),
+                 "calibrationless_fallback", "calibrationless_weight", "seed"),
     "maps": ("espirit_calib_width", "espirit_kernel_width", "espirit_thresh", "espirit_crop", "espirit_sets",
              "retry_wider_maps", "espirit_retry_crop", "espirit_retry_thresh", "coil_compression"),
 }

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import cast
 
 import numpy as np
 import torch
 
+from unrollinr.calibrationless import joint_tv_coil_images
 from unrollinr.coils import (
     CalibrationError,
     apply_coil_matrix,
@@ -18,11 +20,16 @@ from unrollinr.coils import (
     find_calibration_region,
 )
 from unrollinr.config import ReconConfig
-from unrollinr.safety import Verdict, replaces
+from unrollinr.fft import fft2c
+from unrollinr.loss import normalized_l1_l2
+from unrollinr.safety import Verdict, calibrationless_verdict, replaces
 from unrollinr.sense import SenseOp, combine_sets
 from unrollinr.training import FitResult, fit
 
 logger = logging.getLogger(__name__)
+
+# Primal-dual iterations of the calibrationless image.
+CALIBRATIONLESS_ITERATIONS = 200
 
 
 def default_device() -> torch.device:
@@ -208,14 +215,39 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
         steps = min(config.retry_iterations, config.training_iterations(max(mask.shape)))
         best = attempt(dataclasses.replace(best.config, lam_s=tv_weight, iterations=steps),
                        best.data, best.maps, prior_weights)
-    if best is first:
-        return first.image, first.result
-    best.result.verdicts = [dataclasses.replace(
-        best.verdict, reason=f"with {_describe_changes(config, best.config)} after the first run's "
-                             f"{first.verdict.returned} (held-out loss {first.verdict.held_out_loss:.4f}): "
-                             f"{best.verdict.reason}")]
-    best.result.seconds = seconds
+    if best is not first:
+        best.result.verdicts = [dataclasses.replace(
+            best.verdict, reason=f"with {_describe_changes(config, best.config)} after the first run's "
+                                 f"{first.verdict.returned} (held-out loss {first.verdict.held_out_loss:.4f}): "
+                                 f"{best.verdict.reason}")]
+        best.result.seconds = seconds
+    if best.verdict.doubtful and config.calibrationless_fallback and best.result.held_out is not None:
+        _fall_back_without_maps(best, mask, best.result.held_out[0], device)
     return best.image, best.result
+
+
+def _fall_back_without_maps(run: _Run, mask: np.ndarray, held_out: torch.Tensor, device: torch.device) -> None:
+    """Score the calibrationless image of ``run``'s k-space (:mod:`unrollinr.calibrationless`)
+    on the run's ``held_out`` samples ``(ky, kx)``, and make it the run's image and verdict
+    where it replaces the run's (:func:`~unrollinr.safety.calibrationless_verdict`); the
+    image returned then comes from every measured sample."""
+    started, incumbent = time.perf_counter(), run.verdict
+    kspace = torch.from_numpy(run.data).to(device)
+    measured, held = torch.from_numpy(mask).to(device), held_out.to(device)
+    weight, coil_dim = run.config.calibrationless_weight, 1 if run.config.coil_l1 else None
+    images = joint_tv_coil_images(kspace, measured & ~held, weight=weight, iterations=CALIBRATIONLESS_ITERATIONS)
+    truth = (kspace * held)[None]
+    loss = float(normalized_l1_l2((fft2c(images) * held)[None], truth, coil_dim=coil_dim)[0])
+    zeros = float(normalized_l1_l2(torch.zeros_like(truth), truth, coil_dim=coil_dim)[0])
+    verdict = calibrationless_verdict(loss, zeros, incumbent)
+    if verdict is not None:
+        images = joint_tv_coil_images(kspace, measured, weight=weight, iterations=CALIBRATIONLESS_ITERATIONS)
+        run.image = torch.linalg.vector_norm(images, dim=0).to(torch.complex64).cpu().numpy()
+        run.result.verdicts = [verdict]
+    run.result.seconds += time.perf_counter() - started
+    log = logger.info if verdict is None else logger.warning
+    log("calibrationless image: held-out loss %.4f against %s's %.4f: %s", loss, incumbent.returned,
+        incumbent.held_out_loss, "not returned" if verdict is None else "returned")
 
 
 def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray, config: ReconConfig,

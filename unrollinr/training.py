@@ -48,7 +48,8 @@ class FitResult:
     slices (``loss``; ``objective``, the loss at the initial TV weight ``config.lam_s``,
     which early stopping watches unless there is a holdout; ``holdout``; ``lam``,
     ``lam_s``); ``parameters`` the trained weights that gave ``image`` (by
-    :meth:`torch.nn.Module.named_parameters` name), which :func:`fit` can start from.
+    :meth:`torch.nn.Module.named_parameters` name), which :func:`fit` can start from;
+    ``held_out`` the ``(slices, ky, kx)`` samples held out of training (``None``: none).
     """
 
     @property
@@ -74,7 +75,8 @@ class FitResult:
                 parameters[name] = value[s:s + 1]
         return dataclasses.replace(self, image=self.image[s:s + 1], prior=self.prior[s:s + 1],
                                    best_iterations=[self.best_iterations[s]], verdicts=[self.verdicts[s]],
-                                   parameters=parameters)
+                                   parameters=parameters,
+                                   held_out=None if self.held_out is None else self.held_out[s:s + 1])
 
     image: torch.Tensor
     prior: torch.Tensor
@@ -84,6 +86,7 @@ class FitResult:
     verdicts: list[Verdict]
     history: list[dict[str, float]] = field(default_factory=list)
     parameters: dict[str, torch.Tensor] = field(default_factory=dict)
+    held_out: torch.Tensor | None = None
 
 
 def holdout_mask(mask: torch.Tensor, fraction: float, protected: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
@@ -284,8 +287,10 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
                          held_samples, zero_losses, data_loss)
     verdicts = [dataclasses.replace(v, reason=f"{v.reason}; {review.notes[s]}", tv_raised=True)
                 if s in review.notes else v for s, v in enumerate(verdicts)]
-    return _final_pass(model, op, kspace, config, like, start, history, iteration + 1, tracker.best_iterations,
-                       tracker.best_state, verdicts)
+    result = _final_pass(model, op, kspace, config, like, start, history, iteration + 1, tracker.best_iterations,
+                         tracker.best_state, verdicts)
+    result.held_out = None if held_op is None else held_op.mask
+    return result
 
 
 class _TvReview:
