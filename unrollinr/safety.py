@@ -23,11 +23,12 @@ joint total variation (:mod:`unrollinr.calibrationless`), scored on the same hel
 samples. It is returned, as ``calibrationless`` (the root-sum-of-squares of its coil
 images), where it predicts them better than the incumbent by the factor
 :data:`CLEARLY_BETTER`: with one or two held-out lines at the noise level, predictions a
-few per cent apart differ by chance (the pulseq phantom at R 12: UnrollINR 1.92, the
-calibrationless image 1.93-1.95, and 27.0 against 23.3 dB). Where the maps fail it wins
-clearly: a brain cut to a 128 x 128 field of view, 1.76 against UnrollINR's 1.95 (24.6
-against 22.5 dB, zero-filled 23.6), and to 48 x 48, 0.93 against the zeros' 2.00 (33.3
-against 25.7 dB zero-filled).
+few per cent apart differ by chance (the pulseq phantom at R 12, mask seed 1: the
+calibrationless image 1.98 against UnrollINR's 2.00, and 23.1 against 28.0 dB). Where the
+maps fail it wins clearly: a brain cut to a 128 x 128 field of view, 1.76 against
+UnrollINR's 1.95 (24.6 against 22.5 dB, zero-filled 23.6), and to 48 x 48, 0.93 against
+the zeros' 2.00 (33.3 against 25.7 dB zero-filled). The margin also misses some: the
+first brain on mask seed 1, 1.76 against 1.81 (24.4 against 21.1 dB).
 
 UnrollINR's image is *weak* when it predicts the held-out samples barely better than
 zeros (above :data:`WEAK_PREDICTION` times their loss): with held-out lines at the noise

@@ -42,14 +42,16 @@ class FitResult:
     """What :func:`fit` returns.
 
     ``image`` and ``prior`` are ``(slices, sets, y, x)`` complex, on the scale of the
-    k-space that was fitted. ``iterations`` is the number run, ``best_iterations`` the
-    iterate kept per slice, ``verdicts`` the safety net's choice per slice
-    (:mod:`unrollinr.safety`). ``history`` holds one dict per iteration, summed over the
-    slices (``loss``; ``objective``, the loss at the initial TV weight ``config.lam_s``,
-    which early stopping watches unless there is a holdout; ``holdout``; ``lam``,
-    ``lam_s``); ``parameters`` the trained weights that gave ``image`` (by
-    :meth:`torch.nn.Module.named_parameters` name), which :func:`fit` can start from;
-    ``held_out`` the ``(slices, ky, kx)`` samples held out of training (``None``: none).
+    k-space that was fitted (the fit's image: where ``verdicts`` name the calibrationless
+    fallback, :func:`~unrollinr.recon.reconstruct_with_details` returns that instead).
+    ``iterations`` is the number run, ``best_iterations`` the iterate kept per slice,
+    ``verdicts`` the safety net's choice per slice (:mod:`unrollinr.safety`). ``history``
+    holds one dict per iteration, summed over the slices (``loss``; ``objective``, the loss
+    at the initial TV weight ``config.lam_s``, which early stopping watches unless there is
+    a holdout; ``holdout``; ``lam``, ``lam_s``); ``parameters`` the trained weights that
+    gave ``image`` (by :meth:`torch.nn.Module.named_parameters` name), which :func:`fit` can
+    start from; ``held_out`` the ``(slices, ky, kx)`` samples held out of training
+    (``None``: none).
     """
 
     @property

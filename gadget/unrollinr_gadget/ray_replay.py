@@ -43,7 +43,8 @@ def reconstruct_slice(kspace: np.ndarray, mask: np.ndarray, calibration: np.ndar
     if isinstance(result, Exception):
         raise result
     image, fit = result
-    return image, dataclasses.replace(fit, image=fit.image.cpu(), prior=fit.prior.cpu())
+    return image, dataclasses.replace(fit, image=fit.image.cpu(), prior=fit.prior.cpu(),
+                                      held_out=None if fit.held_out is None else fit.held_out.cpu())
 
 
 @dataclass
