@@ -305,7 +305,6 @@ def test_a_slice_whose_maps_fail_after_its_retries_returns_the_calibrationless_i
     zero-filled image was the last resort; the coil images under joint TV, which need no
     maps, predict the held-out lines better and are returned, from every measured line."""
     from unrollinr.calibrationless import joint_tv_coil_images
-    from unrollinr.recon import CALIBRATIONLESS_ITERATIONS
 
     full = _wrapped(phantom_kspace(64, 8, noise=0.002, seed=0))
     mask = random_line_mask(full.shape[1:], 2, acs_lines=12, seed=0)
@@ -318,7 +317,7 @@ def test_a_slice_whose_maps_fail_after_its_retries_returns_the_calibrationless_i
                                      "zero-filled's image"), verdict.reason
     assert verdict.held_out_loss < 0.95 * 2.0
     coil_images = joint_tv_coil_images(torch.from_numpy(measured), torch.from_numpy(mask),
-                                       weight=config.calibrationless_weight, iterations=CALIBRATIONLESS_ITERATIONS)
+                                       weight=config.calibrationless_weight)
     np.testing.assert_allclose(image, torch.linalg.vector_norm(coil_images, dim=0).numpy(), rtol=1e-5, atol=1e-6)
     assert psnr(reference, image) > psnr(reference, zero_filled(measured)) + 3
 

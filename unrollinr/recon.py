@@ -28,9 +28,6 @@ from unrollinr.training import FitResult, fit
 
 logger = logging.getLogger(__name__)
 
-# Primal-dual iterations of the calibrationless image.
-CALIBRATIONLESS_ITERATIONS = 200
-
 
 def default_device() -> torch.device:
     """CUDA when available, else the CPU."""
@@ -235,13 +232,13 @@ def _fall_back_without_maps(run: _Run, mask: np.ndarray, held_out: torch.Tensor,
     kspace = torch.from_numpy(run.data).to(device)
     measured, held = torch.from_numpy(mask).to(device), held_out.to(device)
     weight, coil_dim = run.config.calibrationless_weight, 1 if run.config.coil_l1 else None
-    images = joint_tv_coil_images(kspace, measured & ~held, weight=weight, iterations=CALIBRATIONLESS_ITERATIONS)
+    images = joint_tv_coil_images(kspace, measured & ~held, weight=weight)
     truth = (kspace * held)[None]
     loss = float(normalized_l1_l2((fft2c(images) * held)[None], truth, coil_dim=coil_dim)[0])
     zeros = float(normalized_l1_l2(torch.zeros_like(truth), truth, coil_dim=coil_dim)[0])
     verdict = calibrationless_verdict(loss, zeros, incumbent)
     if verdict is not None:
-        images = joint_tv_coil_images(kspace, measured, weight=weight, iterations=CALIBRATIONLESS_ITERATIONS)
+        images = joint_tv_coil_images(kspace, measured, weight=weight)
         run.image = torch.linalg.vector_norm(images, dim=0).to(torch.complex64).cpu().numpy()
         run.result.verdicts = [verdict]
     run.result.seconds += time.perf_counter() - started
