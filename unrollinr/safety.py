@@ -95,7 +95,8 @@ class Verdict:
 
     @property
     def doubtful(self) -> bool:
-        """Whether wider coil maps may do better: UnrollINR's image was rejected, or is weak."""
+        """Whether wider coil maps, or else the calibrationless image, may do better:
+        UnrollINR's image was rejected, or is weak."""
         return self.returned != UNROLLINR or self.weak
 
 
