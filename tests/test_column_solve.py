@@ -40,8 +40,11 @@ def _random_images(rng, op: SenseOp, device: torch.device | None = None) -> torc
     return torch.from_numpy(rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).to(device)
 
 
-def test_exact_solve_matches_a_dense_solve(rng, device):
-    op = _problem(rng, device)
+# 3 coils: ``coils * K`` mostly above a column's support rows (``G_x`` is decomposed);
+# 1 coil: below (``A_x A_x^H`` is)
+@pytest.mark.parametrize("coils", [3, 1])
+def test_exact_solve_matches_a_dense_solve(rng, device, coils):
+    op = _problem(rng, device, coils=coils)
     lam = torch.tensor([0.05, 0.4], dtype=torch.float64, device=device)
     rhs = _random_images(rng, op, device)
     solution = ColumnSolver(op).solve(rhs, lam)
@@ -61,8 +64,9 @@ def test_a_batch_solves_as_its_slices_alone(rng):
         torch.testing.assert_close(batched[s:s + 1], alone, rtol=1e-10, atol=1e-10)
 
 
-def test_float32_solve_is_accurate_to_single_precision(rng):
-    op64 = _problem(rng)
+@pytest.mark.parametrize("coils", [3, 1])
+def test_float32_solve_is_accurate_to_single_precision(rng, coils):
+    op64 = _problem(rng, coils=coils)
     maps = op64.maps / op64.maps.abs().pow(2).sum(dim=2, keepdim=True).sqrt().clamp_min(1e-30)  # sum |S|^2 = 1
     op = SenseOp(maps.to(torch.complex64), op64.mask)
     lam = torch.tensor([0.05, 0.05])
