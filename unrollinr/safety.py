@@ -63,7 +63,10 @@ measured samples put outside the maps (noise and aliasing). Above
 there) is returned instead. On ``bench/robust.py`` the returned images' background was
 0.02-0.37 in all 27 cases with one; two trainings made to fail there (2 CG steps per
 solve on the GE and pulseq phantoms' 2D masks: 23.50 and 27.54 dB, under zero-filled, with
-held-out losses of 0.72 and 1.36 that passed) scored 4.05 and 2.43.
+held-out losses of 0.72 and 1.36 that passed) scored 4.05 and 2.43. A sound image on the
+wider maps of a retry, whose support leaves a thin border, scored 1.02 (the pulseq phantom
+at R 8, mask seed 1: held-out loss 1.51 against SENSE's 2.00, 29.2 against 22.8 dB): the
+limit lies about 1.5 times from it and from the failures.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ CLEARLY_BETTER = 0.95
 WEAK_PREDICTION = 0.85
 POOR_PREDICTION = 0.6
 GOOD_PREDICTION = 0.2
-BRIGHTEST_BACKGROUND = 1.0
+BRIGHTEST_BACKGROUND = 1.5
 
 
 @dataclass(frozen=True)
