@@ -1,4 +1,5 @@
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -281,6 +282,21 @@ def test_a_field_of_view_that_cuts_or_wraps_the_object_is_no_worse_than_cg_sense
     one_map = espirit_maps(measured, mask, crop=ReconConfig().espirit_crop)
     classic = psnr(reference, cg_sense(measured, mask, one_map, iterations=10))
     assert psnr(reference, image) >= classic, result.verdicts[0].reason
+
+
+@pytest.mark.parametrize("mask_kind", ["lines", "2d"])
+def test_wider_maps_are_tried_on_every_2d_mask_but_only_for_doubtful_slices_on_line_masks(problem, phantom_48,
+                                                                                         mask_kind, caplog):
+    measured, mask, _ = problem
+    if mask_kind == "2d":
+        mask = variable_density_mask((48, 48), 3, acs=12, seed=0)
+        measured = phantom_48 * mask
+    with caplog.at_level(logging.INFO, logger="unrollinr.recon"):
+        _, result = reconstruct_with_details(measured, mask, config=ReconConfig(**FAST))
+    # the retry on wider maps alone (a TV-weight retry after a kept one names both changes)
+    tried = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("retry with wider coil maps (crop 0.5, threshold 0.001) returns")]
+    assert len(tried) == (1 if mask_kind == "2d" else 0), (tried, result.verdicts[0].reason)
 
 
 def test_a_rejected_slice_is_run_again_with_wider_maps_and_the_better_run_is_kept():

@@ -100,7 +100,11 @@ class ReconConfig:
         object cut or wrapped by the field of view splits its signal between two
         eigenvectors near the cut, where the first eigenvalue then misses the crop, and a
         tight subspace leaves the wrapped object's maps under the crop on the object
-        itself). Then the TV weight is tried again, on the kept run's k-space and maps,
+        itself). A slice on a mask that is not whole lines tries the wider maps too, whatever
+        its verdict, from its prior weights for ``retry_iterations`` steps: its held-out
+        samples are many, and tell the maps apart (on the 2D masks of ``bench/robust.py``
+        they chose the wider maps where these gained 1.1-3.4 dB, and the first elsewhere).
+        Then the TV weight is tried again, on the kept run's k-space and maps,
         from its prior weights (fresh optimiser state), for ``retry_iterations`` steps (at
         most the first run's): ``retry_lam_s_good`` (where below ``lam_s``) where
         UnrollINR's image predicts the held-out samples well (the data leave little to the

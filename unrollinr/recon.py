@@ -23,7 +23,7 @@ from unrollinr.config import ReconConfig
 from unrollinr.fft import fft2c
 from unrollinr.loss import normalized_l1_l2
 from unrollinr.safety import Verdict, calibrationless_verdict, replaces
-from unrollinr.sense import SenseOp, combine_sets
+from unrollinr.sense import SenseOp, combine_sets, is_line_mask
 from unrollinr.training import FitResult, fit
 
 logger = logging.getLogger(__name__)
@@ -180,13 +180,16 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
     where its ``first`` run calls for it, and keep the run whose returned image predicts the
     held-out samples (the same in every run) best (:func:`~unrollinr.safety.replaces`):
 
-    1. a doubtful slice (UnrollINR's image rejected or weak) with :func:`wider_maps`, when
-       ``retry_wider_maps`` is on and the maps were not given (``maps_given``);
-    2. then, on the kept run's k-space and maps, from its prior weights, for
-       ``retry_iterations`` steps (at most as many as the first run), with TV weight
-       ``lam_s_poor`` if its prediction is poor and its run did not raise the weight
-       (where that is above ``lam_s``), or ``retry_lam_s_good`` if it is good (where
-       that is below ``lam_s``).
+    1. with :func:`wider_maps`, when ``retry_wider_maps`` is on and the maps were not given
+       (``maps_given``): a doubtful slice (UnrollINR's image rejected or weak), trained
+       afresh; and every other slice whose mask is not whole lines, where the held-out
+       samples (a share of all samples, not one or two lines) tell the two sets of maps
+       apart, from its prior weights for ``retry_iterations`` steps (at most as many as the
+       first run);
+    2. then, on the kept run's k-space and maps, from its prior weights, for as many
+       steps, with TV weight ``lam_s_poor`` if its prediction is poor and its run did not
+       raise the weight (where that is above ``lam_s``), or ``retry_lam_s_good`` if it is
+       good (where that is below ``lam_s``).
     """
     config, best, seconds = first.config, first, first.result.seconds
 
@@ -203,15 +206,19 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
                     best.verdict.held_out_loss, "kept" if keep else "discarded")
         return candidate if keep else best
 
-    if first.verdict.doubtful and config.retry_wider_maps and not maps_given and wider_maps(config) != config:
+    steps = min(config.retry_iterations, config.training_iterations(max(mask.shape)))
+    doubtful, line_mask = first.verdict.doubtful, is_line_mask(torch.from_numpy(mask))
+    if (doubtful or not line_mask) and config.retry_wider_maps and not maps_given and wider_maps(config) != config:
         wider = wider_maps(config)
-        best = attempt(wider, *prepare_maps(kspace, mask, None, wider, calibration=calibration, device=device))
+        wider_data = prepare_maps(kspace, mask, None, wider, calibration=calibration, device=device)
+        if doubtful:  # the first maps are in doubt, and with them what the prior learned
+            best = attempt(wider, *wider_data)
+        else:  # a sound image on a 2D mask: its prior carries over
+            best = attempt(dataclasses.replace(wider, iterations=steps), *wider_data, _prior_weights(first))
     tv_weight = _retry_tv_weight(config, best.verdict)
     if tv_weight is not None:
-        prior_weights = {name: value for name, value in best.result.parameters.items() if name.startswith("priors.")}
-        steps = min(config.retry_iterations, config.training_iterations(max(mask.shape)))
         best = attempt(dataclasses.replace(best.config, lam_s=tv_weight, iterations=steps),
-                       best.data, best.maps, prior_weights)
+                       best.data, best.maps, _prior_weights(best))
     if best is not first:
         best.result.verdicts = [dataclasses.replace(
             best.verdict, reason=f"with {_describe_changes(config, best.config)} after the first run's "
@@ -221,6 +228,11 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
     if best.verdict.doubtful and config.calibrationless_fallback and best.result.held_out is not None:
         _fall_back_without_maps(best, mask, best.result.held_out[0], device)
     return best.image, best.result
+
+
+def _prior_weights(run: _Run) -> dict[str, torch.Tensor]:
+    """The kept weights of ``run``'s prior, for a retry to start from."""
+    return {name: value for name, value in run.result.parameters.items() if name.startswith("priors.")}
 
 
 def _fall_back_without_maps(run: _Run, mask: np.ndarray, held_out: torch.Tensor, device: torch.device) -> None:
