@@ -213,7 +213,7 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
         wider_data = prepare_maps(kspace, mask, None, wider, calibration=calibration, device=device)
         if doubtful:  # the first maps are in doubt, and with them what the prior learned
             best = attempt(wider, *wider_data)
-        else:  # a sound image on a 2D mask: its prior carries over
+        else:  # a 2D mask, the image not in doubt: its prior carries over
             best = attempt(dataclasses.replace(wider, iterations=steps), *wider_data, _prior_weights(first))
     tv_weight = _retry_tv_weight(config, best.verdict)
     if tv_weight is not None:
