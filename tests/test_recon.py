@@ -350,6 +350,12 @@ def test_an_unrollinr_image_that_barely_beats_zeros_on_held_out_samples_is_weak(
     assert (weak.returned, weak.poor, weak.weak, weak.doubtful) == ("unrollinr", True, True, True)
     assert (rejected.returned, rejected.poor, rejected.doubtful) == ("sense", True, True)
     assert (sense_well.returned, sense_well.good) == ("sense", False)  # the weaker TV retry is for UnrollINR's image
+    assert not any(v.failed for v in (good, fair, poor, weak, rejected, sense_well))
+    # worse than zeros by more than ZERO_FILLED_MARGIN: the maps failed, whatever is returned
+    worse_than_sense, worse_than_zeros = judge(torch.tensor([2.46, 2.5]), torch.tensor([2.006, 2.4]),
+                                               torch.tensor([2.0, 2.0]))
+    assert (worse_than_sense.returned, worse_than_sense.failed) == ("sense", True)
+    assert (worse_than_zeros.returned, worse_than_zeros.failed) == ("zero-filled", True)
 
 
 def test_the_judge_rejects_a_prior_that_invents_the_background_outside_the_coil_maps():

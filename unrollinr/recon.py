@@ -226,7 +226,7 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
                                  f"{best.verdict.reason}")]
         best.result.seconds = seconds
     if best.verdict.doubtful and config.calibrationless_fallback and best.result.held_out is not None:
-        _fall_back_without_maps(best, mask, best.result.held_out[0], device)
+        _fall_back_without_maps(best, mask, best.result.held_out[0], device, maps_failed=first.verdict.failed)
     return best.image, best.result
 
 
@@ -235,11 +235,13 @@ def _prior_weights(run: _Run) -> dict[str, torch.Tensor]:
     return {name: value for name, value in run.result.parameters.items() if name.startswith("priors.")}
 
 
-def _fall_back_without_maps(run: _Run, mask: np.ndarray, held_out: torch.Tensor, device: torch.device) -> None:
+def _fall_back_without_maps(run: _Run, mask: np.ndarray, held_out: torch.Tensor, device: torch.device, *,
+                            maps_failed: bool) -> None:
     """Score the calibrationless image of ``run``'s k-space (:mod:`unrollinr.calibrationless`)
     on the run's ``held_out`` samples ``(ky, kx)``, and make it the run's image and verdict
-    where it replaces the run's (:func:`~unrollinr.safety.calibrationless_verdict`); the
-    image returned then comes from every measured sample."""
+    where it replaces the run's (:func:`~unrollinr.safety.calibrationless_verdict`, told
+    whether the slice's first maps failed outright: ``maps_failed``); the image returned
+    then comes from every measured sample."""
     started, incumbent = time.perf_counter(), run.verdict
     kspace = torch.from_numpy(run.data).to(device)
     measured, held = torch.from_numpy(mask).to(device), held_out.to(device)
@@ -248,7 +250,7 @@ def _fall_back_without_maps(run: _Run, mask: np.ndarray, held_out: torch.Tensor,
     truth = (kspace * held)[None]
     loss = float(normalized_l1_l2((fft2c(images) * held)[None], truth, coil_dim=coil_dim)[0])
     zeros = float(normalized_l1_l2(torch.zeros_like(truth), truth, coil_dim=coil_dim)[0])
-    verdict = calibrationless_verdict(loss, zeros, incumbent)
+    verdict = calibrationless_verdict(loss, zeros, incumbent, maps_failed=maps_failed)
     if verdict is not None:
         images = joint_tv_coil_images(kspace, measured, weight=weight)
         run.image = torch.linalg.vector_norm(images, dim=0).to(torch.complex64).cpu().numpy()
