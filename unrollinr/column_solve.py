@@ -125,11 +125,10 @@ def _decompose_slice(maps: torch.Tensor, sampled_rows: torch.Tensor) -> tuple[to
     order = torch.argsort((~inside).to(torch.uint8), dim=-1, stable=True)[:, :n_rows]  # support rows first
     valid = torch.gather(inside, -1, order)
     support_maps = torch.gather(maps, -1, order[:, None, :].expand(-1, maps.shape[1], -1)) * valid[:, None, :]
-    support_rows = sampled_rows[:, order].transpose(0, 1)  # (x, K, n_rows)
     # On CUDA, torch's batched eigh loops over matrices larger than 32 x 32, one at a time
     # (pytorch/pytorch#175585, #174674), and recent releases are slower still (#183806):
     # the decomposition runs on the CPU, once per scan, and what is kept moves to the device.
-    mu, basis = _decompose_by_support_size(support_maps.cpu(), support_rows.cpu(), sizes.cpu())
+    mu, basis = _decompose_by_support_size(support_maps.cpu(), sampled_rows.cpu(), order.cpu(), sizes.cpu())
     precision = torch.finfo(mu.dtype)
     kept = mu > CUTOFF_EPSILONS * precision.eps * mu.amax().clamp_min(precision.tiny)
     rank = max(1, int(kept.sum(dim=-1).max()))
@@ -140,7 +139,7 @@ def _decompose_slice(maps: torch.Tensor, sampled_rows: torch.Tensor) -> tuple[to
             basis[:, :, -rank:].contiguous().to(maps.device))
 
 
-def _decompose_by_support_size(maps: torch.Tensor, rows: torch.Tensor,
+def _decompose_by_support_size(maps: torch.Tensor, sampled_rows: torch.Tensor, order: torch.Tensor,
                                sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigendecompose ``G_x = A_x^H A_x`` for every column ``x``, where ``A_x`` ``(coils * K,
     n)`` stacks ``P_x diag(S_x[c])`` over the coils, and column ``x`` is non-zero only in its
@@ -151,8 +150,8 @@ def _decompose_by_support_size(maps: torch.Tensor, rows: torch.Tensor,
     Where ``A_x`` has fewer rows than unknowns (few coils, few lines: ``coils * K < n``)
     ``G_x``'s non-zero eigenvalues are those of the smaller ``A_x A_x^H`` ``(coils * K,
     coils * K)``, and its eigenvectors ``A_x^H u / sqrt(mu)``. The pulseq phantom's wider
-    maps (4 coils, two sets over its 256 rows: n = 512) took 5.5 s instead of 17.3 at R = 4
-    (K = 64) and 0.8 s instead of 15.8 at R = 12, on one thread.
+    maps (4 coils, two sets over its 256 rows: n = 512) took 5.2 s instead of 17.3 at R = 4
+    (K = 64) and 0.7 s instead of 15.8 at R = 12, on one thread.
 
     The size groups run on ``torch.get_num_threads()`` threads of one core each: torch's
     batched CPU ``eigh`` decomposes one matrix after another, and its own threads speed one
@@ -163,25 +162,28 @@ def _decompose_by_support_size(maps: torch.Tensor, rows: torch.Tensor,
     ----------
     maps
         ``(x, coils, n)`` the maps on each column's support rows, zero beyond ``sizes``.
-    rows
-        ``(x, K, n)`` ``P``'s columns at the same rows.
+    sampled_rows
+        ``(K, N)`` ``P``, over all ``N`` unknowns of a column.
+    order
+        ``(x, n)`` the unknowns (indices into ``N``) that ``maps`` holds, support first.
     sizes
         ``(x,)`` support rows per column.
 
     Returns eigenvalues ``(x, k)``, ascending, and eigenvectors ``(x, n, k)``, for the
     largest ``k`` any column has: each column's come last, after zeros.
     """
-    n = maps.shape[-1]
+    n, (n_coils, n_sampled) = maps.shape[-1], (maps.shape[1], sampled_rows.shape[0])
+    projector = sampled_rows.mH @ sampled_rows  # Q = P^H P, (N, N), gathered for each group below
     groups = [(size, sizes == size) for size in sizes.unique().tolist() if size > 0]
 
     def decompose(group: tuple[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         size, columns = group
-        group_maps, group_rows = maps[columns][..., :size], rows[columns][..., :size]
-        if group_maps.shape[1] * group_rows.shape[1] < size:
+        group_maps, support = maps[columns][..., :size], order[columns][:, :size]
+        if n_coils * n_sampled < size:
+            group_rows = sampled_rows[:, support].transpose(0, 1)  # (columns, K, size)
             encoding = (group_rows[:, None] * group_maps[:, :, None]).flatten(1, 2)  # (columns, coils * K, size)
             return _eigh_through_gram(encoding)
-        projector = group_rows.mH @ group_rows
-        return torch.linalg.eigh(projector * (group_maps.mH @ group_maps))
+        return torch.linalg.eigh(projector[support[:, :, None], support[:, None, :]] * (group_maps.mH @ group_maps))
 
     parts = _map_on_one_thread_workers(decompose, groups)
     width = max((values.shape[-1] for values, _ in parts), default=1)
