@@ -475,7 +475,7 @@ def test_a_batch_in_which_early_stopping_fires_equals_its_slices_alone(problem, 
 
     measured, mask, _ = problem
     second = phantom_48[:, ::-1].copy() * mask
-    # a step size that makes the objective stall within the iterations (by iteration 56 of
+    # a step size that makes the objective stall within the iterations (by iteration 61 of
     # 80 here, against 79 with the default 1e-2, where a rounding change decides whether it fires)
     config = ReconConfig(iterations=80, cg_iterations=6, mlp_precision="float32", patience=3, lr=3e-2)
     data = np.stack([measured, second])
