@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import central_half
 
 from unrollinr.baselines import zero_filled
 from unrollinr.calibrationless import _divergence, _gradient, joint_tv_coil_images
 from unrollinr.evaluate import reference_image
-from unrollinr.fft import fft2c, ifft2c
+from unrollinr.fft import fft2c
 from unrollinr.masks import random_line_mask
 from unrollinr.metrics import psnr
 from unrollinr.phantoms import phantom_kspace
@@ -20,17 +21,9 @@ def test_the_divergence_is_the_negative_adjoint_of_the_gradient():
         -torch.vdot(images.flatten(), _divergence(field).flatten()))
 
 
-def _small_field_of_view(kspace: np.ndarray) -> np.ndarray:
-    """The central half of x and y: the object is cut at every edge of the field of view."""
-    images = ifft2c(torch.from_numpy(kspace)).numpy()
-    n = kspace.shape[-1]
-    cut = np.ascontiguousarray(images[:, n // 4: n // 4 + n // 2, n // 4: n // 4 + n // 2])
-    return fft2c(torch.from_numpy(cut)).numpy().astype(np.complex64)
-
-
 @pytest.fixture(scope="module")
 def cut_phantom():
-    full = _small_field_of_view(phantom_kspace(96, 8, noise=0.002, seed=0))
+    full = central_half(phantom_kspace(96, 8, noise=0.002, seed=0), rows=True)  # cut at every edge
     mask = random_line_mask(full.shape[1:], 3, acs_lines=10, seed=0)
     return full * mask, mask, reference_image(full)
 
