@@ -214,6 +214,20 @@ def test_a_vanished_peer_ends_the_gadget_instead_of_hanging(raw_phantom):
     assert b"connection lost" in stderr
 
 
+def test_a_pipeline_pays_the_one_time_costs_of_training_before_any_slice_arrives(raw_phantom):
+    """In a fresh interpreter (the test process has trained already): the optimizer's
+    lazily imported compiler stack is in place once the pipeline exists."""
+    probe = ("import sys\n"
+             "from unrollinr_gadget.pipeline import ReconPipeline\n"
+             "from unrollinr_gadget.rawdata import RawFile\n"
+             "from unrollinr.config import ReconConfig\n"
+             "before = 'torch._dynamo' in sys.modules\n"
+             f"ReconPipeline(RawFile({str(raw_phantom)!r}).header(), ReconConfig())\n"
+             "print(before, 'torch._dynamo' in sys.modules)\n")
+    output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert output.split() == ["False", "True"]
+
+
 def test_a_fallback_is_named_in_the_image_meta(raw_phantom):
     raw = RawFile(raw_phantom)
     pipeline = ReconPipeline(raw.header(), ReconConfig())

@@ -25,7 +25,7 @@ def _mlp(n_inputs: int, hidden_layers: int, width: int, n_outputs: int) -> nn.Se
     layers: list[nn.Module] = []
     size = n_inputs
     for _ in range(hidden_layers):
-        layers += [nn.Linear(size, width), nn.ReLU()]
+        layers += [nn.Linear(size, width), nn.ReLU(inplace=True)]  # no copy of each (pixels, width) activation
         size = width
     layers.append(nn.Linear(size, n_outputs))
     return nn.Sequential(*layers)

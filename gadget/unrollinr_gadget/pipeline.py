@@ -18,7 +18,7 @@ import torch
 from unrollinr.config import ReconConfig
 from unrollinr.recon import reconstruct_together
 from unrollinr.safety import UNROLLINR
-from unrollinr.training import FitResult
+from unrollinr.training import FitResult, prepare_process
 from unrollinr_gadget.assembly import SliceAssembler, SliceData, SliceKey
 from unrollinr_gadget.buffers import slices_from_recon_data
 from unrollinr_gadget.images import ImageFactory
@@ -93,6 +93,7 @@ class ReconPipeline:
         self.assembler = SliceAssembler(header, limits=limits or StreamLimits())
         self.factory = ImageFactory(self.assembler.geometry, output=output, series_index=series_index)
         self.pending: list[SliceData] = []
+        prepare_process()  # now, while the scan runs, not after its last line
 
     @classmethod
     def from_settings(cls, header: xsd.ismrmrdHeader, settings: GadgetSettings, *,
