@@ -1,5 +1,6 @@
 import dataclasses
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -491,6 +492,23 @@ def test_a_batch_in_which_early_stopping_fires_equals_its_slices_alone(problem, 
         assert from_batch.keys() == single.parameters.keys()
         for name, value in single.parameters.items():
             assert torch.allclose(from_batch[name], value, rtol=0.02, atol=1e-4), name
+
+
+def test_a_retry_stops_once_its_held_out_loss_stops_falling_above_the_loss_to_beat(problem):
+    from unrollinr.recon import reconstruct_prepared
+
+    measured, mask, _ = problem
+    config = ReconConfig(iterations=300, cg_iterations=5, patience=300, retry_patience=15)
+    maps = espirit_maps(measured, mask, sets=2, crop=config.espirit_crop)[None]
+    runs = {bar: reconstruct_prepared(measured[None], mask[None], maps, config, held_out_bars=[bar])[1]
+            for bar in (0.0, math.inf)}
+    beaten_at_once, unbeatable = runs[math.inf], runs[0.0]
+    assert beaten_at_once.iterations == 300
+    held_out = [h["holdout"] for h in unbeatable.history]
+    stop, lowest_at = unbeatable.iterations - 1, int(np.argmin(held_out))
+    # retry_patience steps after the lowest, and after the TV review (at 150) has had as many
+    assert stop == max(150, lowest_at) + config.retry_patience < 299
+    assert unbeatable.history == beaten_at_once.history[:stop + 1]  # stopping changes nothing before
 
 
 def test_the_library_leaves_the_global_random_and_thread_state_alone(phantom_48):

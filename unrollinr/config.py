@@ -111,7 +111,9 @@ class ReconConfig:
         UnrollINR's image predicts the held-out samples well (the data leave little to the
         prior, and TV only smooths detail away); ``lam_s_poor`` where the image kept
         predicts them poorly and its run did not raise the weight (below). Each retry is
-        kept if its returned image predicts the held-out samples better. A slice still
+        kept if its returned image predicts the held-out samples better, so a retry stops
+        once its held-out loss has not reached a new low for ``retry_patience`` steps while
+        above the kept run's (after its own TV review, below, has had as long). A slice still
         doubtful then returns, with ``calibrationless_fallback`` on, the root-sum-of-squares
         of its coil images reconstructed without maps under joint TV of weight
         ``calibrationless_weight`` (relative to the zero-filled image's maximum), where that
@@ -164,6 +166,7 @@ class ReconConfig:
     holdout_fraction: float = 0.05
     patience: int = 100
     retry_iterations: int = 100
+    retry_patience: int = 20
     calibrationless_fallback: bool = True
     calibrationless_weight: float = 0.01
     seed: int = 0
@@ -189,7 +192,7 @@ class ReconConfig:
         _check_choice("dc_solver", self.dc_solver, DC_SOLVERS)
         for name in ("hash_levels", "hash_features", "hash_base_resolution",
                      "hidden_width", "cg_iterations", "cg_training_iterations", "patience", "retry_iterations",
-                     "espirit_kernel_width"):
+                     "retry_patience", "espirit_kernel_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in (*AUTOMATIC, "hidden_layers", "espirit_calib_width", "cg_tolerance", "lr_lam", "lr_lam_s",
@@ -322,7 +325,7 @@ SECTIONS = {
     "loss": ("lam_s", "tv", "tv_second_order", "tv_log_scale", "coil_l1", "lam_s_poor",
              "retry_lam_s_good"),
     "training": ("iterations", "lr", "lr_lam", "lr_lam_s", "holdout_fraction", "patience", "retry_iterations",
-                 "calibrationless_fallback", "calibrationless_weight", "seed"),
+                 "retry_patience", "calibrationless_fallback", "calibrationless_weight", "seed"),
     "maps": ("espirit_calib_width", "espirit_kernel_width", "espirit_thresh", "espirit_crop", "espirit_sets",
              "retry_wider_maps", "espirit_retry_crop", "espirit_retry_thresh", "coil_compression"),
 }

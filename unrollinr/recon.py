@@ -190,6 +190,9 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
        steps, with TV weight ``lam_s_poor`` if its prediction is poor and its run did not
        raise the weight (where that is above ``lam_s``), or ``retry_lam_s_good`` if it is
        good (where that is below ``lam_s``).
+
+    A retry stops early where its held-out loss stops falling while above the kept run's
+    (``retry_patience``; :class:`~unrollinr.training._RetryStop`).
     """
     config, best, seconds = first.config, first, first.result.seconds
 
@@ -197,7 +200,8 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
                 initial_parameters: Mapping[str, torch.Tensor] | None = None) -> _Run:
         nonlocal seconds
         images, retry_result = reconstruct_prepared(data[None], mask[None], maps[None], retry, device=device,
-                                                    progress=False, initial_parameters=initial_parameters)
+                                                    progress=False, initial_parameters=initial_parameters,
+                                                    held_out_bars=[best.verdict.held_out_loss])
         seconds += retry_result.seconds
         candidate = _Run(images[0], retry_result, retry, data, maps)
         keep = replaces(candidate.verdict, best.verdict)
@@ -265,14 +269,15 @@ def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray
                          device: str | torch.device | None = None, progress: bool | None = None,
                          callback: Callable[[int, np.ndarray], None] | None = None,
                          initial_parameters: Mapping[str, torch.Tensor] | None = None,
-                         seeds: Sequence[int] | None = None) -> tuple[np.ndarray, FitResult]:
+                         seeds: Sequence[int] | None = None,
+                         held_out_bars: Sequence[float] | None = None) -> tuple[np.ndarray, FitResult]:
     """Train on ``(slices, coils, ky, kx)`` k-space with its ``(slices, ky, kx)`` masks and
     ``(slices, sets, coils, ky, kx)`` maps in one batch; each slice is normalised by its own
     zero-filled maximum and keeps its own prior. With several sets of maps the images of
     the sets are combined (:func:`~unrollinr.sense.combine_sets`). ``callback(iteration, images)`` sees the
     ``(slices, ky, kx)`` images of each iteration on the scale of the data;
-    ``initial_parameters`` and ``seeds`` (each slice's; by default ``config.seed + s``)
-    are passed to :func:`~unrollinr.training.fit`.
+    ``initial_parameters``, ``seeds`` (each slice's; by default ``config.seed + s``) and
+    ``held_out_bars`` (a retry's) are passed to :func:`~unrollinr.training.fit`.
 
     Returns ``(slices, ky, kx)`` complex64 images on the scale of the data.
     """
@@ -293,7 +298,7 @@ def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray
             callback(iteration, on_data_scale(x))
     result = fit(op, kspace_t / scales[:, None, None, None], config, progress=progress,
                  protected=torch.from_numpy(protected).to(device), callback=on_iteration,
-                 initial_parameters=initial_parameters, seeds=seeds)
+                 initial_parameters=initial_parameters, seeds=seeds, held_out_bars=held_out_bars)
     return on_data_scale(result.image), result
 
 

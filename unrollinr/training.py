@@ -205,7 +205,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         protected: torch.Tensor | None = None,
         callback: Callable[[int, torch.Tensor], None] | None = None,
         initial_parameters: Mapping[str, torch.Tensor] | None = None,
-        seeds: Sequence[int] | None = None) -> FitResult:
+        seeds: Sequence[int] | None = None, held_out_bars: Sequence[float] | None = None) -> FitResult:
     """Train UnrollINR on one measurement and return the final forward pass.
 
     Each slice of a batch stops, keeps its best iterate and gets its safety-net verdict
@@ -235,6 +235,9 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     seeds
         Each slice's seed, for its prior and its held-out samples; by default
         :func:`slice_seeds`. A slice given the same seed as alone gets the same image.
+    held_out_bars
+        For a retry: each slice's held-out loss to beat, that of the run it retries
+        (:class:`_RetryStop`).
     """
     prepare_process()
     start = time.perf_counter()
@@ -266,6 +269,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     iterations = config.training_iterations(max(op.image_shape[-2:]))
     zero_losses = None if held_samples is None else data_loss(torch.zeros_like(held_samples), held_samples)
     review = _TvReview(model, config, zero_losses, review_at=iterations // 2)
+    retry_stop = None if held_out_bars is None or held_samples is None else _RetryStop(
+        held_out_bars, config.retry_patience, earliest=max(review.review_at, 0) + config.retry_patience)
     bar = tqdm(range(iterations), desc="UnrollINR", unit="it", disable=not _show_progress(progress),
                leave=False)
     iteration = 0
@@ -291,6 +296,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         tracker.update(iteration, objective, held_loss, config.patience)  # the weights that gave x, before this step
         if iteration == review.review_at and held_loss is not None:
             review.raise_poor_slices(held_loss, tracker)
+        if retry_stop is not None and held_loss is not None:
+            retry_stop.stop_hopeless(iteration, held_loss, tracker)
         if tracker.all_stopped:
             logger.info("early stop at iteration %d (best %s)", iteration, tracker.best_iterations)
             break
@@ -363,6 +370,34 @@ class _TvReview:
                 self.notes[s] += (f"; back to iteration {before.iteration}, which predicted them better "
                                   f"({before.held_loss:.4f} against {after:.4f})")
                 logger.info("slice %d of the batch: %s", s, self.notes[s])
+
+
+class _RetryStop:
+    """Stops the slices of a retry that cannot be expected to be kept. A retry is kept only
+    where it predicts the held-out samples better than the run it retries, whose held-out
+    losses are the ``bars`` (one per slice); a slice whose held-out loss has not reached a
+    new low for ``patience`` steps, and whose lowest is not below its bar, stops, from
+    iteration ``earliest`` on (the TV review's change gets ``patience`` steps too). Where
+    the held-out loss is still falling, the retry runs on (the GE phantom's 2D mask: its
+    wider maps pass the first ones' only in the try's last 10 of 100 steps)."""
+
+    def __init__(self, bars: Sequence[float], patience: int, earliest: int) -> None:
+        self.bars, self.patience, self.earliest = list(bars), patience, earliest
+        self.lowest = [math.inf] * len(self.bars)
+        self.lowest_at = [0] * len(self.bars)
+
+    def stop_hopeless(self, iteration: int, held_losses: torch.Tensor, tracker: _BestIterates) -> None:
+        """Record the held-out losses ``(slices,)`` of ``iteration`` and stop, in ``tracker``,
+        the slices that have no hope left (their kept iterates stay)."""
+        for s, loss in enumerate(held_losses.tolist()):
+            if loss < self.lowest[s]:
+                self.lowest[s], self.lowest_at[s] = loss, iteration
+            if (not tracker.stopped[s] and iteration >= self.earliest
+                    and iteration - self.lowest_at[s] >= self.patience and self.lowest[s] >= self.bars[s]):
+                tracker.stopped[s] = True
+                logger.info("slice %d of the batch stops at iteration %d: its held-out loss, lowest %.4f at "
+                            "iteration %d, is not below the %.4f to beat", s, iteration, self.lowest[s],
+                            self.lowest_at[s], self.bars[s])
 
 
 @dataclass
