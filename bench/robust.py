@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -46,10 +45,10 @@ from unrollinr import baselines  # noqa: E402
 from unrollinr.coils import apply_coil_matrix, coil_compression_matrix  # noqa: E402
 from unrollinr.config import ReconConfig  # noqa: E402
 from unrollinr.data import load_kspace  # noqa: E402
-from unrollinr.fft import fft2c, ifft2c  # noqa: E402
 from unrollinr.masks import paper_acs_lines, random_line_mask, variable_density_mask  # noqa: E402
 from unrollinr.metrics import psnr, ssim  # noqa: E402
 from unrollinr.recon import prepare_maps, reconstruct_with_details  # noqa: E402
+from unrollinr.variants import cut_readout, pe_wrap, small_fov  # noqa: E402
 
 MIN_ACS = 10
 OBJECT_SNR = 15.0
@@ -66,31 +65,6 @@ class Case:
     acceleration: float
     kspace: np.ndarray
     mask: np.ndarray
-
-
-def _coil_images(kspace: np.ndarray) -> np.ndarray:
-    return ifft2c(torch.from_numpy(np.ascontiguousarray(kspace))).numpy()
-
-
-def _kspace(coil_images: np.ndarray) -> np.ndarray:
-    return fft2c(torch.from_numpy(np.ascontiguousarray(coil_images))).numpy().astype(np.complex64)
-
-
-def cut_readout(kspace: np.ndarray) -> np.ndarray:
-    """The central half of x."""
-    n_x = kspace.shape[2]
-    return _kspace(_coil_images(kspace)[:, :, n_x // 4: n_x // 4 + n_x // 2])
-
-
-def small_fov(kspace: np.ndarray) -> np.ndarray:
-    """The central half of x and of y."""
-    _, n_y, n_x = kspace.shape
-    return _kspace(_coil_images(kspace)[:, n_y // 4: n_y // 4 + n_y // 2, n_x // 4: n_x // 4 + n_x // 2])
-
-
-def pe_wrap(kspace: np.ndarray) -> np.ndarray:
-    """Every other phase-encode line: half the PE field of view (scaled to keep the image level)."""
-    return (np.ascontiguousarray(kspace[:, ::2, :]) * np.sqrt(2)).astype(np.complex64)
 
 
 def low_snr(kspace: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -8,18 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from unrollinr.fft import fft2c, ifft2c
 from unrollinr.phantoms import phantom_kspace
-
-
-def central_half(kspace: np.ndarray, *, rows: bool) -> np.ndarray:
-    """The k-space ``(coils, ky, kx)`` of the central half of the field of view along x,
-    and along y too with ``rows``: an object cut at those edges of the field of view."""
-    images = ifft2c(torch.from_numpy(kspace)).numpy()
-    n_y, n_x = kspace.shape[-2:]
-    y = slice(n_y // 4, n_y // 4 + n_y // 2) if rows else slice(None)
-    cut = np.ascontiguousarray(images[..., y, n_x // 4: n_x // 4 + n_x // 2])
-    return fft2c(torch.from_numpy(cut)).numpy().astype(np.complex64)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

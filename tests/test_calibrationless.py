@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-from conftest import central_half
 
 from unrollinr.baselines import zero_filled
 from unrollinr.calibrationless import _divergence, _gradient, joint_tv_coil_images
@@ -11,6 +10,7 @@ from unrollinr.masks import random_line_mask
 from unrollinr.metrics import psnr
 from unrollinr.phantoms import phantom_kspace
 from unrollinr.safety import CALIBRATIONLESS, Verdict, calibrationless_verdict
+from unrollinr.variants import small_fov
 
 
 def test_the_divergence_is_the_negative_adjoint_of_the_gradient():
@@ -23,7 +23,7 @@ def test_the_divergence_is_the_negative_adjoint_of_the_gradient():
 
 @pytest.fixture(scope="module")
 def cut_phantom():
-    full = central_half(phantom_kspace(96, 8, noise=0.002, seed=0), rows=True)  # cut at every edge
+    full = small_fov(phantom_kspace(96, 8, noise=0.002, seed=0))  # cut at every edge
     mask = random_line_mask(full.shape[1:], 3, acs_lines=10, seed=0)
     return full * mask, mask, reference_image(full)
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import central_half, reconstruct_with_a_broken_prior
+from conftest import reconstruct_with_a_broken_prior
 
 from unrollinr import ReconConfig, reconstruct
 from unrollinr.baselines import bart_available, bart_maps, bart_pics, cg_sense, zero_filled
@@ -16,6 +16,7 @@ from unrollinr.masks import random_line_mask, variable_density_mask
 from unrollinr.metrics import psnr, ssim
 from unrollinr.phantoms import phantom_kspace
 from unrollinr.recon import reconstruct_slices, reconstruct_with_details
+from unrollinr.variants import cut_readout, pe_wrap
 
 FAST = dict(iterations=40, cg_iterations=8)
 
@@ -261,17 +262,7 @@ def test_training_can_start_from_another_fits_weights(problem):
         reconstruct_prepared(data, masks, maps, config, initial_parameters=wrong)
 
 
-def _cut_readout(kspace: np.ndarray) -> np.ndarray:
-    """The central half of x: the object is cut at both readout edges of the field of view."""
-    return central_half(kspace, rows=False)
-
-
-def _wrapped(kspace: np.ndarray) -> np.ndarray:
-    """Every other phase-encode line: half the PE field of view, and the object folds onto itself."""
-    return (kspace[:, ::2] * np.sqrt(2)).astype(np.complex64)
-
-
-@pytest.mark.parametrize("variant", [_cut_readout, _wrapped])
+@pytest.mark.parametrize("variant", [cut_readout, pe_wrap])
 def test_a_field_of_view_that_cuts_or_wraps_the_object_is_no_worse_than_cg_sense(variant):
     full = variant(phantom_kspace(64, 8, noise=0.002, seed=0))
     mask = random_line_mask(full.shape[1:], 2, acs_lines=12, seed=0)
@@ -298,7 +289,7 @@ def test_wider_maps_are_tried_on_every_2d_mask_but_only_for_doubtful_slices_on_l
 
 
 def test_a_rejected_slice_is_run_again_with_wider_maps_and_the_better_run_is_kept():
-    full = _wrapped(phantom_kspace(64, 8, noise=0.002, seed=0))
+    full = pe_wrap(phantom_kspace(64, 8, noise=0.002, seed=0))
     mask = random_line_mask(full.shape[1:], 2, acs_lines=12, seed=0)
     measured, reference = full * mask, reference_image(full)
     # so tight a signal subspace that no image fits the data: the first run returns zero-filled
@@ -320,7 +311,7 @@ def test_a_slice_whose_maps_fail_after_its_retries_returns_the_calibrationless_i
     maps, predict the held-out lines better and are returned, from every measured line."""
     from unrollinr.calibrationless import joint_tv_coil_images
 
-    full = _wrapped(phantom_kspace(64, 8, noise=0.002, seed=0))
+    full = pe_wrap(phantom_kspace(64, 8, noise=0.002, seed=0))
     mask = random_line_mask(full.shape[1:], 2, acs_lines=12, seed=0)
     measured, reference = full * mask, reference_image(full)
     config = ReconConfig(iterations=60, cg_iterations=8, espirit_thresh=0.6, retry_wider_maps=False)
