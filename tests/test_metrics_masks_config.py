@@ -128,6 +128,13 @@ def test_auto_iterations_by_image_size():
         ReconConfig(iterations=-1)
 
 
+def test_a_retry_runs_as_long_as_the_first_run_unless_capped():
+    assert [ReconConfig().retry_steps(size) for size in (48, 384)] == [200, 300]
+    assert ReconConfig(retry_iterations=100).retry_steps(384) == 100
+    assert ReconConfig(iterations=50, retry_iterations=100).retry_steps(384) == 50
+    assert ReconConfig.from_strings({"training.retry_iterations": "auto"}).retry_iterations is None
+
+
 def test_tv_off_needs_the_background_zeroed():
     with pytest.raises(ValueError, match="zero_outside_maps"):
         ReconConfig(tv=False)

@@ -82,6 +82,17 @@ def test_the_version_is_written_once():
     assert "version =" not in (REPOSITORY / "pyproject.toml").read_text().split("[project.optional")[0]
 
 
+def test_no_benchmark_figures_in_the_library_source():
+    """dB figures go stale: they belong in bench/RESULTS.md, not in docstrings or comments."""
+    import re
+
+    stale = [f"{path.relative_to(REPOSITORY)}:{number}: {line.strip()}"
+             for folder in ("unrollinr", "gadget") for path in sorted((REPOSITORY / folder).rglob("*.py"))
+             for number, line in enumerate(path.read_text().splitlines(), start=1)
+             if re.search(r"\d dB\b", line)]
+    assert not stale, stale
+
+
 def test_doctor_on_the_cpu(capsys):
     assert main(["doctor", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out

@@ -489,7 +489,8 @@ def test_a_retry_stops_once_its_held_out_loss_stops_falling_above_the_loss_to_be
     from unrollinr.recon import reconstruct_prepared
 
     measured, mask, _ = problem
-    config = ReconConfig(iterations=300, cg_iterations=5, patience=300, retry_patience=15)
+    config = ReconConfig(iterations=300, cg_iterations=5, patience=300, retry_patience=15,
+                         lam_s_poor=ReconConfig().lam_s)  # no TV review: see the next test for one
     maps = espirit_maps(measured, mask, sets=2, crop=config.espirit_crop)[None]
     runs = {bar: reconstruct_prepared(measured[None], mask[None], maps, config, held_out_bars=[bar])[1]
             for bar in (0.0, math.inf)}
@@ -497,9 +498,26 @@ def test_a_retry_stops_once_its_held_out_loss_stops_falling_above_the_loss_to_be
     assert beaten_at_once.iterations == 300
     held_out = [h["holdout"] for h in unbeatable.history]
     stop, lowest_at = unbeatable.iterations - 1, int(np.argmin(held_out))
-    # retry_patience steps after the lowest, and after the TV review (at 150) has had as many
-    assert stop == max(150, lowest_at) + config.retry_patience < 299
+    assert stop == lowest_at + config.retry_patience < 299  # retry_patience steps after the lowest
     assert unbeatable.history == beaten_at_once.history[:stop + 1]  # stopping changes nothing before
+
+
+def test_a_retry_slice_whose_tv_weight_is_raised_gets_the_patience_from_the_raise():
+    from unrollinr.model import PixelImage, UnrollINR
+    from unrollinr.training import _BestIterates, _RetryStop
+
+    model = UnrollINR([PixelImage(torch.ones(1, 4, 4, dtype=torch.complex64)) for _ in range(2)], None,
+                      torch.ones(2, 1, 4, 4, dtype=torch.bool), lam=0.05, lam_s=0.35)
+    tracker, stop = _BestIterates(model), _RetryStop([1.0, 1.0], patience=3)
+    for iteration, losses in enumerate([[2.0, 2.0], [2.1, 2.1], [2.1, 2.1]]):
+        stop.stop_hopeless(iteration, torch.tensor(losses), tracker)
+    stop.wait_after_raise([1], 2)  # slice 1's TV weight raised at iteration 2
+    stop.stop_hopeless(3, torch.tensor([2.1, 2.1]), tracker)
+    assert tracker.stopped == [True, False]  # slice 0: 3 steps after its lowest, above the bar
+    stop.stop_hopeless(4, torch.tensor([2.1, 2.1]), tracker)
+    assert tracker.stopped == [True, False]
+    stop.stop_hopeless(5, torch.tensor([2.1, 2.1]), tracker)
+    assert tracker.stopped == [True, True]  # 3 steps after the raise
 
 
 def test_the_library_leaves_the_global_random_and_thread_state_alone(phantom_48):

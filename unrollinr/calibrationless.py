@@ -23,8 +23,8 @@ from unrollinr.fft import fft2c, ifft2c
 
 # ||grad||^2 <= 8 for forward differences in 2D; the primal and dual steps are 1 / sqrt(8).
 _STEP = 8 ** -0.5
-# Primal-dual iterations by default: within 0.2-0.4 dB of 800 on the robustness cases
-# where the image is returned (bench/RESULTS.md, "The calibrationless fallback").
+# Primal-dual iterations by default: close to 800 on the robustness cases where the image
+# is returned (bench/HISTORY.md, "The calibrationless fallback").
 ITERATIONS = 200
 
 

@@ -101,19 +101,19 @@ class ReconConfig:
         eigenvectors near the cut, where the first eigenvalue then misses the crop, and a
         tight subspace leaves the wrapped object's maps under the crop on the object
         itself). A slice on a mask that is not whole lines tries the wider maps too, whatever
-        its verdict, from its prior weights for ``retry_iterations`` steps: its held-out
-        samples are many, and tell the maps apart (the 2D masks of ``bench/robust.py``, mask
-        seeds 0 and 1: the wider maps on brain_16ch_96, +1.1 and +0.9 dB, and on the GE
-        phantom's seed 0, +3.4 dB; the first maps on the others).
+        its verdict, from its prior weights for ``retry_iterations`` steps (None: as many as
+        the first run): its held-out samples are many, and tell the maps apart (the 2D
+        masks of ``bench/robust.py``: bench/RESULTS.md).
         Then the TV weight is tried again, on the kept run's k-space and maps,
         from its prior weights (fresh optimiser state), for ``retry_iterations`` steps (at
-        most the first run's): ``retry_lam_s_good`` (where below ``lam_s``) where
+        most the first run's; None: as many): ``retry_lam_s_good`` (where below ``lam_s``) where
         UnrollINR's image predicts the held-out samples well (the data leave little to the
         prior, and TV only smooths detail away); ``lam_s_poor`` where the image kept
         predicts them poorly and its run did not raise the weight (below). Each retry is
         kept if its returned image predicts the held-out samples better, so a retry stops
         once its held-out loss has not reached a new low for ``retry_patience`` steps while
-        above the kept run's (after its own TV review, below, has had as long). A slice still
+        above the kept run's (counted from its own TV review, below, where that raised the
+        weight). A slice still
         doubtful then returns, with ``calibrationless_fallback`` on, the root-sum-of-squares
         of its coil images reconstructed without maps under joint TV of weight
         ``calibrationless_weight`` (relative to the zero-filled image's maximum), where that
@@ -165,7 +165,7 @@ class ReconConfig:
     lr_lam_s: float = 1e-3
     holdout_fraction: float = 0.05
     patience: int = 100
-    retry_iterations: int = 100
+    retry_iterations: int | None = None
     retry_patience: int = 20
     calibrationless_fallback: bool = True
     calibrationless_weight: float = 0.01
@@ -191,8 +191,8 @@ class ReconConfig:
         _check_choice("mlp_precision", self.mlp_precision, MLP_PRECISIONS)
         _check_choice("dc_solver", self.dc_solver, DC_SOLVERS)
         for name in ("hash_levels", "hash_features", "hash_base_resolution",
-                     "hidden_width", "cg_iterations", "cg_training_iterations", "patience", "retry_iterations",
-                     "retry_patience", "espirit_kernel_width"):
+                     "hidden_width", "cg_iterations", "cg_training_iterations", "patience", "retry_patience",
+                     "espirit_kernel_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in (*AUTOMATIC, "hidden_layers", "espirit_calib_width", "cg_tolerance", "lr_lam", "lr_lam_s",
@@ -269,6 +269,12 @@ class ReconConfig:
         """Adam steps for images whose larger side is ``image_size``."""
         return self.iterations or auto_iterations(image_size)
 
+    def retry_steps(self, image_size: int) -> int:
+        """Adam steps of a retry from a run's prior weights: ``retry_iterations``, at most
+        the run's own (:meth:`training_iterations`; None: as many)."""
+        steps = self.training_iterations(image_size)
+        return steps if self.retry_iterations is None else min(self.retry_iterations, steps)
+
     def grid_config(self, image_size: int) -> dict[str, Any]:
         """The tiny-cuda-nn encoding config for images whose larger side is ``image_size``."""
         finest = self.hash_finest_resolution or image_size
@@ -313,7 +319,7 @@ def auto_iterations(image_size: int) -> int:
 
 
 # Settings whose None means "automatic" (or, for coil_compression, "off"); 0 is accepted for it.
-AUTOMATIC = ("hash_log2_size", "hash_finest_resolution", "iterations", "coil_compression")
+AUTOMATIC = ("hash_log2_size", "hash_finest_resolution", "iterations", "retry_iterations", "coil_compression")
 
 # The sections the settings fall in, in the order of ReconConfig's fields. Chain properties,
 # --set and JSON settings name a setting flat ("lam") or with its section ("dc.lam").

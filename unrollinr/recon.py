@@ -184,8 +184,8 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
        (``maps_given``): a doubtful slice (UnrollINR's image rejected or weak), trained
        afresh; and every other slice whose mask is not whole lines, where the held-out
        samples (a share of all samples, not one or two lines) tell the two sets of maps
-       apart, from its prior weights for ``retry_iterations`` steps (at most as many as the
-       first run);
+       apart, from its prior weights for ``retry_iterations`` steps (by default as many as
+       the first run, so that the maps are compared at the same length of training);
     2. then, on the kept run's k-space and maps, from its prior weights, for as many
        steps, with TV weight ``lam_s_poor`` if its prediction is poor and its run did not
        raise the weight (where that is above ``lam_s``), or ``retry_lam_s_good`` if it is
@@ -210,7 +210,7 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
                     best.verdict.held_out_loss, "kept" if keep else "discarded")
         return candidate if keep else best
 
-    steps = min(config.retry_iterations, config.training_iterations(max(mask.shape)))
+    steps = config.retry_steps(max(mask.shape))
     doubtful, line_mask = first.verdict.doubtful, is_line_mask(torch.from_numpy(mask))
     if (doubtful or not line_mask) and config.retry_wider_maps and not maps_given and wider_maps(config) != config:
         wider = wider_maps(config)

@@ -24,16 +24,15 @@ samples. It is returned, as ``calibrationless`` (the root-sum-of-squares of its 
 images), where it predicts them better than the incumbent by the factor
 :data:`CLEARLY_BETTER`: with one or two held-out lines at the noise level, predictions a
 few per cent apart differ by chance (the pulseq phantom at R 12, mask seed 1: the
-calibrationless image 1.98 against UnrollINR's 2.00, and 23.1 against 28.0 dB). Where the
+calibrationless image 1.98 against UnrollINR's 2.00, and a far worse image). Where the
 maps fail it wins clearly: a brain cut to a 128 x 128 field of view, 1.76 against
-UnrollINR's 1.95 (24.6 against 22.5 dB, zero-filled 23.6), and to 48 x 48, 0.93 against
-the zeros' 2.00 (33.3 against 25.7 dB zero-filled). Where the slice's first maps failed
-outright (its first UnrollINR image predicted the held-out samples worse than zeros, by
-:data:`ZERO_FILLED_MARGIN`), every map-based image of it is suspect, and being better is
-enough: the first brain cut to 128 x 128 on mask seed 1 (first run 2.46 against the
-zeros' 2.00) then scores 1.76 against its retried UnrollINR's 1.82, 3% better, and is
-24.4 dB against 21.1 (zero-filled 23.5). None of the slices the margin protects failed so
-(their first runs: 1.87-2.06).
+UnrollINR's 1.95, and to 48 x 48, 0.93 against the zeros' 2.00. Where the slice's first
+maps failed outright (its first UnrollINR image predicted the held-out samples worse than
+zeros, by :data:`ZERO_FILLED_MARGIN`), every map-based image of it is suspect, and being
+better is enough: the first brain cut to 128 x 128 on mask seed 1 (first run 2.46 against
+the zeros' 2.00) then scores 1.76 against its retried UnrollINR's 1.82, 3% better, and is
+the better image. None of the slices the margin protects failed so (their first runs:
+1.87-2.06). The images' PSNR: bench/RESULTS.md and bench/HISTORY.md.
 
 UnrollINR's image is *weak* when it predicts the held-out samples barely better than
 zeros (above :data:`WEAK_PREDICTION` times their loss): with held-out lines at the noise
@@ -48,17 +47,17 @@ times the zeros': the outer k-space it should predict is barely explained, and a
 TV weight may do better. Training raises it halfway for such a slice, unless the slice is
 weak then (:func:`unrollinr.training.fit`); a weak one whose image stays poor is retried
 with it. On ``bench/robust.py``, the first runs of the slices that a TV weight of 1.0
-instead of 0.35 improved by more than 0.5 dB scored 0.68-1.01 times the zeros' loss;
-those it made worse by more than 0.5 dB, 0.22-0.59 (brain_8ch_256 at R 8: 0.33).
+instead of 0.35 clearly improved scored 0.68-1.01 times the zeros' loss; those it made
+clearly worse, 0.22-0.59 (brain_8ch_256 at R 8: 0.33).
 
 UnrollINR's image predicts them *well* when its held-out loss is below
 :data:`GOOD_PREDICTION` times the zeros': the data leave little to the prior, and a
 weaker TV weight may keep more detail (the caller may try it). On the 2D-mask case of
 every set in ``bench/robust.py`` the TV weight (0.15-1.0) whose image predicted the
 held-out samples best also had the best PSNR (brain_16ch_96 at R 4, which scores 0.086 of
-the zeros' loss: 41.93 dB at 0.15 against 40.51 at 0.35), and 0.15 scored worse than 0.35
-on the line masks where it lost dB (the GE phantom at R 4, 0.22 of the zeros' loss;
-brain_8ch_256 at R 8 and with 4 coils; brain_16ch_96 at R 4).
+the zeros' loss, was best at 0.15), and 0.15 scored worse than 0.35 on the line masks
+where its PSNR was lower (the GE phantom at R 4, 0.22 of the zeros' loss; brain_8ch_256
+at R 8 and with 4 coils; brain_16ch_96 at R 4).
 
 Outside the coil maps' support no sample sees the image: there UnrollINR's image is its
 prior's alone, and no held-out sample can check it. Its *background* is that region's mean
@@ -67,10 +66,10 @@ measured samples put outside the maps (noise and aliasing). Above
 :data:`BRIGHTEST_BACKGROUND` the prior has invented the background, and SENSE (zero
 there) is returned instead. On ``bench/robust.py`` the returned images' background was
 0.02-0.37 in all 27 cases with one; two trainings made to fail there (2 CG steps per
-solve on the GE and pulseq phantoms' 2D masks: 23.50 and 27.54 dB, under zero-filled, with
-held-out losses of 0.72 and 1.36 that passed) scored 4.05 and 2.43. A sound image on the
-wider maps of a retry, whose support leaves a thin border, scored 1.02 (the pulseq phantom
-at R 8, mask seed 1: held-out loss 1.51 against SENSE's 2.00, 29.2 against 22.8 dB): the
+solve on the GE and pulseq phantoms' 2D masks: images under zero-filled, with held-out
+losses of 0.72 and 1.36 that passed) scored 4.05 and 2.43. A sound image on the wider
+maps of a retry, whose support leaves a thin border, scored 1.02 (the pulseq phantom at
+R 8, mask seed 1: held-out loss 1.51 against SENSE's 2.00, and the better image): the
 limit lies about 1.5 times from it and from the failures.
 """
 
@@ -148,8 +147,8 @@ def replaces(candidate: Verdict, incumbent: Verdict) -> bool:
     predicts the held-out samples better, and, where the incumbent is the zero-filled image
     (the coil maps did not explain the data), it is not weak: a prediction barely better
     than zeros is no evidence that new maps explain the data (a brain cut to a 48 x 48
-    field of view: a retry scoring 0.94 of the zeros' loss, 24.80 dB, against 25.68 dB
-    zero-filled)."""
+    field of view: a retry scoring 0.94 of the zeros' loss gave a worse image than
+    zero-filling)."""
     if incumbent.returned == ZERO_FILLED and candidate.held_out_loss > WEAK_PREDICTION * incumbent.held_out_loss:
         return False
     return candidate.held_out_loss < incumbent.held_out_loss

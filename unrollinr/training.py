@@ -270,7 +270,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     zero_losses = None if held_samples is None else data_loss(torch.zeros_like(held_samples), held_samples)
     review = _TvReview(model, config, zero_losses, review_at=iterations // 2)
     retry_stop = None if held_out_bars is None or held_samples is None else _RetryStop(
-        held_out_bars, config.retry_patience, earliest=max(review.review_at, 0) + config.retry_patience)
+        held_out_bars, config.retry_patience)
     bar = tqdm(range(iterations), desc="UnrollINR", unit="it", disable=not _show_progress(progress),
                leave=False)
     iteration = 0
@@ -295,7 +295,9 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
             callback(iteration, x.detach())
         tracker.update(iteration, objective, held_loss, config.patience)  # the weights that gave x, before this step
         if iteration == review.review_at and held_loss is not None:
-            review.raise_poor_slices(held_loss, tracker)
+            raised = review.raise_poor_slices(held_loss, tracker)
+            if retry_stop is not None:
+                retry_stop.wait_after_raise(raised, iteration)
         if retry_stop is not None and held_loss is not None:
             retry_stop.stop_hopeless(iteration, held_loss, tracker)
         if tracker.all_stopped:
@@ -325,12 +327,12 @@ class _TvReview:
     :data:`~unrollinr.safety.WEAK_PREDICTION` times their loss) is left alone: the safety
     net doubts its coil maps, and stronger TV makes an image on wrong maps predict the
     held-out samples as well as a right one (the GE phantom's small field of view: 1.35
-    with TV raised on the first maps, 27.7 dB; 1.36 on the wider maps of the retry, 37.2
-    dB), which would hide the doubt. The objective that chooses a raised slice's iterate
+    with TV raised on the first maps, 1.36 on the wider maps of the retry, whose image is
+    far better), which would hide the doubt. The objective that chooses a raised slice's iterate
     weighs TV by the new weight from then on (``objective_weights``, ``(slices,)``). At the
     end a raised slice whose kept iterate predicts the held-out samples worse than its best
-    before the raise goes back to that one (brain_16ch_96 wrapped: 1.53 against 1.41, 29.21
-    against 29.97 dB), as a retry is kept only if it predicts them better. ``notes`` says,
+    before the raise goes back to that one (brain_16ch_96 wrapped: 1.53 against 1.41), as
+    a retry is kept only if it predicts them better. ``notes`` says,
     per raised slice, what was done and why."""
 
     def __init__(self, model: UnrollINR, config: ReconConfig, zero_losses: torch.Tensor | None,
@@ -344,11 +346,13 @@ class _TvReview:
         self.notes: dict[int, str] = {}
         self.before: dict[int, _SliceBest] = {}
 
-    def raise_poor_slices(self, held_losses: torch.Tensor, tracker: _BestIterates) -> None:
+    def raise_poor_slices(self, held_losses: torch.Tensor, tracker: _BestIterates) -> list[int]:
         """Raise the TV weight of the poorly (not weakly) predicting slices that have not
         stopped, given the current image's held-out losses ``(slices,)``; ``tracker`` starts
-        their choice of iterate afresh, and their best so far is kept aside."""
+        their choice of iterate afresh, and their best so far is kept aside. Returns the
+        slices raised."""
         assert self.lam_s_poor is not None and self.zero_losses is not None
+        raised = []
         for s, share in enumerate((held_losses / self.zero_losses).tolist()):
             if tracker.stopped[s] or not POOR_PREDICTION < share <= WEAK_PREDICTION:
                 continue
@@ -359,6 +363,8 @@ class _TvReview:
             self.notes[s] = (f"TV weight raised to {self.lam_s_poor:g} at iteration {self.review_at}, where the "
                              f"held-out loss was {share:.2f} of the zeros'")
             logger.info("slice %d of the batch: %s", s, self.notes[s])
+            raised.append(s)
+        return raised
 
     def keep_the_better_prediction(self, tracker: _BestIterates) -> None:
         """Put back in ``tracker`` the best iterate before the raise of each raised slice
@@ -376,15 +382,21 @@ class _RetryStop:
     """Stops the slices of a retry that cannot be expected to be kept. A retry is kept only
     where it predicts the held-out samples better than the run it retries, whose held-out
     losses are the ``bars`` (one per slice); a slice whose held-out loss has not reached a
-    new low for ``patience`` steps, and whose lowest is not below its bar, stops, from
-    iteration ``earliest`` on (the TV review's change gets ``patience`` steps too). Where
-    the held-out loss is still falling, the retry runs on (the GE phantom's 2D mask: its
-    wider maps pass the first ones' only in the try's last 10 of 100 steps)."""
+    new low for ``patience`` steps, and whose lowest is not below its bar, stops. A slice
+    whose TV weight the review raises gets ``patience`` steps from the raise
+    (:meth:`wait_after_raise`). Where the held-out loss is still falling, the retry runs
+    on (the GE phantom's 2D mask: its wider maps pass the first ones' late in the try)."""
 
-    def __init__(self, bars: Sequence[float], patience: int, earliest: int) -> None:
-        self.bars, self.patience, self.earliest = list(bars), patience, earliest
+    def __init__(self, bars: Sequence[float], patience: int) -> None:
+        self.bars, self.patience = list(bars), patience
         self.lowest = [math.inf] * len(self.bars)
         self.lowest_at = [0] * len(self.bars)
+
+    def wait_after_raise(self, slices: Sequence[int], iteration: int) -> None:
+        """Give the ``slices`` whose TV weight was raised at ``iteration`` ``patience`` steps
+        from there to reach a new low."""
+        for s in slices:
+            self.lowest_at[s] = iteration
 
     def stop_hopeless(self, iteration: int, held_losses: torch.Tensor, tracker: _BestIterates) -> None:
         """Record the held-out losses ``(slices,)`` of ``iteration`` and stop, in ``tracker``,
@@ -392,8 +404,8 @@ class _RetryStop:
         for s, loss in enumerate(held_losses.tolist()):
             if loss < self.lowest[s]:
                 self.lowest[s], self.lowest_at[s] = loss, iteration
-            if (not tracker.stopped[s] and iteration >= self.earliest
-                    and iteration - self.lowest_at[s] >= self.patience and self.lowest[s] >= self.bars[s]):
+            if (not tracker.stopped[s] and iteration - self.lowest_at[s] >= self.patience
+                    and self.lowest[s] >= self.bars[s]):
                 tracker.stopped[s] = True
                 logger.info("slice %d of the batch stops at iteration %d: its held-out loss, lowest %.4f at "
                             "iteration %d, is not below the %.4f to beat", s, iteration, self.lowest[s],
