@@ -92,6 +92,26 @@ def test_features_are_bilinear_sums_of_table_entries_and_gradients_flow(log2_siz
         assert int(matrix.crow_indices().diff().min()) < 4
 
 
+def test_encodings_of_one_geometry_and_coordinates_share_their_interpolation_plan():
+    from unrollinr import hashgrid
+    from unrollinr.model import pixel_coordinates
+
+    config = {"otype": "HashGrid", "n_levels": 4, "log2_hashmap_size": 8, "base_resolution": 4, "per_level_scale": 2.0}
+    first, second = (GridEncoding(config, generator=torch.Generator().manual_seed(seed)) for seed in (0, 1))
+    coords = pixel_coordinates((20, 24))
+    first(coords)
+    second(coords.clone())  # the same coordinates in another tensor
+    assert first._plan is second._plan
+    for built, shared in zip(first.interpolation_matrices(coords), first._plan, strict=True):
+        assert torch.equal(built.to_dense(), shared.to_dense())
+    other_size = GridEncoding(config)
+    other_size(pixel_coordinates((20, 20)))
+    other_levels = GridEncoding({**config, "n_levels": 3})
+    other_levels(coords)
+    assert len({id(e._plan) for e in (first, other_size, other_levels)}) == 3
+    assert len(hashgrid._plans) <= hashgrid.PLAN_CACHE_SIZE
+
+
 def test_initialisation_is_uniform_in_1e_minus_4():
     encoding = GridEncoding({"n_levels": 4, "log2_hashmap_size": 10}, generator=torch.Generator().manual_seed(0))
     assert encoding.table.abs().max() <= 1e-4

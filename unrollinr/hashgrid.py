@@ -19,14 +19,20 @@ The rules (tiny-cuda-nn ``encodings/grid.h``):
 
 The pure-PyTorch :class:`GridEncoding` is the default (and the only choice on the CPU).
 For a fixed set of coordinates, as in image reconstruction, it precomputes the sparse
-interpolation matrix once, so each forward and backward pass is one sparse product.
+interpolation matrix once, so each forward and backward pass is one sparse product. The
+matrices depend only on the grid's geometry and the coordinates, so encodings that share
+both (the slices of a batch, a slice's retries, the slices of an exam) share them: the
+last :data:`PLAN_CACHE_SIZE` are kept (about 70 MB each at 256 x 256 pixels, 16 levels).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +47,9 @@ _HASH_PRIME_Y = 2654435761
 _UINT32 = 1 << 32
 _INIT_RANGE = 1e-4
 GRID_TYPES = ("HashGrid", "DenseGrid")
+PLAN_CACHE_SIZE = 2
+_plans: OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_plans_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -212,9 +221,26 @@ class GridEncoding(nn.Module):
     def _interpolation_plan(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (coords.data_ptr(), tuple(coords.shape), coords.device, coords._version)
         if self._plan is None or key != self._plan_key:
-            self._plan = self.interpolation_matrices(coords)
+            self._plan = self._shared_plan(coords)
             self._plan_key = key
         return self._plan
+
+    def _shared_plan(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`interpolation_matrices` of ``coords``, from the cache of recent plans when
+        an encoding of the same geometry has built them for the same coordinates."""
+        content = hashlib.blake2b(coords.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest()
+        key = (tuple(self.levels), tuple(coords.shape), str(self.table.device), content)
+        with _plans_lock:
+            plan = _plans.get(key)
+            if plan is not None:
+                _plans.move_to_end(key)
+                return plan
+        plan = self.interpolation_matrices(coords)
+        with _plans_lock:
+            _plans[key] = plan
+            while len(_plans) > PLAN_CACHE_SIZE:
+                _plans.popitem(last=False)
+        return plan
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         """Encode ``(points, 2)`` coordinates in [0, 1] to ``(points, n_output_dims)``."""
