@@ -1,7 +1,7 @@
 """A reconstruction without coil maps: the coil images under joint total variation.
 
 Where the field of view cuts the object at every edge, no coil maps that ESPIRiT can
-estimate explain the data (its model is smooth and periodic; ``bench/RESULTS.md``), and
+estimate explain the data (its model is smooth and periodic; ``bench/HISTORY.md``), and
 every SENSE-type image fails. The coil images themselves need no maps. Their edges are the
 object's, in every coil at the same place, so they are reconstructed together with a
 *joint* TV penalty (the gradient's norm over coils and directions, summed over pixels):

@@ -63,7 +63,7 @@ class ReconConfig:
         cropped maps); ``"cg"`` runs CG; ``"auto"`` is exact where the mask allows it,
         else CG. Each CG solve in training runs ``cg_training_iterations`` iterations,
         warm-started (``cg_warm_start``) from the previous step's solution, and inference
-        runs ``cg_iterations`` (bench/RESULTS.md compares the training setting).
+        runs ``cg_iterations`` (bench/HISTORY.md compares the training setting).
     Loss (``tv_second_order=0, tv_log_scale=0, coil_l1=False`` is the paper's):
         ``tv_second_order`` mixes second-order differences into the TV term (0: first
         order only, 1: second order only); ``tv_log_scale`` > 0 penalises each difference

@@ -81,7 +81,7 @@ def grid_levels(config: dict[str, Any]) -> list[GridLevel]:
     levels = []
     for level in range(int(config.get("n_levels", 16))):
         # the power in float64, rounded to float32 for the rest (tiny-cuda-nn takes log2f and
-        # exp2f in float32: an ulp apart, which can move a level's ceil; see bench/RESULTS.md)
+        # exp2f in float32: an ulp apart, which can move a level's ceil; see bench/HISTORY.md)
         scale = float(torch.tensor(2.0 ** (level * log2_scale), dtype=torch.float32) * base - 1.0)
         resolution = math.ceil(scale) + 1
         size = _next_multiple(resolution**2, 8)
