@@ -104,20 +104,20 @@ class ReconConfig:
         its verdict, from its prior weights for ``retry_iterations`` steps (None: as many as
         the first run): its held-out samples are many, and tell the maps apart (the 2D
         masks of ``bench/robust.py``: bench/RESULTS.md).
-        Then the TV weight is tried again, on the kept run's k-space and maps,
-        from its prior weights (fresh optimiser state), for ``retry_iterations`` steps (at
-        most the first run's; None: as many): ``retry_lam_s_good`` (where below ``lam_s``) where
+        Then the TV weight is tried again, on the kept run's k-space and maps, from its prior
+        weights (fresh optimiser state), for ``retry_iterations`` steps (at most the first
+        run's; None: as many): ``retry_lam_s_good`` (where below ``lam_s``) where
         UnrollINR's image predicts the held-out samples well (the data leave little to the
         prior, and TV only smooths detail away); ``lam_s_poor`` where the image kept
         predicts them poorly and its run did not raise the weight (below). Each retry is
         kept if its returned image predicts the held-out samples better, so a retry stops
         once its held-out loss has not reached a new low for ``retry_patience`` steps while
         above the kept run's (counted from its own TV review, below, where that raised the
-        weight). A slice still
-        doubtful then returns, with ``calibrationless_fallback`` on, the root-sum-of-squares
-        of its coil images reconstructed without maps under joint TV of weight
-        ``calibrationless_weight`` (relative to the zero-filled image's maximum), where that
-        predicts the held-out samples clearly better (:mod:`unrollinr.calibrationless`).
+        weight). A slice still doubtful then returns, with ``calibrationless_fallback`` on,
+        the root-sum-of-squares of its coil images reconstructed without maps under joint TV
+        of weight ``calibrationless_weight`` (relative to the zero-filled image's maximum),
+        where that predicts the held-out samples clearly better
+        (:mod:`unrollinr.calibrationless`).
     TV review (within the run, no retry):
         Halfway through training, a slice whose image predicts the held-out samples poorly,
         but better than barely (weak: its maps in doubt), continues with the TV weight

@@ -326,14 +326,14 @@ class _TvReview:
     gains from stronger TV. A slice that predicts them barely better than zeros (above
     :data:`~unrollinr.safety.WEAK_PREDICTION` times their loss) is left alone: the safety
     net doubts its coil maps, and stronger TV makes an image on wrong maps predict the
-    held-out samples as well as a right one (the GE phantom's small field of view: 1.35
-    with TV raised on the first maps, 1.36 on the wider maps of the retry, whose image is
-    far better), which would hide the doubt. The objective that chooses a raised slice's iterate
+    held-out samples as well as a right one (the GE phantom's small field of view: 1.35 with
+    TV raised on the first maps, 1.36 on the wider maps of the retry, whose image is far
+    better), which would hide the doubt. The objective that chooses a raised slice's iterate
     weighs TV by the new weight from then on (``objective_weights``, ``(slices,)``). At the
     end a raised slice whose kept iterate predicts the held-out samples worse than its best
-    before the raise goes back to that one (brain_16ch_96 wrapped: 1.53 against 1.41), as
-    a retry is kept only if it predicts them better. ``notes`` says,
-    per raised slice, what was done and why."""
+    before the raise goes back to that one (brain_16ch_96 wrapped: 1.53 against 1.41), as a
+    retry is kept only if it predicts them better. ``notes`` says, per raised slice, what
+    was done and why."""
 
     def __init__(self, model: UnrollINR, config: ReconConfig, zero_losses: torch.Tensor | None,
                  review_at: int) -> None:
