@@ -391,12 +391,13 @@ class _RetryStop:
         self.bars, self.patience = list(bars), patience
         self.lowest = [math.inf] * len(self.bars)
         self.lowest_at = [0] * len(self.bars)
+        self.raised_at = [0] * len(self.bars)
 
     def wait_after_raise(self, slices: Sequence[int], iteration: int) -> None:
         """Give the ``slices`` whose TV weight was raised at ``iteration`` ``patience`` steps
         from there to reach a new low."""
         for s in slices:
-            self.lowest_at[s] = iteration
+            self.raised_at[s] = iteration
 
     def stop_hopeless(self, iteration: int, held_losses: torch.Tensor, tracker: _BestIterates) -> None:
         """Record the held-out losses ``(slices,)`` of ``iteration`` and stop, in ``tracker``,
@@ -404,8 +405,8 @@ class _RetryStop:
         for s, loss in enumerate(held_losses.tolist()):
             if loss < self.lowest[s]:
                 self.lowest[s], self.lowest_at[s] = loss, iteration
-            if (not tracker.stopped[s] and iteration - self.lowest_at[s] >= self.patience
-                    and self.lowest[s] >= self.bars[s]):
+            waited = iteration - max(self.lowest_at[s], self.raised_at[s])
+            if not tracker.stopped[s] and waited >= self.patience and self.lowest[s] >= self.bars[s]:
                 tracker.stopped[s] = True
                 logger.info("slice %d of the batch stops at iteration %d: its held-out loss, lowest %.4f at "
                             "iteration %d, is not below the %.4f to beat", s, iteration, self.lowest[s],
