@@ -114,18 +114,43 @@ def test_every_ablation_runs_and_improves_on_zero_filled(problem, overrides):
 def test_the_default_iteration_count_follows_the_image_size(problem):
     measured, mask, _ = problem
     no_retry = dict(retry_lam_s_good=ReconConfig.lam_s, lam_s_poor=ReconConfig.lam_s)  # a TV retry runs fewer
-    _, result = reconstruct_with_details(measured, mask, config=ReconConfig(hidden_width=16, hash_levels=4, **no_retry))
-    assert result.iterations == len(result.history) == 200
+    config = ReconConfig(hidden_width=16, hash_levels=4, **no_retry)
+    _, result = reconstruct_with_details(measured, mask, config=config)
+    assert result.iterations == len(result.history) == 200 + config.refine_steps(200)  # then the refinement
 
 
 def test_the_safety_net_keeps_a_good_unrollinr_image_and_records_the_held_out_loss(problem):
     measured, mask, reference = problem
-    image, result = reconstruct_with_details(measured, mask, config=ReconConfig(**FAST, holdout_fraction=0.15))
+    config = ReconConfig(**FAST, holdout_fraction=0.15)
+    image, result = reconstruct_with_details(measured, mask, config=config)
     assert result.returned == "unrollinr"
     assert "predicts held-out k-space best" in result.verdicts[0].reason
-    assert all(np.isfinite(h["holdout"]) for h in result.history)
+    held_out_steps = config.iterations
+    assert result.iterations == held_out_steps + config.refine_steps(held_out_steps)
+    assert all(np.isfinite(h["holdout"]) for h in result.history[:held_out_steps])
+    assert all("holdout" not in h for h in result.history[held_out_steps:])  # the refinement on every sample
     maps = espirit_maps(measured, mask)
     assert psnr(reference, image) > psnr(reference, cg_sense(measured, mask, maps, iterations=10)) + 1
+
+
+def test_the_refinement_on_every_sample_changes_the_image_and_leaves_the_held_out_choice_alone(problem):
+    from unrollinr.recon import reconstruct_prepared
+
+    measured, mask, reference = problem
+    config = ReconConfig(iterations=45, cg_iterations=8, mlp_precision="float32", refine_fraction=1 / 3)
+    held_out_only = ReconConfig(**{**config.__dict__, "refine_fraction": 0.0})
+    maps = espirit_maps(measured, mask, sets=2, crop=config.espirit_crop)[None]
+    refined, with_refinement = reconstruct_prepared(measured[None], mask[None], maps, config)
+    unrefined, without = reconstruct_prepared(measured[None], mask[None], maps, held_out_only)
+    assert with_refinement.iterations == 60 and without.iterations == 45
+    # the same 45 steps with samples held out: the same kept iterate, weights and verdict
+    assert with_refinement.best_iterations == without.best_iterations
+    assert with_refinement.verdicts == without.verdicts
+    for name, value in without.parameters.items():
+        torch.testing.assert_close(with_refinement.parameters[name], value)
+    # then 15 steps that see the held-out lines too
+    assert np.abs(refined - unrefined).max() > 0.01 * np.abs(unrefined).max()
+    assert psnr(reference, refined[0]) > psnr(reference, unrefined[0])
 
 
 def test_a_fading_tv_weight_stops_training_at_the_best_fixed_weight_objective(problem):
@@ -495,7 +520,7 @@ def test_a_retry_stops_once_its_held_out_loss_stops_falling_above_the_loss_to_be
     runs = {bar: reconstruct_prepared(measured[None], mask[None], maps, config, held_out_bars=[bar])[1]
             for bar in (0.0, math.inf)}
     beaten_at_once, unbeatable = runs[math.inf], runs[0.0]
-    assert beaten_at_once.iterations == 300
+    assert beaten_at_once.iterations == 300 + config.refine_steps(300)
     held_out = [h["holdout"] for h in unbeatable.history]
     stop, lowest_at = unbeatable.iterations - 1, int(np.argmin(held_out))
     assert stop == lowest_at + config.retry_patience < 299  # retry_patience steps after the lowest

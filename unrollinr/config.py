@@ -72,17 +72,23 @@ class ReconConfig:
         norm in the l1 term instead of each coil's entry (:mod:`unrollinr.loss`).
     Training:
         Adam at ``lr`` for the prior and ``lr_lam``/``lr_lam_s`` for the log-weights,
-        at most ``iterations`` steps; None picks them by image size, 200 up to 256 x 256 and
-        300 above (:func:`auto_iterations`). The iterate with the lowest loss at the
-        initial TV weight ``lam_s`` is kept (the learned weight only falls, and the loss
-        with it, so the loss itself would keep "improving" while TV fades and the image
-        fills with noise). ``patience`` steps without improvement stop a slice.
+        at most ``iterations`` steps (then the refinement, under "Safety net"); None picks
+        them by image size, 200 up to 256 x 256 and 300 above (:func:`auto_iterations`).
+        The iterate with the lowest loss at the initial TV weight ``lam_s`` is kept (the
+        learned weight only falls, and the loss with it, so the loss itself would keep
+        "improving" while TV fades and the image fills with noise). ``patience`` steps
+        without improvement stop a slice.
     Safety net (:mod:`unrollinr.safety`):
         ``holdout_fraction`` of the measured phase-encode lines outside the ACS (of the
         samples, for 2D masks; at least one) is held out of training. At the end each
         slice returns UnrollINR's image, SENSE's, or the zero-filled root-sum-of-squares,
         whichever predicts the held-out samples best; the final DC step uses every sample.
-        0 turns the net off.
+        0 turns the net off. Once the held-out samples have chosen the iterate and judged
+        it, the slices that return UnrollINR's image (and did not stop early) train
+        ``refine_fraction`` times as many steps more on every sample, the held-out ones
+        too, from the iterate chosen; the step with the lowest loss on every sample is
+        kept. A prior trained without the held-out lines misses what they alone measure,
+        and how much depends on which lines were drawn (bench/RESULTS.md).
     Image support:
         ``zero_outside_maps`` zeroes ``z`` where the coil maps vanish (no data constrain
         the image there); off, the prior fills those pixels smoothly.
@@ -164,6 +170,7 @@ class ReconConfig:
     lr_lam: float = 1e-3
     lr_lam_s: float = 1e-3
     holdout_fraction: float = 0.05
+    refine_fraction: float = 0.1
     patience: int = 100
     retry_iterations: int | None = None
     retry_patience: int = 20
@@ -210,6 +217,8 @@ class ReconConfig:
             raise ValueError(f"tv_second_order must be in [0, 1], got {self.tv_second_order}")
         if not 0 <= self.holdout_fraction < 0.5:
             raise ValueError(f"holdout_fraction must be in [0, 0.5), got {self.holdout_fraction}")
+        if not 0 <= self.refine_fraction <= 1:
+            raise ValueError(f"refine_fraction must be in [0, 1], got {self.refine_fraction}")
         for name in ("espirit_crop", "espirit_retry_crop"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -268,6 +277,11 @@ class ReconConfig:
     def training_iterations(self, image_size: int) -> int:
         """Adam steps for images whose larger side is ``image_size``."""
         return self.iterations or auto_iterations(image_size)
+
+    def refine_steps(self, iterations: int) -> int:
+        """The steps on every sample after a run of ``iterations`` steps with samples held
+        out: ``refine_fraction`` as many."""
+        return round(self.refine_fraction * iterations)
 
     def retry_steps(self, image_size: int) -> int:
         """Adam steps of a retry from a run's prior weights: ``retry_iterations``, at most
@@ -330,8 +344,8 @@ SECTIONS = {
            "cg_warm_start", "zero_outside_maps"),
     "loss": ("lam_s", "tv", "tv_second_order", "tv_log_scale", "coil_l1", "lam_s_poor",
              "retry_lam_s_good"),
-    "training": ("iterations", "lr", "lr_lam", "lr_lam_s", "holdout_fraction", "patience", "retry_iterations",
-                 "retry_patience", "calibrationless_fallback", "calibrationless_weight", "seed"),
+    "training": ("iterations", "lr", "lr_lam", "lr_lam_s", "holdout_fraction", "refine_fraction", "patience",
+                 "retry_iterations", "retry_patience", "calibrationless_fallback", "calibrationless_weight", "seed"),
     "maps": ("espirit_calib_width", "espirit_kernel_width", "espirit_thresh", "espirit_crop", "espirit_sets",
              "retry_wider_maps", "espirit_retry_crop", "espirit_retry_thresh", "coil_compression"),
 }

@@ -45,14 +45,15 @@ class FitResult:
     ``image`` and ``prior`` are ``(slices, sets, y, x)`` complex, on the scale of the
     k-space that was fitted (the fit's image: where ``verdicts`` name the calibrationless
     fallback, :func:`~unrollinr.recon.reconstruct_with_details` returns that instead).
-    ``iterations`` is the number run, ``best_iterations`` the iterate kept per slice,
-    ``verdicts`` the safety net's choice per slice (:mod:`unrollinr.safety`). ``history``
-    holds one dict per iteration, summed over the slices (``loss``; ``objective``, the loss
-    at the initial TV weight ``config.lam_s``, which early stopping watches unless there is
-    a holdout; ``holdout``; ``lam``, ``lam_s``); ``parameters`` the trained weights that
-    gave ``image`` (by :meth:`torch.nn.Module.named_parameters` name), which :func:`fit` can
-    start from; ``held_out`` the ``(slices, ky, kx)`` samples held out of training
-    (``None``: none).
+    ``iterations`` is the number run, the refinement on every sample included,
+    ``best_iterations`` the iterate kept per slice before it, ``verdicts`` the safety net's
+    choice per slice (:mod:`unrollinr.safety`). ``history`` holds one dict per iteration,
+    summed over the slices (``loss``; ``objective``, the loss at the initial TV weight
+    ``config.lam_s``, which early stopping watches; ``holdout``, but for the refinement's
+    steps; ``lam``, ``lam_s``); ``parameters`` the weights of the kept iterate before the
+    refinement, blind to the held-out samples (by :meth:`torch.nn.Module.named_parameters`
+    name), which :func:`fit` can start from; ``held_out`` the ``(slices, ky, kx)`` samples
+    held out of training (``None``: none).
     """
 
     @property
@@ -150,11 +151,7 @@ def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor,
     slice ``s``'s prior is initialised with ``seeds[s]`` (default :func:`slice_seeds`)."""
     n_slices, n_sets, n_y, n_x = op.image_shape
     device = kspace.device
-    dc = None
-    if config.data_consistency:
-        dc = DataConsistency(op, kspace, iterations=min(config.cg_training_iterations, config.cg_iterations),
-                             tolerance=config.cg_tolerance,
-                             warm_start=config.cg_warm_start, column_solver=exact_solver(config, op))
+    dc = _training_dc(config, op, kspace) if config.data_consistency else None
     priors: list[nn.Module] | None = None
     if config.regularizer == "inr":
         seeds = slice_seeds(config, n_slices) if seeds is None else seeds
@@ -166,6 +163,14 @@ def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor,
     if not config.zero_outside_maps:
         support[:, 0] = True  # the first set's prior fills the background smoothly
     return UnrollINR(priors, dc, support, config.lam, config.lam_s).to(device)
+
+
+def _training_dc(config: ReconConfig, op: SenseOp, kspace: torch.Tensor) -> DataConsistency:
+    """The DC step of training for ``op`` and its measured ``kspace`` ``(slices, coils, ky, kx)``:
+    a few warm-started CG iterations, or the exact solver."""
+    return DataConsistency(op, kspace, iterations=min(config.cg_training_iterations, config.cg_iterations),
+                           tolerance=config.cg_tolerance, warm_start=config.cg_warm_start,
+                           column_solver=exact_solver(config, op))
 
 
 def exact_solver(config: ReconConfig, op: SenseOp) -> ColumnSolver | None:
@@ -267,30 +272,37 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     tracker = _BestIterates(model)
     history: list[dict[str, float]] = []
     iterations = config.training_iterations(max(op.image_shape[-2:]))
+    refine_steps = config.refine_steps(iterations) if held_op is not None else 0
     zero_losses = None if held_samples is None else data_loss(torch.zeros_like(held_samples), held_samples)
     review = _TvReview(model, config, zero_losses, review_at=iterations // 2)
     retry_stop = None if held_out_bars is None or held_samples is None else _RetryStop(
         held_out_bars, config.retry_patience)
+
+    def losses(sampled: SenseOp, samples: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per slice, the loss of the image ``x`` on ``sampled``'s ``samples`` and its objective
+        (the loss at the TV weights the objective uses, detached): both ``(slices,)``."""
+        data = data_loss(sampled.measure(x), samples)
+        penalty = edge_penalty(x) / tv_scale if config.tv else torch.zeros_like(data)
+        return data + model.lam_s * penalty, (data + review.objective_weights * penalty).detach()
+
+    def record(loss: torch.Tensor, objective: torch.Tensor) -> dict[str, float]:
+        return {"loss": float(loss.detach().sum()), "objective": float(objective.sum()),
+                "lam": float(model.lam.detach().mean()), "lam_s": float(model.lam_s.detach().mean())}
+
     bar = tqdm(range(iterations), desc="UnrollINR", unit="it", disable=not _show_progress(progress),
                leave=False)
     iteration = 0
     for iteration in bar:
         optimizer.zero_grad(set_to_none=True)
         x, _ = model(like)
-        data = data_loss(train_op.measure(x), train_samples)
-        penalty = edge_penalty(x) / tv_scale if config.tv else torch.zeros_like(data)
-        loss = data + model.lam_s * penalty
+        loss, objective = losses(train_op, train_samples, x)
         loss.sum().backward()
-
-        objective = (data + review.objective_weights * penalty).detach()
-        record = {"loss": float(loss.detach().sum()), "objective": float(objective.sum()),
-                  "lam": float(model.lam.detach().mean()), "lam_s": float(model.lam_s.detach().mean())}
+        history.append(record(loss, objective))
         held_loss = None
         if held_op is not None and held_samples is not None:
             with torch.no_grad():
                 held_loss = data_loss(held_op.measure(x), held_samples)
-            record["holdout"] = float(held_loss.sum())
-        history.append(record)
+            history[-1]["holdout"] = float(held_loss.sum())
         if callback is not None:
             callback(iteration, x.detach())
         tracker.update(iteration, objective, held_loss, config.patience)  # the weights that gave x, before this step
@@ -304,7 +316,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
             logger.info("early stop at iteration %d (best %s)", iteration, tracker.best_iterations)
             break
         optimizer.step()
-        bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", refresh=False)
     bar.close()
     review.keep_the_better_prediction(tracker)
     model.load_state_dict(tracker.best_state, strict=False)
@@ -312,7 +324,29 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
                          held_samples, zero_losses, data_loss)
     verdicts = [dataclasses.replace(v, reason=f"{v.reason}; {review.notes[s]}", tv_raised=True)
                 if s in review.notes else v for s, v in enumerate(verdicts)]
-    result = _final_pass(model, op, kspace, config, like, start, history, iteration + 1, tracker.best_iterations,
+    iterations_run = iteration + 1
+    refined = [v.returned == UNROLLINR and not stopped for v, stopped in zip(verdicts, tracker.stopped, strict=True)]
+    if refine_steps and any(refined):
+        # The held-out samples have chosen the iterate and judged it; they now join training.
+        model.dc = _training_dc(config, op, kspace)
+        refiner = _BestIterates(model, frozen=[not r for r in refined])
+        all_samples = op.samples(kspace)
+        for step in range(refine_steps):
+            optimizer.zero_grad(set_to_none=True)
+            x, _ = model(like)
+            loss, objective = losses(op, all_samples, x)
+            loss[torch.tensor(refined, device=loss.device)].sum().backward()
+            history.append(record(loss, objective))
+            if callback is not None:
+                callback(iterations_run, x.detach())
+            refiner.update(iterations_run, objective, None, config.patience)
+            iterations_run += 1
+            if step < refine_steps - 1:
+                optimizer.step()
+        model.load_state_dict(refiner.best_state, strict=False)
+        logger.info("slices %s of the batch trained on every sample for %d more steps",
+                    [s for s, r in enumerate(refined) if r], refine_steps)
+    result = _final_pass(model, op, kspace, config, like, start, history, iterations_run, tracker.best_iterations,
                          tracker.best_state, verdicts)
     result.held_out = None if held_op is None else held_op.mask
     return result
@@ -427,19 +461,20 @@ class _BestIterates:
     """Per slice: the best objective so far, its iteration, the weights that gave it and
     their held-out loss, and whether the slice has stopped (``patience`` iterations
     without improvement). A stopped slice's choice is final, whatever its later iterates
-    score, so that it matches the slice trained alone.
+    score, so that it matches the slice trained alone. Slices ``frozen`` start stopped, with
+    the model's weights at construction as their choice.
 
     The objective, not the held-out loss, chooses the iterate: the held-out loss of a few
     lines flattens early while the image keeps improving (bench/HISTORY.md). The held-out
     loss serves the safety net."""
 
-    def __init__(self, model: UnrollINR) -> None:
+    def __init__(self, model: UnrollINR, frozen: Sequence[bool] | None = None) -> None:
         self.model = model
         n_slices = model.log_lam.shape[0]
         self.best_objectives = [float("inf")] * n_slices
         self.held_losses = torch.full((n_slices,), float("nan"))
         self.best_iterations = [0] * n_slices
-        self.stopped = [False] * n_slices
+        self.stopped = [False] * n_slices if frozen is None else list(frozen)
         self.best_state = _parameters(model)
 
     @property
