@@ -135,6 +135,14 @@ def test_a_retry_runs_as_long_as_the_first_run_unless_capped():
     assert ReconConfig.from_strings({"training.retry_iterations": "auto"}).retry_iterations is None
 
 
+def test_the_refinement_on_every_sample_is_a_share_of_the_held_out_steps():
+    assert [ReconConfig().refine_steps(n) for n in (200, 300, 45)] == [20, 30, 4]
+    assert ReconConfig.from_strings({"training.refine_fraction": "0"}).refine_steps(200) == 0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="refine_fraction"):
+            ReconConfig(refine_fraction=bad)
+
+
 def test_tv_off_needs_the_background_zeroed():
     with pytest.raises(ValueError, match="zero_outside_maps"):
         ReconConfig(tv=False)
