@@ -344,8 +344,10 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
             if step < refine_steps - 1:
                 optimizer.step()
         model.load_state_dict(refiner.best_state, strict=False)
-        logger.info("slices %s of the batch trained on every sample for %d more steps",
-                    [s for s, r in enumerate(refined) if r], refine_steps)
+        note = f"then {refine_steps} steps more on every sample, the held-out ones too"
+        verdicts = [dataclasses.replace(v, reason=f"{v.reason}; {note}") if r else v
+                    for v, r in zip(verdicts, refined, strict=True)]
+        logger.info("slices %s of the batch: %s", [s for s, r in enumerate(refined) if r], note)
     result = _final_pass(model, op, kspace, config, like, start, history, iterations_run, tracker.best_iterations,
                          tracker.best_state, verdicts)
     result.held_out = None if held_op is None else held_op.mask
