@@ -86,8 +86,8 @@ class ReconConfig:
         0 turns the net off. Once the held-out samples have chosen the iterate and judged
         it, the slices that return UnrollINR's image (and did not stop early) train
         ``refine_fraction`` times as many steps more on every sample, the held-out ones
-        too, from the iterate chosen; the step with the lowest loss on every sample is
-        kept. A prior trained without the held-out lines misses what they alone measure,
+        too, from the iterate chosen; the step with the lowest objective (above) on every
+        sample is kept. A prior trained without the held-out lines misses what they alone measure,
         and how much depends on which lines were drawn (bench/RESULTS.md).
     Image support:
         ``zero_outside_maps`` zeroes ``z`` where the coil maps vanish (no data constrain

@@ -331,11 +331,12 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         model.dc = _training_dc(config, op, kspace)
         refiner = _BestIterates(model, frozen=[not r for r in refined])
         all_samples = op.samples(kspace)
+        trained = torch.tensor(refined, device=all_samples.device)
         for step in range(refine_steps):
             optimizer.zero_grad(set_to_none=True)
             x, _ = model(like)
             loss, objective = losses(op, all_samples, x)
-            loss[torch.tensor(refined, device=loss.device)].sum().backward()
+            loss[trained].sum().backward()
             history.append(record(loss, objective))
             if callback is not None:
                 callback(iterations_run, x.detach())
@@ -606,7 +607,8 @@ def _final_pass(model: UnrollINR, op: SenseOp, kspace: torch.Tensor, config: Rec
     not UnrollINR get SENSE (the DC step with a zero prior) or the zero-filled
     root-sum-of-squares, in the first set of maps, instead."""
     if model.dc is not None:  # config.data_consistency
-        # Without a holdout training used this operator: its exact solver carries over.
+        # Where training ended on this operator (no holdout, or the refinement on every
+        # sample), its exact solver carries over.
         solver = model.dc.column_solver if model.dc.op is op else exact_solver(config, op)
         model.dc = _inference_dc(config, op, kspace, solver)
     with torch.no_grad():
