@@ -10,6 +10,7 @@ from torch import nn
 from unrollinr.cg import DataConsistency
 from unrollinr.config import ReconConfig
 from unrollinr.hashgrid import make_grid_encoding
+from unrollinr.mlp import relu_mlp
 
 
 def pixel_coordinates(shape: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
@@ -52,8 +53,9 @@ class INRImage(nn.Module):
 
     ``shape`` is ``(sets, y, x)``: the MLP has a complex output per set of coil maps, all
     from one encoding. ``forward()`` returns the complex images ``(sets, y, x)``. The MLP
-    runs under autocast in ``compute_dtype`` (weights, the encoding and the output stay
-    float32).
+    (``mlp``, an ``nn.Sequential`` of ``Linear`` and ``ReLU``) computes in
+    ``compute_dtype`` through :func:`unrollinr.mlp.relu_mlp` (weights, the encoding and
+    the output stay float32).
     """
 
     coords: torch.Tensor
@@ -74,11 +76,10 @@ class INRImage(nn.Module):
     def forward(self) -> torch.Tensor:
         """The prior images ``(sets, y, x)``, complex64."""
         features = self.encoding(self.coords)
-        with torch.autocast(self.coords.device.type, dtype=self.compute_dtype,
-                            enabled=self.compute_dtype != torch.float32):
-            out = self.mlp(features)
+        layers = [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
+        out = relu_mlp(features, layers, self.compute_dtype)
         n_sets, n_y, n_x = self.shape
-        pairs = out.float().reshape(n_y, n_x, n_sets, 2).permute(2, 0, 1, 3)
+        pairs = out.reshape(n_y, n_x, n_sets, 2).permute(2, 0, 1, 3)
         return torch.view_as_complex(pairs.contiguous())
 
 

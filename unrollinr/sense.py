@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from unrollinr.coil_products import CoilProducts
 from unrollinr.fft import centred_dft_matrix, fft2c, fftc, ifft2c
 
 _IMAGE_DIMS = (-2, -1)
@@ -64,14 +65,10 @@ class SenseOp(nn.Module):
 
     maps: torch.Tensor
     mask: torch.Tensor
-    maps_fft_order: torch.Tensor
-    maps_fft_order_conj: torch.Tensor
     mask_fft_order: torch.Tensor
     rows: torch.Tensor
     rows_h: torch.Tensor
     row_indices: torch.Tensor
-    maps_yc: torch.Tensor
-    maps_yc_conj: torch.Tensor
 
     def __init__(self, maps: torch.Tensor, mask: torch.Tensor) -> None:
         super().__init__()
@@ -84,17 +81,17 @@ class SenseOp(nn.Module):
         self.register_buffer("maps", maps)
         self.register_buffer("mask", mask.to(torch.bool))
         self.line_mask = is_line_mask(self.mask)
+        self.coil_products: CoilProducts  # coil images in FFT order (slices, coils, y, x), or (slices, y, coils, x)
         if not self.line_mask:
-            self.register_buffer("maps_fft_order", torch.fft.ifftshift(maps, dim=_IMAGE_DIMS))
-            self.register_buffer("maps_fft_order_conj", self.maps_fft_order.conj().resolve_conj())
+            self.coil_products = CoilProducts(torch.fft.ifftshift(maps, dim=_IMAGE_DIMS), coil_axis=1, y_axis=2,
+                                              x_axis=3)
             self.register_buffer("mask_fft_order", torch.fft.ifftshift(self.mask, dim=_IMAGE_DIMS).unsqueeze(1))
         else:
             rows, indices = self._sampled_dft_rows()
             self.register_buffer("rows", rows)
             self.register_buffer("rows_h", rows.mH.resolve_conj().contiguous())
             self.register_buffer("row_indices", indices)
-            self.register_buffer("maps_yc", maps.permute(0, 1, 3, 2, 4).contiguous())
-            self.register_buffer("maps_yc_conj", self.maps_yc.conj().resolve_conj())
+            self.coil_products = CoilProducts(maps.permute(0, 1, 3, 2, 4), coil_axis=2, y_axis=1, x_axis=3)
 
     def _sampled_dft_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``P`` ``(slices, K, y)``: the sampled rows of the centred DFT, zero-padded to the
@@ -140,21 +137,19 @@ class SenseOp(nn.Module):
         if not self.line_mask:
             kspace = self._kspace_fft_order(image)
             projected = torch.fft.ifft2(kspace, norm="ortho")
-            combined = (self.maps_fft_order_conj * projected.unsqueeze(1)).sum(dim=2)
-            return torch.fft.fftshift(combined, dim=_IMAGE_DIMS)
-        n_slices, _, n_y, n_coils, n_x = self.maps_yc.shape
-        projected = (self.rows_h @ (self.rows @ self._coil_rows(image))).reshape(n_slices, 1, n_y, n_coils, n_x)
-        return (self.maps_yc_conj * projected).sum(dim=3)
+            return torch.fft.fftshift(self.coil_products.contract(projected), dim=_IMAGE_DIMS)
+        n_slices, _, n_y, _ = image.shape
+        projected = self.rows_h @ (self.rows @ self._coil_rows(image))
+        return self.coil_products.contract(projected.reshape(n_slices, n_y, -1, image.shape[-1]))
 
     def _coil_rows(self, image: torch.Tensor) -> torch.Tensor:
         """Coil images ``C x`` laid out ``(slices, y, coils * x)`` for the row products."""
         n_slices, _, n_y, _ = image.shape
-        return (self.maps_yc * image.unsqueeze(3)).sum(dim=1).reshape(n_slices, n_y, -1)
+        return self.coil_products.expand(image).reshape(n_slices, n_y, -1)
 
     def _kspace_fft_order(self, image: torch.Tensor) -> torch.Tensor:
         """``M F C x`` in FFT order (DC at index 0), ``(slices, coils, ky, kx)``; 2D masks."""
-        shifted = torch.fft.ifftshift(image, dim=_IMAGE_DIMS).unsqueeze(2)
-        coil_images = (self.maps_fft_order * shifted).sum(dim=1)
+        coil_images = self.coil_products.expand(torch.fft.ifftshift(image, dim=_IMAGE_DIMS))
         return torch.fft.fft2(coil_images, norm="ortho") * self.mask_fft_order
 
     def measure(self, image: torch.Tensor) -> torch.Tensor:

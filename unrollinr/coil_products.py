@@ -1,0 +1,120 @@
+"""Coil images from set images and back, each set of maps only where it is non-zero.
+
+ESPIRiT's second set of maps (soft SENSE) is non-zero only where one sensitivity vector
+does not explain the data: nowhere for most objects well inside the field of view, a few
+percent of the image for others. Multiplying every pixel of every set would spend half
+of the work of ``C x`` and ``C^H c`` on zeros. Here each set's maps are applied on the
+bounding box of their support in each slice, and a set with no support is skipped.
+Outside the boxes the maps are zero, so the results are those of the full products.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+Box = tuple[slice, slice]  # (y range, x range)
+
+
+class CoilProducts(nn.Module):
+    """``C x`` and ``C^H c`` for maps laid out ``(slices, sets, *coil_layout)``.
+
+    Parameters
+    ----------
+    maps
+        ``(slices, sets, ...)``: each set's maps in the layout of the coil images, e.g.
+        ``(slices, sets, y, coils, x)`` for coil images ``(slices, y, coils, x)``.
+    coil_axis, y_axis, x_axis
+        Where the coils, ``y`` and ``x`` are in the coil images' layout (``maps[:, s]``).
+
+    The boxes are each slice's own, and each slice is computed on its own, so that a slice
+    gets the same numbers in a batch as alone (vectorised loops round the last elements of
+    a row differently when the row's length changes). Both products are autograd functions
+    whose backward pass is the other one (its adjoint).
+    """
+
+    maps: torch.Tensor
+    maps_conj: torch.Tensor
+
+    def __init__(self, maps: torch.Tensor, *, coil_axis: int, y_axis: int, x_axis: int) -> None:
+        super().__init__()
+        self.register_buffer("maps", maps.contiguous())
+        self.register_buffer("maps_conj", maps.conj().resolve_conj().contiguous())
+        # axes within one slice's coil images
+        self.coil_axis, self.y_axis, self.x_axis = coil_axis - 1, y_axis - 1, x_axis - 1
+        self.boxes = [_support_boxes(slice_maps, self.y_axis, self.x_axis) for slice_maps in maps]
+
+    def _box_index(self, box: Box) -> tuple[slice, ...]:
+        """The index of ``box`` in one slice's coil images."""
+        index = [slice(None)] * (self.maps.ndim - 2)
+        index[self.y_axis], index[self.x_axis] = box
+        return tuple(index)
+
+    def expand(self, images: torch.Tensor) -> torch.Tensor:
+        """``C x``: set images ``(slices, sets, y, x)`` to coil images in the maps' layout."""
+        return _Expand.apply(images, self)
+
+    def contract(self, coil_images: torch.Tensor) -> torch.Tensor:
+        """``C^H c``: coil images in the maps' layout to set images ``(slices, sets, y, x)``."""
+        return _Contract.apply(coil_images, self)
+
+    def _expand(self, images: torch.Tensor) -> torch.Tensor:
+        coil_images = self.maps.new_zeros(self.maps[:, 0].shape, dtype=torch.promote_types(self.maps.dtype,
+                                                                                              images.dtype))
+        for slice_index, boxes in enumerate(self.boxes):
+            for set_index, box in boxes:
+                index = self._box_index(box)
+                product = self.maps[slice_index, set_index][index] * images[slice_index, set_index][box].unsqueeze(
+                    self.coil_axis)
+                coil_images[slice_index][index] += product
+        return coil_images
+
+    def _contract(self, coil_images: torch.Tensor) -> torch.Tensor:
+        n_slices, n_sets = self.maps.shape[:2]
+        n_y, n_x = self.maps.shape[self.y_axis + 2], self.maps.shape[self.x_axis + 2]
+        images = coil_images.new_zeros((n_slices, n_sets, n_y, n_x))
+        for slice_index, boxes in enumerate(self.boxes):
+            for set_index, box in boxes:
+                index = self._box_index(box)
+                product = self.maps_conj[slice_index, set_index][index] * coil_images[slice_index][index]
+                images[slice_index, set_index][box] = product.sum(dim=self.coil_axis)
+        return images
+
+
+def _support_boxes(maps: torch.Tensor, y_axis: int, x_axis: int) -> list[tuple[int, Box]]:
+    """``(set, (y range, x range))`` for each set of one slice's maps ``(sets, ...)`` that is
+    non-zero somewhere: the bounding box of where it is."""
+    boxes = []
+    for set_index, set_maps in enumerate(maps):
+        nonzero = set_maps != 0
+        rows = torch.nonzero(nonzero.any(dim=tuple(d for d in range(nonzero.ndim) if d != y_axis))).flatten()
+        if rows.numel() == 0:
+            continue
+        columns = torch.nonzero(nonzero.any(dim=tuple(d for d in range(nonzero.ndim) if d != x_axis))).flatten()
+        boxes.append((set_index, (slice(int(rows[0]), int(rows[-1]) + 1),
+                                  slice(int(columns[0]), int(columns[-1]) + 1))))
+    return boxes
+
+
+class _Expand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, images: torch.Tensor, products: CoilProducts) -> torch.Tensor:  # type: ignore[override]
+        ctx.products = products
+        return products._expand(images)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return ctx.products._contract(grad), None
+
+
+class _Contract(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, coil_images: torch.Tensor, products: CoilProducts) -> torch.Tensor:  # type: ignore[override]
+        ctx.products = products
+        return products._contract(coil_images)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return ctx.products._expand(grad), None
