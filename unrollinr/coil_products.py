@@ -45,6 +45,7 @@ class CoilProducts(nn.Module):
         # axes within one slice's coil images
         self.coil_axis, self.y_axis, self.x_axis = coil_axis - 1, y_axis - 1, x_axis - 1
         self.boxes = [_support_boxes(slice_maps, self.y_axis, self.x_axis) for slice_maps in maps]
+        self.whole: Box = (slice(0, maps.shape[y_axis + 1]), slice(0, maps.shape[x_axis + 1]))
 
     def _box_index(self, box: Box) -> tuple[slice, ...]:
         """The index of ``box`` in one slice's coil images."""
@@ -61,14 +62,20 @@ class CoilProducts(nn.Module):
         return _Contract.apply(coil_images, self)
 
     def _expand(self, images: torch.Tensor) -> torch.Tensor:
-        coil_images = self.maps.new_zeros(self.maps[:, 0].shape, dtype=torch.promote_types(self.maps.dtype,
+        coil_images = self.maps.new_empty(self.maps[:, 0].shape, dtype=torch.promote_types(self.maps.dtype,
                                                                                               images.dtype))
         for slice_index, boxes in enumerate(self.boxes):
-            for set_index, box in boxes:
+            target = coil_images[slice_index]
+            if not boxes or boxes[0][1] != self.whole:
+                target.zero_()
+            for number, (set_index, box) in enumerate(boxes):
                 index = self._box_index(box)
-                product = self.maps[slice_index, set_index][index] * images[slice_index, set_index][box].unsqueeze(
-                    self.coil_axis)
-                coil_images[slice_index][index] += product
+                maps = self.maps[slice_index, set_index][index]
+                image = images[slice_index, set_index][box].unsqueeze(self.coil_axis)
+                if number == 0:  # written, not added: one pass over the coil images fewer
+                    torch.mul(maps, image, out=target[index])
+                else:
+                    target[index] += maps * image
         return coil_images
 
     def _contract(self, coil_images: torch.Tensor) -> torch.Tensor:
