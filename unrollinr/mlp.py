@@ -1,11 +1,11 @@
 """The prior's ReLU MLP as one autograd function, in a chosen compute precision.
 
 At the INR's sizes (a 256 x 256 slice is 65 536 rows, 64 wide) every layer is bound by
-memory traffic, not arithmetic. Run layer by layer under autocast, each hidden layer reads
-and writes its activations three times: the product, the ReLU, and a cast. Here the
-product and its ReLU are one oneDNN call on the CPU, the weights are cast once, and the
-backward pass is written out, so each activation is written once and read back once.
-The numbers equal those of ``nn.Sequential`` under autocast (bench/RESULTS.md).
+memory traffic, not arithmetic. Layer by layer under autocast, each hidden layer writes its
+product, then reads and writes it again for the ReLU, and autograd casts around each layer.
+Here the product and its ReLU are one oneDNN call on the CPU, the weights are cast once,
+and the backward pass is written out. The numbers equal those of the ``nn.Sequential``
+under autocast (``tests/test_mlp.py``).
 """
 
 from __future__ import annotations
