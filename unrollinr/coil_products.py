@@ -55,11 +55,11 @@ class CoilProducts(nn.Module):
 
     def expand(self, images: torch.Tensor) -> torch.Tensor:
         """``C x``: set images ``(slices, sets, y, x)`` to coil images in the maps' layout."""
-        return _Expand.apply(images, self)
+        return _Product.apply(images, self, False)
 
     def contract(self, coil_images: torch.Tensor) -> torch.Tensor:
         """``C^H c``: coil images in the maps' layout to set images ``(slices, sets, y, x)``."""
-        return _Contract.apply(coil_images, self)
+        return _Product.apply(coil_images, self, True)
 
     def _expand(self, images: torch.Tensor) -> torch.Tensor:
         coil_images = self.maps.new_empty(self.maps[:, 0].shape, dtype=torch.promote_types(self.maps.dtype,
@@ -105,23 +105,16 @@ def _support_boxes(maps: torch.Tensor, y_axis: int, x_axis: int) -> list[tuple[i
     return boxes
 
 
-class _Expand(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, images: torch.Tensor, products: CoilProducts) -> torch.Tensor:  # type: ignore[override]
-        ctx.products = products
-        return products._expand(images)
+class _Product(torch.autograd.Function):
+    """``C x`` (``adjoint`` False) or ``C^H c``; the backward pass is the other product."""
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return ctx.products._contract(grad), None
-
-
-class _Contract(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, coil_images: torch.Tensor, products: CoilProducts) -> torch.Tensor:  # type: ignore[override]
-        ctx.products = products
-        return products._contract(coil_images)
+    def forward(ctx: Any, values: torch.Tensor, products: CoilProducts,  # type: ignore[override]
+                adjoint: bool) -> torch.Tensor:
+        ctx.products, ctx.adjoint = products, adjoint
+        return products._contract(values) if adjoint else products._expand(values)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return ctx.products._expand(grad), None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        products = ctx.products
+        return (products._expand(grad) if ctx.adjoint else products._contract(grad)), None, None
