@@ -138,7 +138,7 @@ def test_the_refinement_on_every_sample_changes_the_image_and_leaves_the_held_ou
 
     measured, mask, reference = problem
     config = ReconConfig(iterations=45, cg_iterations=8, mlp_precision="float32", refine_fraction=1 / 3)
-    held_out_only = ReconConfig(**{**config.__dict__, "refine_fraction": 0.0})
+    held_out_only = dataclasses.replace(config, refine_fraction=0.0)
     maps = espirit_maps(measured, mask, sets=2, crop=config.espirit_crop)[None]
     refined, with_refinement = reconstruct_prepared(measured[None], mask[None], maps, config)
     unrefined, without = reconstruct_prepared(measured[None], mask[None], maps, held_out_only)
