@@ -60,7 +60,9 @@ class SenseOp(nn.Module):
 
     Other masks take 2D FFTs. Their normal operator and loss work in FFT order: maps and
     mask are stored ``ifftshift``-ed, so only the single-coil image is shifted, once on
-    the way in and once on the way out, instead of every coil array around each FFT.
+    the way in and once on the way out, instead of every coil array around each FFT. Their
+    samples (:meth:`measure`, :meth:`samples`) are gathered from the k-space, so that the
+    loss reduces only the measured samples, not every k-space location.
     """
 
     maps: torch.Tensor
@@ -69,6 +71,8 @@ class SenseOp(nn.Module):
     rows: torch.Tensor
     rows_h: torch.Tensor
     row_indices: torch.Tensor
+    sample_indices: torch.Tensor
+    sample_valid: torch.Tensor
 
     def __init__(self, maps: torch.Tensor, mask: torch.Tensor) -> None:
         super().__init__()
@@ -86,6 +90,9 @@ class SenseOp(nn.Module):
             self.coil_products = CoilProducts(torch.fft.ifftshift(maps, dim=_IMAGE_DIMS), coil_axis=1, y_axis=2,
                                               x_axis=3)
             self.register_buffer("mask_fft_order", torch.fft.ifftshift(self.mask, dim=_IMAGE_DIMS).unsqueeze(1))
+            indices, valid = self._sample_positions()
+            self.register_buffer("sample_indices", indices)
+            self.register_buffer("sample_valid", valid)
         else:
             rows, indices = self._sampled_dft_rows()
             self.register_buffer("rows", rows)
@@ -107,6 +114,25 @@ class SenseOp(nn.Module):
             rows[s, : len(r)] = dft[r]
             indices[s, : len(r)] = r
         return rows, indices
+
+    def _sample_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampled k-space locations of each slice in FFT order, as flat ``ky * kx``
+        indices ``(slices, K)``, ascending, zero-padded to the largest number of samples
+        ``K`` over the slices; and which of them are samples, not padding ``(slices, K)``."""
+        positions = [torch.nonzero(m.flatten()).flatten() for m in self.mask_fft_order[:, 0]]
+        k_max = max(1, max(len(p) for p in positions))
+        indices = torch.zeros(len(positions), k_max, dtype=torch.int64, device=self.mask.device)
+        valid = torch.zeros(len(positions), k_max, dtype=torch.bool, device=self.mask.device)
+        for s, p in enumerate(positions):
+            indices[s, : len(p)] = p
+            valid[s, : len(p)] = True
+        return indices, valid
+
+    def _gather_samples(self, kspace: torch.Tensor) -> torch.Tensor:
+        """The samples of k-space ``(slices, coils, ky, kx)`` in FFT order, ``(slices, coils, K)``
+        (padding zero); 2D masks."""
+        indices = self.sample_indices.unsqueeze(1).expand(-1, kspace.shape[1], -1)
+        return kspace.flatten(start_dim=2).gather(2, indices) * self.sample_valid.unsqueeze(1)
 
     @property
     def image_shape(self) -> tuple[int, int, int, int]:
@@ -135,7 +161,7 @@ class SenseOp(nn.Module):
     def normal(self, image: torch.Tensor) -> torch.Tensor:
         """``E^H E x`` for an image ``(slices, sets, y, x)``."""
         if not self.line_mask:
-            kspace = self._kspace_fft_order(image)
+            kspace = self._coil_kspace_fft_order(image) * self.mask_fft_order
             projected = torch.fft.ifft2(kspace, norm="ortho")
             return torch.fft.fftshift(self.coil_products.contract(projected), dim=_IMAGE_DIMS)
         n_slices, _, n_y, _ = image.shape
@@ -147,19 +173,19 @@ class SenseOp(nn.Module):
         n_slices, _, n_y, _ = image.shape
         return self.coil_products.expand(image).reshape(n_slices, n_y, -1)
 
-    def _kspace_fft_order(self, image: torch.Tensor) -> torch.Tensor:
-        """``M F C x`` in FFT order (DC at index 0), ``(slices, coils, ky, kx)``; 2D masks."""
+    def _coil_kspace_fft_order(self, image: torch.Tensor) -> torch.Tensor:
+        """``F C x`` in FFT order (DC at index 0), ``(slices, coils, ky, kx)``; 2D masks."""
         coil_images = self.coil_products.expand(torch.fft.ifftshift(image, dim=_IMAGE_DIMS))
-        return torch.fft.fft2(coil_images, norm="ortho") * self.mask_fft_order
+        return torch.fft.fft2(coil_images, norm="ortho")
 
     def measure(self, image: torch.Tensor) -> torch.Tensor:
         """The measured samples of ``E x``, in the layout of :meth:`samples`.
 
         Line masks give the sampled rows ``(slices, K, coils, kx)`` (computed from the
-        rows alone, without 2D FFTs); other masks the masked k-space in FFT order.
+        rows alone, without 2D FFTs); other masks the samples ``(slices, coils, K)``.
         """
         if not self.line_mask:
-            return self._kspace_fft_order(image)
+            return self._gather_samples(self._coil_kspace_fft_order(image))
         n_slices, _, _, n_x = image.shape
         rows = (self.rows @ self._coil_rows(image)).reshape(n_slices, -1, self.maps.shape[2], n_x)
         return fftc(rows, dim=-1)
@@ -168,7 +194,7 @@ class SenseOp(nn.Module):
         """The measured samples of k-space ``(slices, coils, ky, kx)``, as :meth:`measure`
         lays them out (padding rows are zero)."""
         if not self.line_mask:
-            return torch.fft.ifftshift(kspace, dim=_IMAGE_DIMS) * self.mask_fft_order
+            return self._gather_samples(torch.fft.ifftshift(kspace, dim=_IMAGE_DIMS))
         gathered = kspace.gather(2, self.row_indices[:, None, :, None].expand(-1, kspace.shape[1], -1, kspace.shape[3]))
         valid = (self.rows.abs().sum(dim=-1) > 0)[:, :, None, None]  # (S, K, 1, 1)
         return gathered.permute(0, 2, 1, 3) * valid
