@@ -116,6 +116,30 @@ def test_warm_start_gives_the_same_solution(rng, warm_start):
     assert first.shape == (2, 2, 8, 6)
 
 
+def test_warm_starts_carry_the_normal_product_across_a_change_of_lambda(rng):
+    """A warm-started solve starts from the last solve's ``E^H E x`` (adjusted for the new
+    lambda) instead of applying the operator to it once more, and solves the new system."""
+    op, kspace = _small_problem(rng)
+    normal_calls = []
+    normal = op.normal
+    op.normal = lambda image: normal_calls.append(1) or normal(image)  # counts, then applies the real operator
+    z = _random(rng, op.image_shape)
+    dc = DataConsistency(op, kspace, iterations=5, warm_start=True)
+    dc(z, torch.full((2,), 0.1, dtype=torch.float64))
+    assert len(normal_calls) == 5  # from zeros: no product to start from
+    for step in range(1, 60):  # lambda and z change every solve, as in training, then stay
+        changes = min(step, 20)
+        lam = torch.tensor([0.1 + 0.01 * changes, 0.2 - 0.002 * changes], dtype=torch.float64)
+        x = dc(z + 0.01 * changes, lam)
+    assert len(normal_calls) == 60 * 5
+    # the carried products lead the warm-started solves to the last system's solution
+    del op.normal
+    reference = DataConsistency(op, kspace, iterations=200, tolerance=1e-13)(z + 0.2, lam)
+    torch.testing.assert_close(x, reference, rtol=1e-9, atol=1e-9)
+    carried = dc._warm_starts.forward
+    torch.testing.assert_close(carried.normal, op.normal(carried.solution), rtol=1e-9, atol=1e-9)
+
+
 def test_a_converged_slice_stays_put_while_others_iterate(rng):
     op, kspace = _small_problem(rng)
     lam = torch.full((2,), 0.1, dtype=torch.float64)

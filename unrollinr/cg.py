@@ -67,6 +67,24 @@ def conjugate_gradient(
     -------
     The solution, shaped as ``rhs``.
     """
+    return conjugate_gradient_with_product(apply_a, rhs, initial, max_iterations=max_iterations,
+                                           tolerance=tolerance)[0]
+
+
+def conjugate_gradient_with_product(
+    apply_a: Operator,
+    rhs: torch.Tensor,
+    initial: torch.Tensor | None = None,
+    initial_product: torch.Tensor | None = None,
+    *,
+    max_iterations: int = 20,
+    tolerance: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`conjugate_gradient`, which also returns ``A x`` of the solution ``x``: ``rhs``
+    less CG's residual, which CG updates alongside ``x`` (where applying ``A`` once more would
+    cost a whole operator application). ``initial_product`` is ``A initial`` where the caller
+    has it (a previous solve's product, adjusted for a change of ``A``); it is then not
+    computed."""
     # CG runs on real views (slices, ..., 2): each update is one fused multiply-add.
     rhs_real = torch.view_as_real(rhs.resolve_conj())
     if initial is None:
@@ -75,7 +93,9 @@ def conjugate_gradient(
     else:
         initial = initial.resolve_conj()
         x = torch.view_as_real(initial)
-        residual = rhs_real - torch.view_as_real(apply_a(initial))
+        if initial_product is None:
+            initial_product = apply_a(initial)
+        residual = rhs_real - torch.view_as_real(initial_product.resolve_conj())
     direction = residual
     residual_norm2 = _real_dot(residual, residual)
     stop_norm2 = (tolerance**2) * _real_dot(rhs_real, rhs_real)
@@ -94,15 +114,23 @@ def conjugate_gradient(
         beta = per_slice(new_norm2 / residual_norm2.clamp_min(tiny), x)
         direction = torch.addcmul(residual, beta, direction)
         residual_norm2 = new_norm2
-    return torch.view_as_complex(x)
+    return torch.view_as_complex(x), torch.view_as_complex(rhs_real - residual)
+
+
+@dataclass
+class _WarmStart:
+    """A solve's solution ``x`` ``(slices, sets, y, x)`` and ``E^H E x``, to start the next solve from."""
+
+    solution: torch.Tensor
+    normal: torch.Tensor
 
 
 @dataclass
 class _WarmStarts:
-    """The last forward solution and backward solution, reused as CG starting points."""
+    """The last forward solve and the last backward solve."""
 
-    solution: torch.Tensor | None = None
-    adjoint_solution: torch.Tensor | None = None
+    forward: _WarmStart | None = None
+    adjoint: _WarmStart | None = None
 
 
 class _ImplicitSolve(torch.autograd.Function):
@@ -161,33 +189,41 @@ class DataConsistency(nn.Module):
         self._warm_starts = _WarmStarts()
         self.column_solver = column_solver
 
-    def solve(self, rhs: torch.Tensor, lam: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
+    def _solve(self, rhs: torch.Tensor, lam: torch.Tensor,
+               start: _WarmStart | None) -> tuple[torch.Tensor, _WarmStart | None]:
         """Solve ``(E^H E + lam I) x = rhs`` for ``(slices, sets, y, x)`` with per-slice ``lam``
-        ``(slices,)``: exactly with the column solver, else by CG from ``initial``."""
+        ``(slices,)``: exactly with the column solver, else by CG from ``start``. Returns the
+        solution and, with warm starts, the start of the next solve of its kind."""
         if self.column_solver is not None:
-            return self.column_solver.solve(rhs, lam)
+            return self.column_solver.solve(rhs, lam), None
         shift = per_slice(lam.to(rhs.real.dtype), torch.view_as_real(rhs))
 
-        def apply_a(image: torch.Tensor) -> torch.Tensor:
-            normal = torch.view_as_real(self.op.normal(image))
-            return torch.view_as_complex(torch.addcmul(normal, shift, torch.view_as_real(image)))
+        def shifted(normal: torch.Tensor, image: torch.Tensor, sign: int = 1) -> torch.Tensor:
+            """``normal + sign * lam * image`` for complex images."""
+            return torch.view_as_complex(torch.addcmul(torch.view_as_real(normal), shift, torch.view_as_real(image),
+                                                       value=sign))
 
-        return conjugate_gradient(apply_a, rhs, initial, max_iterations=self.iterations,
-                                  tolerance=self.tolerance)
+        def apply_a(image: torch.Tensor) -> torch.Tensor:
+            return shifted(self.op.normal(image), image)
+
+        # E^H E of the start is the last solve's, carried along its iterations: only lam changed.
+        initial_product = None if start is None else shifted(start.normal, start.solution)
+        solution, product = conjugate_gradient_with_product(
+            apply_a, rhs, None if start is None else start.solution, initial_product,
+            max_iterations=self.iterations, tolerance=self.tolerance)
+        if not self.warm_start:
+            return solution, None
+        return solution, _WarmStart(solution, shifted(product, solution, sign=-1))
 
     def solve_forward(self, rhs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """The forward solve, from the last one's solution with warm starts (then kept for the next)."""
-        x = self.solve(rhs, lam, self._warm_starts.solution)
-        if self.warm_start:
-            self._warm_starts.solution = x.detach()
-        return x
+        solution, self._warm_starts.forward = self._solve(rhs, lam, self._warm_starts.forward)
+        return solution
 
     def solve_adjoint(self, grad: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """The backward (adjoint) solve, warm-started likewise from the last backward solve."""
-        v = self.solve(grad, lam, self._warm_starts.adjoint_solution)
-        if self.warm_start:
-            self._warm_starts.adjoint_solution = v
-        return v
+        solution, self._warm_starts.adjoint = self._solve(grad, lam, self._warm_starts.adjoint)
+        return solution
 
     def forward(self, z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """Image ``z`` ``(slices, sets, y, x)`` and ``lam`` ``(slices,)`` to the DC image, shaped as ``z``."""
