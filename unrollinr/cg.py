@@ -169,7 +169,9 @@ class DataConsistency(nn.Module):
     tolerance
         Relative residual at which CG stops early.
     warm_start
-        Start each solve from the previous call's solution (forward and backward separately).
+        Start each solve from the previous call's solution (forward and backward separately),
+        and from its ``E^H E x``, which CG carries along, so that the start's residual costs no
+        application of the operator.
     column_solver
         Solve exactly with this :class:`ColumnSolver` of ``op`` instead of by CG (the CG
         settings, warm starts included, are then unused).

@@ -41,6 +41,19 @@ def combine_sets(images: torch.Tensor) -> torch.Tensor:
     return torch.where(phase == 0, magnitude.to(images.dtype), phase * magnitude)
 
 
+def _padded_positions(positions: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slice's ascending indices as rows ``(slices, K)``, zero-padded to the longest
+    (``K`` at least 1), and which entries are indices, not padding ``(slices, K)``."""
+    k_max = max(1, max(len(p) for p in positions))
+    device = positions[0].device
+    indices = torch.zeros(len(positions), k_max, dtype=torch.int64, device=device)
+    valid = torch.zeros(len(positions), k_max, dtype=torch.bool, device=device)
+    for s, p in enumerate(positions):
+        indices[s, : len(p)] = p
+        valid[s, : len(p)] = True
+    return indices, valid
+
+
 class SenseOp(nn.Module):
     """``E = M F C`` with forward, adjoint and normal (``E^H E``) applications.
 
@@ -90,7 +103,9 @@ class SenseOp(nn.Module):
             self.coil_products = CoilProducts(torch.fft.ifftshift(maps, dim=_IMAGE_DIMS), coil_axis=1, y_axis=2,
                                               x_axis=3)
             self.register_buffer("mask_fft_order", torch.fft.ifftshift(self.mask, dim=_IMAGE_DIMS).unsqueeze(1))
-            indices, valid = self._sample_positions()
+            # each slice's sampled locations in FFT order, as flat ky * kx indices
+            locations = [torch.nonzero(m.flatten()).flatten() for m in self.mask_fft_order[:, 0]]
+            indices, valid = _padded_positions(locations)
             self.register_buffer("sample_indices", indices)
             self.register_buffer("sample_valid", valid)
         else:
@@ -104,29 +119,9 @@ class SenseOp(nn.Module):
         """``P`` ``(slices, K, y)``: the sampled rows of the centred DFT, zero-padded to the
         largest number of sampled rows ``K`` over the slices; and their indices
         ``(slices, K)`` (padding points at row 0, whose ``P`` row is zero)."""
-        n_y = self.maps.shape[-2]
-        dft = centred_dft_matrix(n_y, dtype=self.maps.dtype, device=self.maps.device)
-        rows_per_slice = [torch.nonzero(m[:, 0]).flatten() for m in self.mask]
-        k_max = max(1, max(len(r) for r in rows_per_slice))
-        rows = torch.zeros(len(rows_per_slice), k_max, n_y, dtype=dft.dtype, device=dft.device)
-        indices = torch.zeros(len(rows_per_slice), k_max, dtype=torch.int64, device=dft.device)
-        for s, r in enumerate(rows_per_slice):
-            rows[s, : len(r)] = dft[r]
-            indices[s, : len(r)] = r
-        return rows, indices
-
-    def _sample_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sampled k-space locations of each slice in FFT order, as flat ``ky * kx``
-        indices ``(slices, K)``, ascending, zero-padded to the largest number of samples
-        ``K`` over the slices; and which of them are samples, not padding ``(slices, K)``."""
-        positions = [torch.nonzero(m.flatten()).flatten() for m in self.mask_fft_order[:, 0]]
-        k_max = max(1, max(len(p) for p in positions))
-        indices = torch.zeros(len(positions), k_max, dtype=torch.int64, device=self.mask.device)
-        valid = torch.zeros(len(positions), k_max, dtype=torch.bool, device=self.mask.device)
-        for s, p in enumerate(positions):
-            indices[s, : len(p)] = p
-            valid[s, : len(p)] = True
-        return indices, valid
+        dft = centred_dft_matrix(self.maps.shape[-2], dtype=self.maps.dtype, device=self.maps.device)
+        indices, valid = _padded_positions([torch.nonzero(m[:, 0]).flatten() for m in self.mask])
+        return dft[indices] * valid.unsqueeze(-1), indices
 
     def _gather_samples(self, kspace: torch.Tensor) -> torch.Tensor:
         """The samples of k-space ``(slices, coils, ky, kx)`` in FFT order, ``(slices, coils, K)``
