@@ -83,7 +83,6 @@ class SenseOp(nn.Module):
     mask_fft_order: torch.Tensor
     rows: torch.Tensor
     rows_h: torch.Tensor
-    row_indices: torch.Tensor
     sample_indices: torch.Tensor
     sample_valid: torch.Tensor
 
@@ -103,25 +102,21 @@ class SenseOp(nn.Module):
             self.coil_products = CoilProducts(torch.fft.ifftshift(maps, dim=_IMAGE_DIMS), coil_axis=1, y_axis=2,
                                               x_axis=3)
             self.register_buffer("mask_fft_order", torch.fft.ifftshift(self.mask, dim=_IMAGE_DIMS).unsqueeze(1))
-            # each slice's sampled locations in FFT order, as flat ky * kx indices
-            locations = [torch.nonzero(m.flatten()).flatten() for m in self.mask_fft_order[:, 0]]
-            indices, valid = _padded_positions(locations)
-            self.register_buffer("sample_indices", indices)
-            self.register_buffer("sample_valid", valid)
+            # the samples: each slice's sampled locations in FFT order, as flat ky * kx indices
+            positions = [torch.nonzero(m.flatten()).flatten() for m in self.mask_fft_order[:, 0]]
         else:
-            rows, indices = self._sampled_dft_rows()
+            self.coil_products = CoilProducts(maps.permute(0, 1, 3, 2, 4), coil_axis=2, y_axis=1, x_axis=3)
+            # the samples: each slice's sampled rows ky
+            positions = [torch.nonzero(m[:, 0]).flatten() for m in self.mask]
+        indices, valid = _padded_positions(positions)
+        self.register_buffer("sample_indices", indices)
+        self.register_buffer("sample_valid", valid)
+        if self.line_mask:
+            # P (slices, K, y): the sampled rows of the centred DFT; padding rows are zero
+            dft = centred_dft_matrix(maps.shape[-2], dtype=maps.dtype, device=maps.device)
+            rows = dft[indices] * valid.unsqueeze(-1)
             self.register_buffer("rows", rows)
             self.register_buffer("rows_h", rows.mH.resolve_conj().contiguous())
-            self.register_buffer("row_indices", indices)
-            self.coil_products = CoilProducts(maps.permute(0, 1, 3, 2, 4), coil_axis=2, y_axis=1, x_axis=3)
-
-    def _sampled_dft_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``P`` ``(slices, K, y)``: the sampled rows of the centred DFT, zero-padded to the
-        largest number of sampled rows ``K`` over the slices; and their indices
-        ``(slices, K)`` (padding points at row 0, whose ``P`` row is zero)."""
-        dft = centred_dft_matrix(self.maps.shape[-2], dtype=self.maps.dtype, device=self.maps.device)
-        indices, valid = _padded_positions([torch.nonzero(m[:, 0]).flatten() for m in self.mask])
-        return dft[indices] * valid.unsqueeze(-1), indices
 
     def _gather_samples(self, kspace: torch.Tensor) -> torch.Tensor:
         """The samples of k-space ``(slices, coils, ky, kx)`` in FFT order, ``(slices, coils, K)``
@@ -190,6 +185,5 @@ class SenseOp(nn.Module):
         lays them out (padding rows are zero)."""
         if not self.line_mask:
             return self._gather_samples(torch.fft.ifftshift(kspace, dim=_IMAGE_DIMS))
-        gathered = kspace.gather(2, self.row_indices[:, None, :, None].expand(-1, kspace.shape[1], -1, kspace.shape[3]))
-        valid = (self.rows.abs().sum(dim=-1) > 0)[:, :, None, None]  # (S, K, 1, 1)
-        return gathered.permute(0, 2, 1, 3) * valid
+        rows = self.sample_indices[:, None, :, None].expand(-1, kspace.shape[1], -1, kspace.shape[3])
+        return kspace.gather(2, rows).permute(0, 2, 1, 3) * self.sample_valid[:, :, None, None]
