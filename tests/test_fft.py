@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 import torch
 
-from unrollinr.fft import centred_dft_matrix, fft2c, fftc, ifft2c, ifftc
+from unrollinr.fft import centred_dft_matrix, centring_phase, fft2c, fftc, ifft2c, ifftc
 
 
 def _numpy_fft2c(x: np.ndarray) -> np.ndarray:
@@ -20,6 +21,15 @@ def test_centre_convention_puts_dc_at_half():
     image = torch.ones(1, 8, 9, dtype=torch.complex128)
     kspace = fft2c(image)
     assert torch.argmax(kspace.abs()).item() == 4 * 9 + 9 // 2
+
+
+@pytest.mark.parametrize("shape", [(8, 6), (7, 5), (6, 9)])
+def test_centring_phase_turns_the_plain_fft_into_the_centred_one_in_fft_order(rng, shape):
+    x = rng.standard_normal((2, *shape)) + 1j * rng.standard_normal((2, *shape))
+    expected = np.fft.ifftshift(_numpy_fft2c(x), axes=(-2, -1))
+    phase = centring_phase(shape, dtype=torch.complex128).numpy()
+    np.testing.assert_allclose(phase * np.fft.fft2(x, norm="ortho"), expected, atol=1e-12)
+    np.testing.assert_allclose(np.abs(phase), 1.0, atol=1e-15)
 
 
 def test_dft_matrix_is_the_centred_1d_fft(rng):

@@ -64,14 +64,15 @@ def test_bad_shapes_are_rejected(rng):
         SenseOp(maps.real, torch.ones(8, 8, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("shape", [(16, 12), (15, 13)])
 @pytest.mark.parametrize("kind", ["lines", "radial"])
-def test_measure_gives_the_measured_samples_of_the_forward_model(rng, kind):
-    masks = [random_line_mask((16, 12), 2, 4, seed=0), random_line_mask((16, 12), 4, 4, seed=1)]
+def test_measure_gives_the_measured_samples_of_the_forward_model(rng, kind, shape):
+    masks = [random_line_mask(shape, 2, 4, seed=0), random_line_mask(shape, 4, 4, seed=1)]
     if kind == "radial":  # slices with different numbers of samples: the shorter one is padded
-        masks = [radial_mask((16, 12), 2, acs=4), radial_mask((16, 12), 3, acs=2)]
-    maps = torch.from_numpy(rng.standard_normal((2, 2, 3, 16, 12)) + 1j * rng.standard_normal((2, 2, 3, 16, 12)))
+        masks = [radial_mask(shape, 2, acs=4), radial_mask(shape, 3, acs=2)]
+    maps = torch.from_numpy(rng.standard_normal((2, 2, 3, *shape)) + 1j * rng.standard_normal((2, 2, 3, *shape)))
     op = SenseOp(maps, torch.from_numpy(np.stack(masks)))
-    x = torch.from_numpy(rng.standard_normal((2, 2, 16, 12)) + 1j * rng.standard_normal((2, 2, 16, 12)))
+    x = torch.from_numpy(rng.standard_normal((2, 2, *shape)) + 1j * rng.standard_normal((2, 2, *shape)))
     measured = op.measure(x)
     torch.testing.assert_close(measured, op.samples(op(x)), rtol=1e-10, atol=1e-10)
     # the same samples as the masked k-space: equal norms, and nothing else

@@ -41,6 +41,20 @@ def ifftc(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.fft.fftshift(torch.fft.ifft(shifted, dim=dim, norm="ortho"), dim=dim)
 
 
+def centring_phase(shape: tuple[int, int], *, dtype: torch.dtype = torch.complex64,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """The phase ``(ky, kx)``, in FFT order, that centring adds to a 2D FFT: the centred
+    transform :func:`fft2c` of an image, ``ifftshift``-ed back to FFT order, is this phase
+    times ``fft2`` of the image unshifted. (Shifting the image by ``ceil(n / 2)`` multiplies
+    its spectrum by ``exp(-2 pi i k ceil(n / 2) / n)``: ``(-1)^k`` for even ``n``.)"""
+    angle = torch.zeros((), dtype=torch.float64, device=device)
+    for axis, n in enumerate(shape):
+        k = torch.arange(n, dtype=torch.int64, device=device)
+        turns = (k * ((n + 1) // 2) % n).to(torch.float64) / n
+        angle = angle + (-2 * torch.pi * turns).reshape([-1 if a == axis else 1 for a in range(len(shape))])
+    return torch.polar(torch.ones_like(angle), angle).to(dtype)
+
+
 def centred_dft_matrix(n: int, *, dtype: torch.dtype = torch.complex64,
                        device: torch.device | None = None) -> torch.Tensor:
     """The ``(n, n)`` matrix of the centred orthonormal 1D DFT, so that ``F @ v`` equals

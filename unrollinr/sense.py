@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from unrollinr.coil_products import CoilProducts
-from unrollinr.fft import centred_dft_matrix, fft2c, fftc, ifft2c
+from unrollinr.fft import centred_dft_matrix, centring_phase, fft2c, fftc, ifft2c
 
 _IMAGE_DIMS = (-2, -1)
 
@@ -71,11 +71,13 @@ class SenseOp(nn.Module):
     ``(slices, y, coils, x)`` (maps ``(slices, sets, y, coils, x)``) so that each product
     is a single matrix multiply.
 
-    Other masks take 2D FFTs. Their normal operator and loss work in FFT order: maps and
-    mask are stored ``ifftshift``-ed, so only the single-coil image is shifted, once on
-    the way in and once on the way out, instead of every coil array around each FFT. Their
-    samples (:meth:`measure`, :meth:`samples`) are gathered from the k-space, so that the
-    loss reduces only the measured samples, not every k-space location.
+    Other masks take 2D FFTs, with no shifts: the normal operator is
+    ``C^H ifft2(M' fft2(C x))`` with the mask ``M'`` stored in FFT order, since the shifts
+    of the centred transforms around it cancel (each multiplies the spectrum by a phase of
+    modulus one, which commutes with the mask). Their samples (:meth:`measure`,
+    :meth:`samples`) are gathered from the k-space in FFT order, so that the loss reduces
+    only the measured samples, not every k-space location; :meth:`measure` multiplies its
+    samples by the phase that centring adds there (:func:`~unrollinr.fft.centring_phase`).
     """
 
     maps: torch.Tensor
@@ -85,6 +87,7 @@ class SenseOp(nn.Module):
     rows_h: torch.Tensor
     sample_indices: torch.Tensor
     sample_valid: torch.Tensor
+    sample_phase: torch.Tensor
 
     def __init__(self, maps: torch.Tensor, mask: torch.Tensor) -> None:
         super().__init__()
@@ -97,10 +100,9 @@ class SenseOp(nn.Module):
         self.register_buffer("maps", maps)
         self.register_buffer("mask", mask.to(torch.bool))
         self.line_mask = is_line_mask(self.mask)
-        self.coil_products: CoilProducts  # coil images in FFT order (slices, coils, y, x), or (slices, y, coils, x)
+        self.coil_products: CoilProducts  # coil images (slices, coils, y, x), or (slices, y, coils, x)
         if not self.line_mask:
-            self.coil_products = CoilProducts(torch.fft.ifftshift(maps, dim=_IMAGE_DIMS), coil_axis=1, y_axis=2,
-                                              x_axis=3)
+            self.coil_products = CoilProducts(maps, coil_axis=1, y_axis=2, x_axis=3)
             self.register_buffer("mask_fft_order", torch.fft.ifftshift(self.mask, dim=_IMAGE_DIMS).unsqueeze(1))
             # the samples: each slice's sampled locations in FFT order, as flat ky * kx indices
             positions = [torch.nonzero(m.flatten()).flatten() for m in self.mask_fft_order[:, 0]]
@@ -111,18 +113,22 @@ class SenseOp(nn.Module):
         indices, valid = _padded_positions(positions)
         self.register_buffer("sample_indices", indices)
         self.register_buffer("sample_valid", valid)
-        if self.line_mask:
+        if not self.line_mask:
+            # (slices, 1, K): the centring's phase at each sample, zero at padding
+            phase = centring_phase(maps.shape[-2:], dtype=maps.dtype, device=maps.device).flatten()
+            self.register_buffer("sample_phase", (phase[indices] * valid).unsqueeze(1))
+        else:
             # P (slices, K, y): the sampled rows of the centred DFT; padding rows are zero
             dft = centred_dft_matrix(maps.shape[-2], dtype=maps.dtype, device=maps.device)
             rows = dft[indices] * valid.unsqueeze(-1)
             self.register_buffer("rows", rows)
             self.register_buffer("rows_h", rows.mH.resolve_conj().contiguous())
 
-    def _gather_samples(self, kspace: torch.Tensor) -> torch.Tensor:
-        """The samples of k-space ``(slices, coils, ky, kx)`` in FFT order, ``(slices, coils, K)``
-        (padding zero); 2D masks."""
+    def _gather_samples(self, kspace: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The samples of k-space ``(slices, coils, ky, kx)`` in FFT order times their
+        ``weights`` ``(slices, 1, K)`` (zero at padding): ``(slices, coils, K)``; 2D masks."""
         indices = self.sample_indices.unsqueeze(1).expand(-1, kspace.shape[1], -1)
-        return kspace.flatten(start_dim=2).gather(2, indices) * self.sample_valid.unsqueeze(1)
+        return kspace.flatten(start_dim=2).gather(2, indices) * weights
 
     @property
     def image_shape(self) -> tuple[int, int, int, int]:
@@ -151,9 +157,9 @@ class SenseOp(nn.Module):
     def normal(self, image: torch.Tensor) -> torch.Tensor:
         """``E^H E x`` for an image ``(slices, sets, y, x)``."""
         if not self.line_mask:
-            kspace = self._coil_kspace_fft_order(image) * self.mask_fft_order
-            projected = torch.fft.ifft2(kspace, norm="ortho")
-            return torch.fft.fftshift(self.coil_products.contract(projected), dim=_IMAGE_DIMS)
+            kspace = self._uncentred_coil_kspace(image)
+            kspace *= self.mask_fft_order  # in place: a fresh array, which the FFT's backward does not need
+            return self.coil_products.contract(torch.fft.ifft2(kspace, norm="ortho"))
         n_slices, _, n_y, _ = image.shape
         projected = self.rows_h @ (self.rows @ self._coil_rows(image))
         return self.coil_products.contract(projected.reshape(n_slices, n_y, -1, image.shape[-1]))
@@ -163,10 +169,11 @@ class SenseOp(nn.Module):
         n_slices, _, n_y, _ = image.shape
         return self.coil_products.expand(image).reshape(n_slices, n_y, -1)
 
-    def _coil_kspace_fft_order(self, image: torch.Tensor) -> torch.Tensor:
-        """``F C x`` in FFT order (DC at index 0), ``(slices, coils, ky, kx)``; 2D masks."""
-        coil_images = self.coil_products.expand(torch.fft.ifftshift(image, dim=_IMAGE_DIMS))
-        return torch.fft.fft2(coil_images, norm="ortho")
+    def _uncentred_coil_kspace(self, image: torch.Tensor) -> torch.Tensor:
+        """``fft2(C x)``, without the centring's shifts: ``(slices, coils, ky, kx)`` in FFT
+        order (DC at index 0), each sample off the centred ``F C x`` by the centring's
+        phase; 2D masks."""
+        return torch.fft.fft2(self.coil_products.expand(image), norm="ortho")
 
     def measure(self, image: torch.Tensor) -> torch.Tensor:
         """The measured samples of ``E x``, in the layout of :meth:`samples`.
@@ -175,7 +182,7 @@ class SenseOp(nn.Module):
         rows alone, without 2D FFTs); other masks the samples ``(slices, coils, K)``.
         """
         if not self.line_mask:
-            return self._gather_samples(self._coil_kspace_fft_order(image))
+            return self._gather_samples(self._uncentred_coil_kspace(image), self.sample_phase)
         n_slices, _, _, n_x = image.shape
         rows = (self.rows @ self._coil_rows(image)).reshape(n_slices, -1, self.maps.shape[2], n_x)
         return fftc(rows, dim=-1)
@@ -184,6 +191,6 @@ class SenseOp(nn.Module):
         """The measured samples of k-space ``(slices, coils, ky, kx)``, as :meth:`measure`
         lays them out (padding rows are zero)."""
         if not self.line_mask:
-            return self._gather_samples(torch.fft.ifftshift(kspace, dim=_IMAGE_DIMS))
+            return self._gather_samples(torch.fft.ifftshift(kspace, dim=_IMAGE_DIMS), self.sample_valid.unsqueeze(1))
         rows = self.sample_indices[:, None, :, None].expand(-1, kspace.shape[1], -1, kspace.shape[3])
         return kspace.gather(2, rows).permute(0, 2, 1, 3) * self.sample_valid[:, :, None, None]
