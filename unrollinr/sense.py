@@ -115,7 +115,7 @@ class SenseOp(nn.Module):
         self.register_buffer("sample_valid", valid)
         if not self.line_mask:
             # (slices, 1, K): the centring's phase at each sample, zero at padding
-            phase = centring_phase(maps.shape[-2:], dtype=maps.dtype, device=maps.device).flatten()
+            phase = centring_phase((maps.shape[-2], maps.shape[-1]), dtype=maps.dtype, device=maps.device).flatten()
             self.register_buffer("sample_phase", (phase[indices] * valid).unsqueeze(1))
         else:
             # P (slices, K, y): the sampled rows of the centred DFT; padding rows are zero
