@@ -81,6 +81,22 @@ def test_measure_gives_the_measured_samples_of_the_forward_model(rng, kind, shap
         assert torch.count_nonzero(measured[s]) == torch.count_nonzero(op(x)[s])
 
 
+@pytest.mark.parametrize("kind", ["lines", "radial"])
+def test_operators_of_the_same_maps_share_their_encoding(rng, kind):
+    mask = random_line_mask((16, 12), 2, 4, seed=0) if kind == "lines" else radial_mask((16, 12), 2, acs=4)
+    held = np.zeros_like(mask)
+    held[np.nonzero(mask)[0][:3]] = mask[np.nonzero(mask)[0][:3]]  # a few of the measured rows or samples
+    maps = torch.from_numpy(rng.standard_normal((1, 2, 3, 16, 12)) + 1j * rng.standard_normal((1, 2, 3, 16, 12)))
+    train, held_out = SenseOp(maps, torch.from_numpy(mask & ~held)), SenseOp(maps, torch.from_numpy(held))
+    assert train.line_mask == held_out.line_mask
+    x = torch.from_numpy(rng.standard_normal((1, 2, 16, 12)) + 1j * rng.standard_normal((1, 2, 16, 12)))
+    encoded = train.encode(x)
+    assert torch.equal(held_out.measure(x, encoded), held_out.measure(x))
+    other = SenseOp(maps, torch.from_numpy(radial_mask((16, 12), 2, acs=4) if kind == "lines" else mask | True))
+    with pytest.raises(ValueError, match="is not of a"):
+        other.measure(x, encoded)
+
+
 def test_combine_sets_is_root_sum_of_squares_with_the_first_sets_phase():
     images = torch.tensor([[[[3j, 0j]], [[4 + 0j, 2j]]]])  # (1 slice, 2 sets, 1, 2)
     combined = combine_sets(images)

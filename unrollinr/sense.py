@@ -175,16 +175,30 @@ class SenseOp(nn.Module):
         phase; 2D masks."""
         return torch.fft.fft2(self.coil_products.expand(image), norm="ortho")
 
-    def measure(self, image: torch.Tensor) -> torch.Tensor:
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """The part of ``E x`` that :meth:`measure` takes before the mask: for line masks the
+        coil images ``C x`` ``(slices, y, coils * x)``, for other masks their uncentred
+        spectra ``fft2(C x)`` ``(slices, coils, ky, kx)``. Operators with the same maps and
+        the same kind of mask (:attr:`line_mask`) share it, e.g. a slice's training and
+        held-out samples."""
+        return self._coil_rows(image) if self.line_mask else self._uncentred_coil_kspace(image)
+
+    def measure(self, image: torch.Tensor, encoded: torch.Tensor | None = None) -> torch.Tensor:
         """The measured samples of ``E x``, in the layout of :meth:`samples`.
 
         Line masks give the sampled rows ``(slices, K, coils, kx)`` (computed from the
         rows alone, without 2D FFTs); other masks the samples ``(slices, coils, K)``.
+        ``encoded`` is :meth:`encode` of ``image`` where the caller has it (from this
+        operator or one that shares it); otherwise it is computed.
         """
+        if encoded is None:
+            encoded = self.encode(image)
+        elif encoded.ndim != (3 if self.line_mask else 4):
+            raise ValueError(f"encoded {tuple(encoded.shape)} is not of a {'line' if self.line_mask else '2D'} mask")
         if not self.line_mask:
-            return self._gather_samples(self._uncentred_coil_kspace(image), self.sample_phase)
+            return self._gather_samples(encoded, self.sample_phase)
         n_slices, _, _, n_x = image.shape
-        rows = (self.rows @ self._coil_rows(image)).reshape(n_slices, -1, self.maps.shape[2], n_x)
+        rows = (self.rows @ encoded).reshape(n_slices, -1, self.maps.shape[2], n_x)
         return fftc(rows, dim=-1)
 
     def samples(self, kspace: torch.Tensor) -> torch.Tensor:

@@ -278,10 +278,10 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     retry_stop = None if held_out_bars is None or held_samples is None else _RetryStop(
         held_out_bars, config.retry_patience)
 
-    def losses(sampled: SenseOp, samples: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per slice, the loss of the image ``x`` on ``sampled``'s ``samples`` and its objective
-        (the loss at the TV weights the objective uses, detached): both ``(slices,)``."""
-        data = data_loss(sampled.measure(x), samples)
+    def losses(measured: torch.Tensor, samples: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per slice, the loss of the image ``x``, whose samples ``measured`` predict ``samples``,
+        and its objective (the loss at the TV weights the objective uses, detached): both ``(slices,)``."""
+        data = data_loss(measured, samples)
         penalty = edge_penalty(x) / tv_scale if config.tv else torch.zeros_like(data)
         return data + model.lam_s * penalty, (data + review.objective_weights * penalty).detach()
 
@@ -295,13 +295,15 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     for iteration in bar:
         optimizer.zero_grad(set_to_none=True)
         x, _ = model(like)
-        loss, objective = losses(train_op, train_samples, x)
+        encoded = train_op.encode(x)
+        loss, objective = losses(train_op.measure(x, encoded), train_samples, x)
         loss.sum().backward()
         history.append(record(loss, objective))
         held_loss = None
         if held_op is not None and held_samples is not None:
             with torch.no_grad():
-                held_loss = data_loss(held_op.measure(x), held_samples)
+                shared = encoded if held_op.line_mask == train_op.line_mask else None
+                held_loss = data_loss(held_op.measure(x, shared), held_samples)
             history[-1]["holdout"] = float(held_loss.sum())
         if callback is not None:
             callback(iteration, x.detach())
@@ -335,7 +337,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         for step in range(refine_steps):
             optimizer.zero_grad(set_to_none=True)
             x, _ = model(like)
-            loss, objective = losses(op, all_samples, x)
+            loss, objective = losses(op.measure(x), all_samples, x)
             loss[trained].sum().backward()
             history.append(record(loss, objective))
             if callback is not None:
