@@ -82,8 +82,8 @@ class CoilProducts(nn.Module):
         n_slices, n_sets = self.maps.shape[:2]
         n_y, n_x = self.maps.shape[self.y_axis + 2], self.maps.shape[self.x_axis + 2]
         covered = all(len(boxes) == n_sets and all(box == self.whole for _, box in boxes) for boxes in self.boxes)
-        images = coil_images.new_empty if covered else coil_images.new_zeros
-        images = images((n_slices, n_sets, n_y, n_x))
+        shape = (n_slices, n_sets, n_y, n_x)
+        images = coil_images.new_empty(shape) if covered else coil_images.new_zeros(shape)
         for slice_index, boxes in enumerate(self.boxes):
             for set_index, box in boxes:
                 index = self._box_index(box)
