@@ -289,6 +289,30 @@ def test_training_can_start_from_another_fits_weights(problem):
         reconstruct_prepared(data, masks, maps, config, initial_parameters=wrong)
 
 
+def test_a_last_set_of_maps_that_is_zero_everywhere_is_left_out_and_the_prior_carries_over(problem):
+    from unrollinr.model import INRImage
+    from unrollinr.recon import reconstruct_prepared
+
+    measured, mask, _ = problem
+    first = espirit_maps(measured, mask, sets=1)
+    second = first * (np.arange(48) < 10)[None, None, :]  # a second set on a strip of columns
+    config = ReconConfig(iterations=6, mlp_precision="float32")
+    empty_second = np.concatenate([first, np.zeros_like(first)])
+    image, fitted = reconstruct_prepared(measured[None], mask[None], empty_second[None], config)
+    assert fitted.image.shape == (1, 1, 48, 48) and np.isfinite(image).all()
+    # the prior keeps the MLP of both sets, so that a run on maps with a second set (a
+    # retry on wider maps) starts from its weights
+    assert fitted.parameters["priors.0.mlp.4.weight"].shape[0] == 4
+    _, retried = reconstruct_prepared(measured[None], mask[None], np.concatenate([first, second])[None],
+                                      dataclasses.replace(config, iterations=1), initial_parameters=fitted.parameters)
+    assert retried.image.shape == (1, 2, 48, 48)
+    # and its first set starts as that of the prior with both sets
+    alone, both = (INRImage((sets, 48, 48), config, torch.device("cpu"), seed=3, mlp_sets=2) for sets in (1, 2))
+    assert torch.equal(alone()[0], both()[0])
+    with pytest.raises(ValueError, match="mlp_sets"):
+        INRImage((2, 48, 48), config, torch.device("cpu"), seed=3, mlp_sets=1)
+
+
 @pytest.mark.parametrize("variant", [cut_readout, pe_wrap])
 def test_a_field_of_view_that_cuts_or_wraps_the_object_is_no_worse_than_cg_sense(variant):
     full = variant(phantom_kspace(64, 8, noise=0.002, seed=0))

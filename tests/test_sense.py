@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from unrollinr.masks import radial_mask, random_line_mask
-from unrollinr.sense import SenseOp, combine_sets, is_line_mask
+from unrollinr.sense import SenseOp, combine_sets, is_line_mask, sets_in_use
 
 
 def _random_op(rng, mask: np.ndarray, slices: int = 2, coils: int = 4, device="cpu", sets: int = 2) -> SenseOp:
@@ -95,6 +95,15 @@ def test_operators_of_the_same_maps_share_their_encoding(rng, kind):
     other = SenseOp(maps, torch.from_numpy(radial_mask((16, 12), 2, acs=4) if kind == "lines" else mask | True))
     with pytest.raises(ValueError, match="is not of a"):
         other.measure(x, encoded)
+
+
+def test_sets_in_use_leave_out_the_last_sets_that_are_zero_in_every_slice():
+    maps = torch.zeros(2, 3, 2, 4, 4, dtype=torch.complex64)
+    assert sets_in_use(maps) == 3  # nothing in use: all of them, for the caller's own error
+    maps[:, 0] = 1
+    assert sets_in_use(maps) == 1
+    maps[1, 2, 0, 3, 3] = 1j  # one pixel of one slice's third set
+    assert sets_in_use(maps) == 3
 
 
 def test_combine_sets_is_root_sum_of_squares_with_the_first_sets_phase():

@@ -56,20 +56,29 @@ class INRImage(nn.Module):
     (``mlp``, an ``nn.Sequential`` of ``Linear`` and ``ReLU``) computes in
     ``compute_dtype`` through :func:`unrollinr.mlp.relu_mlp` (weights, the encoding and
     the output stay float32).
+
+    ``mlp_sets`` (at least ``sets``; by default ``sets``) is how many sets the MLP has
+    outputs for; only the first ``sets`` are read. A slice whose last sets of maps are
+    empty is left without them, yet its prior starts as, and shares its weights with,
+    that of the slice with all of them (a retry on other maps may need them).
     """
 
     coords: torch.Tensor
 
-    def __init__(self, shape: tuple[int, int, int], config: ReconConfig, device: torch.device, seed: int) -> None:
+    def __init__(self, shape: tuple[int, int, int], config: ReconConfig, device: torch.device, seed: int, *,
+                 mlp_sets: int | None = None) -> None:
         super().__init__()
         self.shape = shape
         n_sets, n_y, n_x = shape
+        self.mlp_sets = n_sets if mlp_sets is None else mlp_sets
+        if self.mlp_sets < n_sets:
+            raise ValueError(f"mlp_sets {mlp_sets} is below the {n_sets} sets of the images")
         self.compute_dtype = mlp_dtype(config, device)
         self.encoding = make_grid_encoding(config.grid_config(max(n_y, n_x)), device, seed=seed,
                                            backend=config.encoding_backend)
         with torch.random.fork_rng(devices=[]):  # seeded initialisation; the caller's CPU RNG state is kept
             torch.manual_seed(seed)
-            mlp = _mlp(self.encoding.n_output_dims, config.hidden_layers, config.hidden_width, 2 * n_sets)
+            mlp = _mlp(self.encoding.n_output_dims, config.hidden_layers, config.hidden_width, 2 * self.mlp_sets)
         self.mlp = mlp.to(device)
         self.register_buffer("coords", pixel_coordinates((n_y, n_x), device))
 
@@ -79,7 +88,7 @@ class INRImage(nn.Module):
         layers = [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
         out = relu_mlp(features, layers, self.compute_dtype)
         n_sets, n_y, n_x = self.shape
-        pairs = out.reshape(n_y, n_x, n_sets, 2).permute(2, 0, 1, 3)
+        pairs = out.reshape(n_y, n_x, self.mlp_sets, 2)[:, :, :n_sets].permute(2, 0, 1, 3)
         return torch.view_as_complex(pairs.contiguous())
 
 

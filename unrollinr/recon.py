@@ -23,7 +23,7 @@ from unrollinr.config import ReconConfig
 from unrollinr.fft import fft2c
 from unrollinr.loss import normalized_l1_l2
 from unrollinr.safety import Verdict, calibrationless_verdict, replaces
-from unrollinr.sense import SenseOp, combine_sets, is_line_mask
+from unrollinr.sense import SenseOp, combine_sets, is_line_mask, sets_in_use
 from unrollinr.training import FitResult, fit
 
 logger = logging.getLogger(__name__)
@@ -304,7 +304,9 @@ def reconstruct_prepared(kspace: np.ndarray, masks: np.ndarray, maps: np.ndarray
 
 def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, config: ReconConfig | None = None,
                        device: str | torch.device | None = None, progress: bool | None = None) -> np.ndarray:
-    """Reconstruct several slices of one exam in a single batched training run.
+    """Reconstruct several slices of one exam in batched training runs: one run for the
+    slices whose maps have as many sets in use (:func:`~unrollinr.sense.sets_in_use`), so
+    that each slice is computed as it would be alone.
 
     Every slice is still scan-specific (its own prior, weights and normalisation); the
     batch shares the work shapes, which fills a GPU. Coil maps come from each slice's ACS.
@@ -323,13 +325,24 @@ def reconstruct_slices(kspace: np.ndarray, masks: np.ndarray | None = None, *, c
     config = ReconConfig() if config is None else config
     device = default_device() if device is None else torch.device(device)
     data, masks, maps = prepare_slices(kspace, masks, config, device=device)
-    images, result = reconstruct_prepared(data, masks, maps, config, device=device, progress=progress)
-    for s in range(len(images)):  # each slice retried as it would be alone, with its own seed
-        alone = dataclasses.replace(config, seed=config.seed + s)
-        slice_kspace, slice_mask = _validate(kspace[s], masks[s], None)
-        images[s], _ = _retry(slice_kspace, slice_mask, device,
-                              _Run(images[s], result.for_slice(s), alone, data[s], maps[s]))
+    images = np.empty((len(data), *data.shape[-2:]), dtype=np.complex64)
+    for batch in _batches_by_sets_in_use(maps):
+        batch_images, result = reconstruct_prepared(data[batch], masks[batch], maps[batch], config, device=device,
+                                                    progress=progress, seeds=[config.seed + s for s in batch])
+        for j, s in enumerate(batch):  # each slice retried as it would be alone, with its own seed
+            alone = dataclasses.replace(config, seed=config.seed + s)
+            slice_kspace, slice_mask = _validate(kspace[s], masks[s], None)
+            images[s], _ = _retry(slice_kspace, slice_mask, device,
+                                  _Run(batch_images[j], result.for_slice(j), alone, data[s], maps[s]))
     return images
+
+
+def _batches_by_sets_in_use(maps: np.ndarray) -> list[list[int]]:
+    """The slices of ``(slices, sets, coils, y, x)`` maps grouped by their sets in use, in order."""
+    batches: dict[int, list[int]] = {}
+    for s, slice_maps in enumerate(maps):
+        batches.setdefault(sets_in_use(torch.from_numpy(slice_maps[None])), []).append(s)
+    return list(batches.values())
 
 
 def reconstruct_together(kspaces: Sequence[np.ndarray], masks: Sequence[np.ndarray],
@@ -337,8 +350,9 @@ def reconstruct_together(kspaces: Sequence[np.ndarray], masks: Sequence[np.ndarr
                          config: ReconConfig | None = None,
                          device: str | torch.device | None = None) -> list[tuple[np.ndarray, FitResult] | Exception]:
     """Slices that are ready at the same time (the end of an interleaved exam), in one
-    batched run per image shape; each slice gets what :func:`reconstruct_with_details`
-    gives it alone (seed ``config.seed``, its own maps, safety net and retry).
+    batched run per image shape and number of sets of maps in use; each slice gets what
+    :func:`reconstruct_with_details` gives it alone (seed ``config.seed``, its own maps,
+    safety net and retry).
 
     Parameters
     ----------
@@ -362,8 +376,8 @@ def reconstruct_together(kspaces: Sequence[np.ndarray], masks: Sequence[np.ndarr
         except Exception as error:  # noqa: BLE001 - this slice's failure, reported with it
             results.append(error)
             continue
-        groups.setdefault((data.shape, maps.shape), []).append(
-            (len(results), _PreparedSlice(kspace, mask, calibration, data, maps)))
+        key = (data.shape, maps.shape, sets_in_use(torch.from_numpy(maps[None])))
+        groups.setdefault(key, []).append((len(results), _PreparedSlice(kspace, mask, calibration, data, maps)))
         results.append(None)
     for members in groups.values():
         parts = [part for _, part in members]

@@ -41,6 +41,14 @@ def combine_sets(images: torch.Tensor) -> torch.Tensor:
     return torch.where(phase == 0, magnitude.to(images.dtype), phase * magnitude)
 
 
+def sets_in_use(maps: torch.Tensor) -> int:
+    """How many sets of ``maps`` ``(slices, sets, coils, y, x)`` there are before the last
+    sets that are zero in every slice (ESPIRiT's second set where one sensitivity vector
+    explains every pixel); all of them where every set is zero."""
+    has_maps = maps.flatten(start_dim=2).ne(0).any(dim=2).any(dim=0)  # (sets,)
+    return int(has_maps.nonzero().max()) + 1 if bool(has_maps.any()) else maps.shape[1]
+
+
 def _padded_positions(positions: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each slice's ascending indices as rows ``(slices, K)``, zero-padded to the longest
     (``K`` at least 1), and which entries are indices, not padding ``(slices, K)``."""

@@ -32,7 +32,7 @@ from unrollinr.safety import (
     judge,
     unchecked,
 )
-from unrollinr.sense import SenseOp, is_line_mask
+from unrollinr.sense import SenseOp, is_line_mask, sets_in_use
 
 logger = logging.getLogger(__name__)
 _MIN_RELATIVE_IMPROVEMENT = 1e-4
@@ -42,7 +42,8 @@ _MIN_RELATIVE_IMPROVEMENT = 1e-4
 class FitResult:
     """What :func:`fit` returns.
 
-    ``image`` and ``prior`` are ``(slices, sets, y, x)`` complex, on the scale of the
+    ``image`` and ``prior`` are ``(slices, sets, y, x)`` complex (without the fitted
+    operator's empty last sets: :func:`without_empty_sets`), on the scale of the
     k-space that was fitted (the fit's image: where ``verdicts`` name the calibrationless
     fallback, :func:`~unrollinr.recon.reconstruct_with_details` returns that instead).
     ``iterations`` is the number run, the refinement on every sample included,
@@ -145,17 +146,27 @@ def slice_seeds(config: ReconConfig, n_slices: int) -> list[int]:
     return [config.seed + s for s in range(n_slices)]
 
 
+def without_empty_sets(op: SenseOp) -> SenseOp:
+    """``op`` without its last sets of maps where these are zero in every slice (ESPIRiT's
+    second set where one sensitivity vector explains every pixel). Such a set adds nothing
+    to ``E x``, yet its image would double the work on images: the TV, CG's vectors."""
+    n_sets = sets_in_use(op.maps)
+    return op if n_sets == op.image_shape[1] else SenseOp(op.maps[:, :n_sets], op.mask)
+
+
 def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor,
-                seeds: Sequence[int] | None = None) -> UnrollINR:
+                seeds: Sequence[int] | None = None, *, prior_sets: int | None = None) -> UnrollINR:
     """The UnrollINR network for ``op`` and its measured ``kspace`` ``(slices, coils, ky, kx)``;
-    slice ``s``'s prior is initialised with ``seeds[s]`` (default :func:`slice_seeds`)."""
+    slice ``s``'s prior is initialised with ``seeds[s]`` (default :func:`slice_seeds`).
+    ``prior_sets`` (at least ``op``'s sets) is how many sets of maps the priors' MLPs
+    have outputs for (:class:`~unrollinr.model.INRImage`), by default ``op``'s."""
     n_slices, n_sets, n_y, n_x = op.image_shape
     device = kspace.device
     dc = _training_dc(config, op, kspace) if config.data_consistency else None
     priors: list[nn.Module] | None = None
     if config.regularizer == "inr":
         seeds = slice_seeds(config, n_slices) if seeds is None else seeds
-        priors = [INRImage((n_sets, n_y, n_x), config, device, seed=seed) for seed in seeds]
+        priors = [INRImage((n_sets, n_y, n_x), config, device, seed=seed, mlp_sets=prior_sets) for seed in seeds]
     elif config.regularizer == "pixel":
         start = op.adjoint(kspace)
         priors = [PixelImage(start[s]) for s in range(n_slices)]
@@ -216,7 +227,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     Each slice of a batch stops, keeps its best iterate and gets its safety-net verdict
     on its own, so a slice gets the same image alone or in any batch; training ends when
     every slice has stopped. The first call pays the process's one-time costs
-    (:func:`prepare_process`).
+    (:func:`prepare_process`). The last sets of ``op``'s maps that are zero in every slice
+    are left out (:func:`without_empty_sets`): the result's images have the sets before them.
 
     Parameters
     ----------
@@ -246,6 +258,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     """
     prepare_process()
     start = time.perf_counter()
+    prior_sets = op.image_shape[1]
+    op = without_empty_sets(op)
     like = torch.zeros(op.image_shape, dtype=kspace.dtype, device=kspace.device)
     n_slices = op.image_shape[0]
     if config.regularizer == "none":
@@ -261,7 +275,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     train_samples = train_op.samples(kspace)
     held_samples = held_op.samples(kspace) if held_op is not None else None
 
-    model = build_model(config, train_op, kspace * train_op.mask.unsqueeze(1), seeds)
+    model = build_model(config, train_op, kspace * train_op.mask.unsqueeze(1), seeds, prior_sets=prior_sets)
     if initial_parameters is not None:
         _load_parameters(model, initial_parameters)
     optimizer = _optimizer(model, config)
