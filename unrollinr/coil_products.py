@@ -46,6 +46,9 @@ class CoilProducts(nn.Module):
         self.coil_axis, self.y_axis, self.x_axis = coil_axis - 1, y_axis - 1, x_axis - 1
         self.boxes = [_support_boxes(slice_maps, self.y_axis, self.x_axis) for slice_maps in maps]
         self.whole: Box = (slice(0, maps.shape[y_axis + 1]), slice(0, maps.shape[x_axis + 1]))
+        # every set of every slice spans the whole image: C^H c writes every pixel
+        self.covered = all(len(boxes) == maps.shape[1] and all(box == self.whole for _, box in boxes)
+                           for boxes in self.boxes)
 
     def _box_index(self, box: Box) -> tuple[slice, ...]:
         """The index of ``box`` in one slice's coil images."""
@@ -81,9 +84,8 @@ class CoilProducts(nn.Module):
     def _contract(self, coil_images: torch.Tensor) -> torch.Tensor:
         n_slices, n_sets = self.maps.shape[:2]
         n_y, n_x = self.maps.shape[self.y_axis + 2], self.maps.shape[self.x_axis + 2]
-        covered = all(len(boxes) == n_sets and all(box == self.whole for _, box in boxes) for boxes in self.boxes)
         shape = (n_slices, n_sets, n_y, n_x)
-        images = coil_images.new_empty(shape) if covered else coil_images.new_zeros(shape)
+        images = coil_images.new_empty(shape) if self.covered else coil_images.new_zeros(shape)
         for slice_index, boxes in enumerate(self.boxes):
             for set_index, box in boxes:
                 index = self._box_index(box)
