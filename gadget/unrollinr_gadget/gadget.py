@@ -11,9 +11,9 @@ Gadgetron runs ``python3 -m gadgetron <port> unrollinr_gadget.gadget handle``; i
 mode (``<connect port="18000"/>``) run ``unrollinr listen --port 18000`` instead.
 
 Slices that complete together (the end of an interleaved multi-slice exam: their last
-lines are already waiting in the socket) are reconstructed in one batched run, each slice
-as it would be alone. A slice that fails (or a malformed acquisition) never costs the
-others: Gadgetron's
+lines are already waiting in the socket) are reconstructed in one batched run (one per
+image shape and number of sets of coil maps in use), each slice as it would be alone. A
+slice that fails (or a malformed acquisition) never costs the others: Gadgetron's
 ``ExternalChannel`` answers an ERROR (id 8) by closing its channel to the gadget, so the
 failures are collected and sent as one ERROR after the last image, just before CLOSE;
 Gadgetron then reports them. The gadget also works around the upstream client package's

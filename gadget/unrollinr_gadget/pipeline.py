@@ -147,11 +147,13 @@ class ReconPipeline:
         yield from self.finish()
 
     def reconstruct(self, slices: list[SliceData]) -> list[Outcome]:
-        """Slices that completed together, in one batched run per image shape (each slice as
-        alone). Any error becomes a :class:`SliceFailure` of its slice, so the exam goes on."""
+        """Slices that completed together, in one batched run per image shape and number of
+        sets of maps in use (each slice as alone). Any error becomes a :class:`SliceFailure`
+        of its slice, so the exam goes on."""
         if not slices:
             return []
-        logger.info("reconstructing %d slice(s) in one batched run: %s", len(slices), [str(d.key) for d in slices])
+        logger.info("reconstructing %d slice(s) together, one batched run per image shape and sets of maps: %s",
+                    len(slices), [str(d.key) for d in slices])
         return [slice_outcome(self.factory, data, result)
                 for data, result in zip(slices, self._run(slices), strict=True)]
 
