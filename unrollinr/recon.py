@@ -341,8 +341,13 @@ def _batches_by_sets_in_use(maps: np.ndarray) -> list[list[int]]:
     """The slices of ``(slices, sets, coils, y, x)`` maps grouped by their sets in use, in order."""
     batches: dict[int, list[int]] = {}
     for s, slice_maps in enumerate(maps):
-        batches.setdefault(sets_in_use(torch.from_numpy(slice_maps[None])), []).append(s)
+        batches.setdefault(_slice_sets_in_use(slice_maps), []).append(s)
     return list(batches.values())
+
+
+def _slice_sets_in_use(maps: np.ndarray) -> int:
+    """:func:`~unrollinr.sense.sets_in_use` of one slice's ``(sets, coils, y, x)`` maps."""
+    return sets_in_use(torch.from_numpy(maps[None]))
 
 
 def reconstruct_together(kspaces: Sequence[np.ndarray], masks: Sequence[np.ndarray],
@@ -376,7 +381,7 @@ def reconstruct_together(kspaces: Sequence[np.ndarray], masks: Sequence[np.ndarr
         except Exception as error:  # noqa: BLE001 - this slice's failure, reported with it
             results.append(error)
             continue
-        key = (data.shape, maps.shape, sets_in_use(torch.from_numpy(maps[None])))
+        key = (data.shape, maps.shape, _slice_sets_in_use(maps))
         groups.setdefault(key, []).append((len(results), _PreparedSlice(kspace, mask, calibration, data, maps)))
         results.append(None)
     for members in groups.values():
