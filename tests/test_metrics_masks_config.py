@@ -11,7 +11,8 @@ from unrollinr.masks import (
     spiral_mask,
     uniform_line_mask,
 )
-from unrollinr.metrics import nrmse, psnr, ssim
+from unrollinr.metrics import nrmse, object_support, psnr, ssim
+from unrollinr.phantoms import phantom_image
 
 
 def test_ssim_matches_scikit_image(rng):
@@ -32,6 +33,28 @@ def test_psnr_and_nrmse_by_hand():
     assert psnr(reference, reference) == float("inf")
     with pytest.raises(ValueError, match="shapes differ"):
         psnr(reference, estimate[:2])
+
+
+def test_psnr_on_a_region_averages_its_pixels_alone():
+    reference = np.zeros((4, 4))
+    reference[0, 0] = 2.0
+    estimate = reference.copy()
+    estimate[1, 1] = 0.5
+    region = np.zeros((4, 4), dtype=bool)
+    region[1] = True  # 4 pixels, one of them wrong
+    assert psnr(reference, estimate, region=region) == pytest.approx(10 * np.log10(4 / (0.25 / 4)))
+    assert psnr(reference, estimate, region=~region) == float("inf")
+    with pytest.raises(ValueError, match="region"):
+        psnr(reference, estimate, region=np.zeros((4, 4), dtype=bool))
+
+
+def test_object_support_is_the_object_without_the_noise_floor(rng):
+    phantom = np.abs(phantom_image(64))
+    noise = 0.03 * phantom.max() * np.abs(rng.standard_normal((64, 64)) + 1j * rng.standard_normal((64, 64)))
+    support = object_support(phantom + noise)
+    head = phantom > 0
+    assert support[head].mean() > 0.97  # the dark ventricles inside are filled in
+    assert support[~head].mean() < 0.03  # the noise floor outside is not the object
 
 
 @pytest.mark.parametrize("acceleration,acs_368", [(6, 18), (8, 16), (10, 12)])
