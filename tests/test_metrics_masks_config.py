@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from unrollinr.config import ReconConfig
 from unrollinr.masks import (
@@ -55,6 +56,12 @@ def test_object_support_is_the_object_without_the_noise_floor(rng):
     head = phantom > 0
     assert support[head].mean() > 0.97  # the dark ventricles inside are filled in
     assert support[~head].mean() < 0.03  # the noise floor outside is not the object
+    # tissue that fills the field of view, bright and dark: no floor to split off
+    smooth = ndimage.gaussian_filter(rng.random((48, 48)), 3)
+    tissue = 0.2 + (smooth - smooth.min()) / np.ptp(smooth)
+    assert object_support(tissue).mean() > 0.99
+    with pytest.raises(ValueError, match="no object"):
+        object_support(np.zeros((4, 4)))
 
 
 @pytest.mark.parametrize("acceleration,acs_368", [(6, 18), (8, 16), (10, 12)])

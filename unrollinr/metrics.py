@@ -16,8 +16,9 @@ from scipy import ndimage
 
 _SSIM_WINDOW = 7
 _SSIM_K1, _SSIM_K2 = 0.01, 0.03
-OBJECT_THRESHOLD = 0.15  # of the reference's maximum: well above an RSS noise floor of a few percent
+OBJECT_MAX_THRESHOLD = 0.1  # of the reference's maximum
 _OBJECT_OPENING = 2
+_LOG_FLOOR = 1e-6  # of the maximum, added before the log
 
 
 def _magnitudes(reference: np.ndarray, estimate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -41,13 +42,34 @@ def psnr(reference: np.ndarray, estimate: np.ndarray, region: np.ndarray | None 
     return float(10 * np.log10(reference.max() ** 2 / mse)) if mse > 0 else float("inf")
 
 
-def object_support(reference: np.ndarray, threshold: float = OBJECT_THRESHOLD) -> np.ndarray:
-    """The object in a reference image ``(y, x)``, as a boolean mask: where its magnitude
-    exceeds ``threshold`` times its maximum, opened to drop specks of noise, with holes
-    (dark tissue, fluid) filled."""
-    magnitude = np.abs(np.asarray(reference))
-    bright = magnitude > threshold * magnitude.max()
+def object_support(reference: np.ndarray) -> np.ndarray:
+    """The object in a reference image ``(y, x)``, as a boolean mask.
+
+    The threshold splits the histogram of the log magnitude in two (Otsu's): the noise
+    floor and the object. It is capped at :data:`OBJECT_MAX_THRESHOLD` of the maximum,
+    so that an object that fills the field of view, whose histogram has no floor, is not
+    split between its bright and dark tissue. The mask is opened to drop specks of noise,
+    and its holes (dark tissue, fluid) are filled."""
+    magnitude = np.abs(np.asarray(reference)).astype(np.float64)
+    peak = magnitude.max()
+    if peak == 0:
+        raise ValueError("the reference is zero everywhere: it has no object")
+    threshold = min(np.exp(_otsu_threshold(np.log(magnitude + _LOG_FLOOR * peak))), OBJECT_MAX_THRESHOLD * peak)
+    bright = magnitude > threshold
     return ndimage.binary_fill_holes(ndimage.binary_opening(bright, iterations=_OBJECT_OPENING))
+
+
+def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """The bin edge that maximises the between-class variance of ``values`` (Otsu, 1979)."""
+    counts, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    below = np.cumsum(counts)[:-1].astype(np.float64)
+    above = counts.sum() - below
+    sum_below = np.cumsum(counts * centres)[:-1]
+    mean_below = sum_below / np.maximum(below, 1)
+    mean_above = (np.sum(counts * centres) - sum_below) / np.maximum(above, 1)
+    between = below * above * (mean_below - mean_above) ** 2
+    return float(edges[1:-1][np.argmax(between)])
 
 
 def nrmse(reference: np.ndarray, estimate: np.ndarray) -> float:
