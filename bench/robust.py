@@ -32,6 +32,7 @@ line before the last gives its worst and median. The last line is machine-readab
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -157,6 +158,7 @@ class Score:
 
 
 def score(reference: np.ndarray, support: np.ndarray, image: np.ndarray, with_ssim: bool = False) -> Score:
+    """``image``'s score against ``reference``, on the whole and on the object ``support``."""
     return Score(psnr(reference, image), ssim(reference, image) if with_ssim else 0.0,
                  psnr(reference, image, region=support))
 
@@ -174,9 +176,10 @@ def bart_best(measured: np.ndarray, reference: np.ndarray, support: np.ndarray, 
             continue
         for lam_tried in BART_LAMBDAS:
             image = baselines.bart_pics(measured, maps, lam_tried)
-            best_object = max(best_object, psnr(reference, image, region=support))
-            if psnr(reference, image) > best.psnr:
-                best = score(reference, support, image, with_ssim=True)
+            candidate = score(reference, support, image)
+            best_object = max(best_object, candidate.object_psnr)
+            if candidate.psnr > best.psnr:
+                best = dataclasses.replace(candidate, ssim=ssim(reference, image))
                 setting, crop, lam = f"crop {crop_tried} lambda {lam_tried}", crop_tried, lam_tried
     best.object_psnr = best_object
     if not setting:

@@ -47,6 +47,8 @@ def test_psnr_on_a_region_averages_its_pixels_alone():
     assert psnr(reference, estimate, region=~region) == float("inf")
     with pytest.raises(ValueError, match="region"):
         psnr(reference, estimate, region=np.zeros((4, 4), dtype=bool))
+    with pytest.raises(ValueError, match="region"):
+        psnr(reference, estimate, region=region.astype(int))  # indices, not a mask
 
 
 def test_object_support_is_the_object_without_the_noise_floor(rng):

@@ -35,7 +35,7 @@ def psnr(reference: np.ndarray, estimate: np.ndarray, region: np.ndarray | None 
     reference, estimate = _magnitudes(reference, estimate)
     squared_errors = (reference - estimate) ** 2
     if region is not None:
-        if region.shape != reference.shape or not region.any():
+        if region.dtype != bool or region.shape != reference.shape or not region.any():
             raise ValueError(f"region must be a non-empty boolean mask of shape {reference.shape}")
         squared_errors = squared_errors[region]
     mse = np.mean(squared_errors)
