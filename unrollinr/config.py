@@ -94,7 +94,11 @@ class ReconConfig:
         the image there); off, the prior fills those pixels smoothly.
     Coil maps:
         ESPIRiT on the whole ACS rectangle, with ``espirit_*`` settings; ``espirit_crop``
-        zeroes the maps in the background, and holes inside the support are filled.
+        zeroes the maps in the background, and holes inside the support are filled. The
+        signal subspace threshold ``espirit_thresh`` 0.01 (0.03 before) keeps a small
+        structure apart from the object inside the maps; a wider subspace raises the
+        eigenvalues, so the crop that marks the object's edge rises with it, to 0.95
+        (both measured on every set of ``bench/robust.py``: bench/RESULTS.md).
         ``espirit_sets`` 2 adds ESPIRiT's second set of maps where its eigenvalue passes
         the crop (soft SENSE: wrapped or cut fields of view); the prior
         proposes one image per set, and the output is their root-sum-of-squares with the
@@ -180,8 +184,8 @@ class ReconConfig:
 
     espirit_calib_width: int = 24
     espirit_kernel_width: int = 6
-    espirit_thresh: float = 0.03
-    espirit_crop: float = 0.85
+    espirit_thresh: float = 0.01
+    espirit_crop: float = 0.95
     espirit_sets: int = 2
     retry_wider_maps: bool = True
     espirit_retry_crop: float = 0.5
