@@ -21,6 +21,12 @@ from unrollinr.variants import cut_readout, pe_wrap
 FAST = dict(iterations=40, cg_iterations=8)
 
 
+def _config_maps(kspace: np.ndarray, mask: np.ndarray, config: ReconConfig, sets: int = 2) -> np.ndarray:
+    """``(sets, coils, ky, kx)`` ESPIRiT maps with ``config``'s signal subspace threshold and
+    crop (calibrated on the whole ACS, unlike :func:`~unrollinr.recon.prepare_maps`)."""
+    return espirit_maps(kspace, mask, sets=sets, thresh=config.espirit_thresh, crop=config.espirit_crop)
+
+
 @pytest.fixture(scope="module")
 def problem(phantom_48):
     mask = random_line_mask((48, 48), 3, acs_lines=12, seed=0)
@@ -139,7 +145,7 @@ def test_the_refinement_on_every_sample_changes_the_image_and_leaves_the_held_ou
     measured, mask, reference = problem
     config = ReconConfig(iterations=45, cg_iterations=8, mlp_precision="float32", refine_fraction=1 / 3)
     held_out_only = dataclasses.replace(config, refine_fraction=0.0)
-    maps = espirit_maps(measured, mask, sets=2, thresh=config.espirit_thresh, crop=config.espirit_crop)[None]
+    maps = _config_maps(measured, mask, config)[None]
     refined, with_refinement = reconstruct_prepared(measured[None], mask[None], maps, config)
     unrefined, without = reconstruct_prepared(measured[None], mask[None], maps, held_out_only)
     assert with_refinement.iterations == 60 and without.iterations == 45
@@ -320,7 +326,7 @@ def test_a_field_of_view_that_cuts_or_wraps_the_object_is_no_worse_than_cg_sense
     mask = random_line_mask(full.shape[1:], 2, acs_lines=12, seed=0)
     measured, reference = full * mask, reference_image(full)
     image, result = reconstruct_with_details(measured, mask, config=ReconConfig(iterations=60, cg_iterations=8))
-    one_map = espirit_maps(measured, mask, thresh=ReconConfig().espirit_thresh, crop=ReconConfig().espirit_crop)
+    one_map = _config_maps(measured, mask, ReconConfig(), sets=1)
     classic = psnr(reference, cg_sense(measured, mask, one_map, iterations=10))
     assert psnr(reference, image) >= classic, result.verdicts[0].reason
 
@@ -520,8 +526,7 @@ def test_a_batch_in_which_early_stopping_fires_equals_its_slices_alone(problem, 
     # 80 here, against 79 with the default 1e-2, where a rounding change decides whether it fires)
     config = ReconConfig(iterations=80, cg_iterations=6, mlp_precision="float32", patience=3, lr=3e-2)
     data = np.stack([measured, second])
-    maps = np.stack([espirit_maps(d, mask, sets=2, thresh=config.espirit_thresh, crop=config.espirit_crop)
-                     for d in data])
+    maps = np.stack([_config_maps(d, mask, config) for d in data])
     batch, result = reconstruct_prepared(data, np.stack([mask, mask]), maps, config)
     stopped_early = [b + config.patience < result.iterations - 1 for b in result.best_iterations]
     assert result.iterations < 80 and any(stopped_early), (result.best_iterations, result.iterations)
@@ -544,7 +549,7 @@ def test_a_retry_stops_once_its_held_out_loss_stops_falling_above_the_loss_to_be
     measured, mask, _ = problem
     config = ReconConfig(iterations=300, cg_iterations=5, patience=300, retry_patience=15,
                          lam_s_poor=ReconConfig().lam_s)  # no TV review: see the next test for one
-    maps = espirit_maps(measured, mask, sets=2, thresh=config.espirit_thresh, crop=config.espirit_crop)[None]
+    maps = _config_maps(measured, mask, config)[None]
     runs = {bar: reconstruct_prepared(measured[None], mask[None], maps, config, held_out_bars=[bar])[1]
             for bar in (0.0, math.inf)}
     beaten_at_once, unbeatable = runs[math.inf], runs[0.0]
