@@ -69,8 +69,10 @@ class CoilProducts(nn.Module):
                                                                                               images.dtype))
         for slice_index, boxes in enumerate(self.boxes):
             target = coil_images[slice_index]
-            if not boxes or boxes[0][1] != self.whole:
+            if not boxes:
                 target.zero_()
+            elif boxes[0][1] != self.whole:
+                self._zero_outside(target, boxes[0][1])
             for number, (set_index, box) in enumerate(boxes):
                 index = self._box_index(box)
                 maps = self.maps[slice_index, set_index][index]
@@ -80,6 +82,15 @@ class CoilProducts(nn.Module):
                 else:
                     target[index].addcmul_(maps, image)
         return coil_images
+
+    def _zero_outside(self, coil_images: torch.Tensor, box: Box) -> None:
+        """Zero one slice's ``coil_images`` outside ``box``: the frame round the box (rows
+        above and below it, then the columns beside it), not the box that is written next."""
+        rows, columns = box
+        n_y, n_x = self.whole[0].stop, self.whole[1].stop
+        for frame in ((slice(0, rows.start), slice(0, n_x)), (slice(rows.stop, n_y), slice(0, n_x)),
+                      (rows, slice(0, columns.start)), (rows, slice(columns.stop, n_x))):
+            coil_images[self._box_index(frame)].zero_()
 
     def _contract(self, coil_images: torch.Tensor) -> torch.Tensor:
         n_slices, n_sets = self.maps.shape[:2]
