@@ -138,8 +138,8 @@ def _timed(run: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
 
 
 def _bart_maps(measured: np.ndarray, crop: float, kernel: int, sets: int) -> np.ndarray | None:
-    """BART's ESPIRiT maps, or ``None`` where ``ecalib`` crashes (it does, now and then,
-    on small calibration regions)."""
+    """BART's ESPIRiT maps, or ``None`` where ``ecalib`` fails (a crash is run again on one
+    thread first: :func:`unrollinr.baselines.run_bart`)."""
     try:
         return baselines.bart_maps(measured, crop=crop, kernel_width=kernel, sets=sets)
     except subprocess.CalledProcessError as error:
@@ -168,7 +168,7 @@ def bart_best(measured: np.ndarray, reference: np.ndarray, support: np.ndarray, 
     """Oracle-tuned BART L1-ESPIRiT: the best PSNR over lambda and crop with its SSIM, the
     best PSNR on the object ``support`` (over the same settings, tuned on it), the setting
     of the best PSNR, and the wall time of ``ecalib`` + ``pics`` there, run once more
-    (NaN if ``ecalib`` crashes then)."""
+    (with a crashed ``ecalib``'s rerun on one thread, if there is one; NaN if it fails)."""
     best, best_object, setting, crop, lam = Score(-np.inf, 0.0, -np.inf), -np.inf, "", 0.0, 0.0
     for crop_tried in BART_CROPS:
         maps = _bart_maps(measured, crop_tried, kernel, sets)

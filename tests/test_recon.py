@@ -1,6 +1,9 @@
 import dataclasses
 import logging
 import math
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +11,7 @@ import torch
 from conftest import reconstruct_with_a_broken_prior
 
 from unrollinr import ReconConfig, reconstruct
-from unrollinr.baselines import bart_available, bart_maps, bart_pics, cg_sense, zero_filled
+from unrollinr.baselines import bart_available, bart_maps, bart_pics, cg_sense, run_bart, zero_filled
 from unrollinr.coils import espirit_maps
 from unrollinr.evaluate import reference_image
 from unrollinr.fft import fft2c
@@ -259,6 +262,33 @@ def test_bart_baselines_improve_on_zero_filled(problem, regularizer):
     image = bart_pics(measured, maps, 0.003, regularizer=regularizer)
     assert image.shape == (48, 48)
     assert psnr(reference, image) > psnr(reference, zero_filled(measured)) + 3
+
+
+def _stand_in_bart(folder: Path, behaviour: str) -> Path:
+    """A ``bart`` on PATH in ``folder`` that appends its ``OMP_NUM_THREADS`` to the returned
+    file, then runs ``behaviour`` (shell)."""
+    threads = folder / "threads"
+    script = folder / "bart"
+    script.write_text(f'#!/bin/sh\necho "$OMP_NUM_THREADS" >> "{threads}"\n{behaviour}\n')
+    script.chmod(0o755)
+    return threads
+
+
+def test_a_bart_run_killed_by_a_signal_runs_again_on_one_thread(tmp_path, monkeypatch):
+    # as BART 0.8's ecalib does now and then on several threads
+    threads = _stand_in_bart(tmp_path, '[ "$OMP_NUM_THREADS" = 1 ] || kill -SEGV $$')
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    run_bart(["ecalib"])
+    assert threads.read_text().splitlines() == ["", "1"]
+
+
+def test_a_bart_run_that_fails_is_not_run_again(tmp_path, monkeypatch):
+    threads = _stand_in_bart(tmp_path, "exit 3")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(subprocess.CalledProcessError):
+        run_bart(["pics"])
+    assert len(threads.read_text().splitlines()) == 1
 
 
 def test_bart_pics_rejects_an_unknown_regularizer(problem):

@@ -10,6 +10,7 @@ complex ``(ky, kx)`` image on the scale of the data. Coil maps are ``(coils, ky,
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -68,6 +69,23 @@ def bart_available() -> bool:
     return shutil.which("bart") is not None
 
 
+def run_bart(arguments: list[str]) -> None:
+    """Run ``bart *arguments``; ``CalledProcessError`` if it fails.
+
+    A run killed by a signal is run once more on one OpenMP thread: BART 0.8's ``ecalib``
+    crashes (SIGSEGV) now and then with several threads on small calibration regions
+    (brain_16ch_96 in ``bench/robust.py``: 45 of 140 runs on two threads, none of 140 on
+    one), so that an oracle over its settings would silently lose some of them."""
+    command = ["bart", *arguments]
+    try:
+        subprocess.run(command, check=True, capture_output=True)
+    except subprocess.CalledProcessError as error:
+        if error.returncode >= 0:
+            raise
+        logger.warning("bart %s died with signal %d: running it again on one thread", arguments[0], -error.returncode)
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def _write_cfl(path: Path, array: np.ndarray) -> None:
     dims = list(array.shape) + [1] * (16 - array.ndim)
     path.with_suffix(".hdr").write_text("# Dimensions\n" + " ".join(map(str, dims)) + "\n")
@@ -87,9 +105,8 @@ def bart_maps(kspace: np.ndarray, *, crop: float = 0.8, kernel_width: int = 6, s
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder)
         _write_cfl(base / "ksp", kspace.transpose(2, 1, 0)[:, :, None, :])
-        subprocess.run(["bart", "ecalib", f"-m{sets}", "-c", str(crop), "-k", str(kernel_width),
-                        str(base / "ksp"), str(base / "maps")],
-                       check=True, capture_output=True)
+        run_bart(["ecalib", f"-m{sets}", "-c", str(crop), "-k", str(kernel_width), str(base / "ksp"),
+                  str(base / "maps")])
         maps = _read_cfl(base / "maps").reshape(*kspace.shape[:0:-1], 1, kspace.shape[0], sets)
         return maps[:, :, 0].transpose(3, 2, 1, 0).astype(np.complex64)
 
@@ -115,9 +132,8 @@ def bart_pics(kspace: np.ndarray, maps: np.ndarray, lam: float, *, regularizer: 
         base = Path(folder)
         _write_cfl(base / "ksp", (kspace / scale).transpose(2, 1, 0)[:, :, None, :])
         _write_cfl(base / "maps", maps.transpose(3, 2, 1, 0)[:, :, None, :, :])
-        subprocess.run(["bart", "pics", "-S", *flags, "-i", str(iterations),
-                        str(base / "ksp"), str(base / "maps"), str(base / "out")],
-                       check=True, capture_output=True)
+        run_bart(["pics", "-S", *flags, "-i", str(iterations), str(base / "ksp"), str(base / "maps"),
+                  str(base / "out")])
         image = _read_cfl(base / "out").reshape(kspace.shape[2], kspace.shape[1], len(maps))
     sets = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 1, 0)))[None]
     return (combine_sets(sets)[0].numpy() * scale).astype(np.complex64)
