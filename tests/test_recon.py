@@ -264,28 +264,27 @@ def test_bart_baselines_improve_on_zero_filled(problem, regularizer):
     assert psnr(reference, image) > psnr(reference, zero_filled(measured)) + 3
 
 
-def _stand_in_bart(folder: Path, behaviour: str) -> Path:
-    """A ``bart`` on PATH in ``folder`` that appends its ``OMP_NUM_THREADS`` to the returned
-    file, then runs ``behaviour`` (shell)."""
+def _stand_in_bart(folder: Path, behaviour: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put first on PATH a ``bart`` in ``folder`` that appends its ``OMP_NUM_THREADS`` (unset
+    here) to the returned file, then runs ``behaviour`` (shell)."""
     threads = folder / "threads"
     script = folder / "bart"
     script.write_text(f'#!/bin/sh\necho "$OMP_NUM_THREADS" >> "{threads}"\n{behaviour}\n')
     script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     return threads
 
 
 def test_a_bart_run_killed_by_a_signal_runs_again_on_one_thread(tmp_path, monkeypatch):
     # as BART 0.8's ecalib does now and then on several threads
-    threads = _stand_in_bart(tmp_path, '[ "$OMP_NUM_THREADS" = 1 ] || kill -SEGV $$')
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = _stand_in_bart(tmp_path, '[ "$OMP_NUM_THREADS" = 1 ] || kill -SEGV $$', monkeypatch)
     run_bart(["ecalib"])
     assert threads.read_text().splitlines() == ["", "1"]
 
 
 def test_a_bart_run_that_fails_is_not_run_again(tmp_path, monkeypatch):
-    threads = _stand_in_bart(tmp_path, "exit 3")
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    threads = _stand_in_bart(tmp_path, "exit 3", monkeypatch)
     with pytest.raises(subprocess.CalledProcessError):
         run_bart(["pics"])
     assert len(threads.read_text().splitlines()) == 1
