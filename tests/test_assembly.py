@@ -1,10 +1,13 @@
 import ismrmrd
 import numpy as np
 import pytest
-from unrollinr_gadget.assembly import EncodingGeometry, SliceAssembler, SliceKey
+import torch
+from unrollinr_gadget.assembly import EncodingGeometry, SliceAssembler, SliceData, SliceKey
+from unrollinr_gadget.images import ImageFactory
 from unrollinr_gadget.limits import LimitExceeded, StreamLimits
-from unrollinr_gadget.rawdata import RawFile, simulate_raw
+from unrollinr_gadget.rawdata import RawFile, make_header, simulate_raw
 
+from unrollinr.fft import ifft2c
 from unrollinr.masks import random_line_mask
 from unrollinr.phantoms import phantom_kspace
 
@@ -164,3 +167,81 @@ def test_image_numbers_come_from_the_counters_alone(header):
     assert geometry.image_index(SliceKey(slice=2, contrast=1)) == 6
     assert geometry.image_index(SliceKey(slice=2, contrast=1, repetition=1)) == 12
     assert EncodingGeometry.from_header(header).counter_sizes == (1, 1, 1, 1, 1, 1)
+
+
+# Gaussian blobs (centre y, centre x in mm, complex amplitude) whose k-space is known exactly.
+BLOBS = ((-30.0, 20.0, 1.0), (25.0, -40.0, 0.6j), (10.0, 45.0, 0.8 - 0.3j))
+BLOB_SIGMA_MM = 10.0
+
+
+def _blobs(y_mm: np.ndarray, x_mm: np.ndarray) -> np.ndarray:
+    """The object on a grid of positions."""
+    return sum(a * np.exp(-((y_mm - cy) ** 2 + (x_mm - cx) ** 2) / (2 * BLOB_SIGMA_MM ** 2)) for cy, cx, a in BLOBS)
+
+
+def _blobs_kspace(ky: np.ndarray, kx: np.ndarray) -> np.ndarray:
+    """The object's Fourier transform at spatial frequencies in 1/mm."""
+    envelope = 2 * np.pi * BLOB_SIGMA_MM ** 2 * np.exp(-2 * np.pi ** 2 * BLOB_SIGMA_MM ** 2 * (ky ** 2 + kx ** 2))
+    return sum(a * envelope * np.exp(-2j * np.pi * (ky * cy + kx * cx)) for cy, cx, a in BLOBS)
+
+
+def _scan(encoded: tuple[int, int], encoded_fov: tuple[float, float], recon: tuple[int, int],
+          recon_fov: tuple[float, float]) -> tuple[SliceData, EncodingGeometry]:
+    """Assemble a fully sampled one-coil scan of the blobs under a header with these
+    ``(x, y)`` matrices and fields of view."""
+    header = make_header(n_coils=1, n_ky=encoded[1], n_kx=recon[0], n_slices=1, oversampling=1,
+                         fov_mm=(*recon_fov, 5.0), acceleration=1, calibration_mode="embedded")
+    encoding = header.encoding[0]
+    encoding.encodedSpace.matrixSize.x, encoding.encodedSpace.matrixSize.y = encoded
+    encoding.encodedSpace.fieldOfView_mm.x, encoding.encodedSpace.fieldOfView_mm.y = encoded_fov
+    encoding.reconSpace.matrixSize.x, encoding.reconSpace.matrixSize.y = recon
+    assembler = SliceAssembler(header)
+    kx = (np.arange(encoded[0]) - encoded[0] // 2) / encoded_fov[0]
+    for line in range(encoded[1]):
+        ky = (line - encoded[1] // 2) / encoded_fov[1]
+        acquisition = ismrmrd.Acquisition.from_array(_blobs_kspace(ky, kx)[None].astype(np.complex64))
+        head = acquisition.getHead()
+        head.idx.kspace_encode_step_1 = line
+        head.center_sample = encoded[0] // 2
+        acquisition.setHead(head)
+        assembler.add(acquisition)
+    (data,) = assembler.finish()
+    return data, assembler.geometry
+
+
+@pytest.mark.parametrize(("encoded", "encoded_fov", "recon", "recon_fov"), [
+    # phase resolution 75% with 25% phase oversampling, and 2x readout oversampling
+    ((128, 60), (400.0, 250.0), (64, 64), (200.0, 200.0)),
+    # interpolation: a recon matrix twice the acquired one in both directions
+    ((128, 64), (400.0, 200.0), (128, 128), (200.0, 200.0)),
+    # a rectangular recon field of view, cut from a wider phase-encode one
+    ((192, 72), (300.0, 180.0), (96, 64), (150.0, 120.0)),
+])
+def test_images_come_out_on_the_recon_spaces_matrix_and_field_of_view(encoded, encoded_fov, recon, recon_fov):
+    data, geometry = _scan(encoded, encoded_fov, recon, recon_fov)
+    assert data.kspace.shape[-1] == geometry.readout_x
+    image = ifft2c(torch.from_numpy(data.kspace[0])).numpy()  # the slice at its encoded resolution
+    made = ImageFactory(geometry, output="complex").make(image, data)
+    pixels = made.data[0, 0]
+    assert pixels.shape == (recon[1], recon[0])
+    assert tuple(made.getHead().matrix_size[:2]) == recon
+    np.testing.assert_allclose(made.getHead().field_of_view[:2], recon_fov)
+    spacing_x, spacing_y = recon_fov[0] / recon[0], recon_fov[1] / recon[1]
+    y_mm, x_mm = np.meshgrid((np.arange(recon[1]) - recon[1] // 2) * spacing_y,
+                             (np.arange(recon[0]) - recon[0] // 2) * spacing_x, indexing="ij")
+    expected = _blobs(y_mm, x_mm)
+    scale = np.vdot(expected, pixels) / np.vdot(expected, expected)  # the transforms' constant
+    np.testing.assert_allclose(pixels, scale * expected, atol=1e-3 * np.abs(scale * expected).max())
+
+
+def test_fields_of_view_that_ask_for_huge_images_are_refused(header):
+    header.encoding[0].encodedSpace.fieldOfView_mm.y = 1e6
+    with pytest.raises(LimitExceeded, match="fields of view"):
+        EncodingGeometry.from_header(header)
+
+
+@pytest.mark.parametrize("fov", [0.0, float("inf"), float("nan")])
+def test_a_field_of_view_that_is_missing_or_not_finite_leaves_the_pixel_size_alone(header, fov):
+    header.encoding[0].encodedSpace.fieldOfView_mm.x = fov
+    geometry = EncodingGeometry.from_header(header)
+    assert (geometry.pixel_ratio_x, geometry.readout_x) == (1.0, geometry.recon_x)

@@ -6,11 +6,17 @@ each line is placed by its ``kspace_encode_step_1`` relative to the encoding cen
 Separate and embedded ACS lines are collected for the coil maps. Slices, contrasts,
 repetitions, sets, phases and averages are kept apart, and a slice is handed out as
 soon as its ``ACQ_LAST_IN_SLICE`` line arrives (or at the end of the stream).
+
+Slices are reconstructed at the encoded pixel size; :meth:`EncodingGeometry.to_recon_space`
+then takes each image to the recon space's matrix and field of view (phase oversampling
+cropped; a phase resolution below 100% or interpolation resampled), as Gadgetron's
+``GenericReconFieldOfViewAdjustmentGadget`` does.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import ismrmrd
@@ -61,6 +67,14 @@ class SliceKey:
 IMAGE_COUNTERS = ("slice", "contrast", "phase", "set", "average", "repetition")
 
 
+def _fov_mm(space: xsd.encodingSpaceType) -> tuple[float, float, float]:
+    """A space's field of view in mm (0 where the header leaves it out)."""
+    fov = space.fieldOfView_mm
+    if fov is None:
+        return 0.0, 0.0, 0.0
+    return float(fov.x or 0.0), float(fov.y or 0.0), float(fov.z or 0.0)
+
+
 def _counter_size(limits: xsd.encodingLimitsType, name: str) -> int:
     """How many values a counter takes, from the header (1 if it does not say)."""
     limit = getattr(limits, name, None)
@@ -70,7 +84,8 @@ def _counter_size(limits: xsd.encodingLimitsType, name: str) -> int:
 @dataclass
 class SliceData:
     """One complete slice: imaging k-space and mask, calibration k-space and mask, all
-    ``(coils, ky, kx)`` / ``(ky, kx)`` in the recon readout size, and a reference header."""
+    ``(coils, ky, kx)`` / ``(ky, kx)`` with readout oversampling removed
+    (``kx = readout_x``), and a reference header."""
 
     key: SliceKey
     kspace: np.ndarray
@@ -80,9 +95,49 @@ class SliceData:
     reference: ismrmrd.AcquisitionHeader
 
 
+def _centred_fit(array: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Crop or zero-pad ``array`` along ``axis`` to ``size``, keeping index ``n // 2`` at
+    ``size // 2`` (the centre of a centred FFT, in k-space and in image space)."""
+    n = array.shape[axis]
+    if size <= n:
+        start = n // 2 - size // 2
+        return np.take(array, range(start, start + size), axis=axis)
+    shape = list(array.shape)
+    shape[axis] = size
+    fitted = np.zeros(shape, dtype=array.dtype)
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(size // 2 - n // 2, size // 2 - n // 2 + n)
+    fitted[tuple(index)] = array
+    return fitted
+
+
+def _fourier_resample(image: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """``image`` sampled at ``size`` points over the same field of view along ``axis``
+    (its k-space cropped or zero-padded), with pixel values kept on the same scale."""
+    n = image.shape[axis]
+    if size == n:
+        return image
+    kspace = fftc(torch.from_numpy(np.ascontiguousarray(image)), dim=axis).numpy()
+    resampled = ifftc(torch.from_numpy(_centred_fit(kspace, size, axis)), dim=axis).numpy()
+    return (resampled * np.sqrt(size / n)).astype(image.dtype)
+
+
+def _pixel_ratio(encoded_fov: float, encoded_size: int, recon_fov: float, recon_size: int) -> float:
+    """Encoded pixel size over recon pixel size along one axis (1 where a field of view is
+    not given: the two spaces then share their pixel size)."""
+    if not all(math.isfinite(fov) and fov > 0 for fov in (encoded_fov, recon_fov)):
+        return 1.0
+    return (encoded_fov / encoded_size) / (recon_fov / recon_size)
+
+
 @dataclass(frozen=True)
 class EncodingGeometry:
-    """The parts of the ISMRMRD header that place samples on the grid."""
+    """The parts of the ISMRMRD header that place samples on the grid.
+
+    ``pixel_ratio_x`` and ``pixel_ratio_y`` are the encoded pixel size over the recon
+    pixel size: above 1 where the recon space interpolates (Siemens' interpolation, or a
+    phase resolution below 100%), 1 where the two share their pixel size.
+    """
 
     encoded_x: int
     n_ky: int
@@ -91,6 +146,28 @@ class EncodingGeometry:
     ky_centre: int
     recon_fov: tuple[float, float, float]
     counter_sizes: tuple[int, ...] = (1,) * len(IMAGE_COUNTERS)
+    pixel_ratio_x: float = 1.0
+    pixel_ratio_y: float = 1.0
+
+    @property
+    def readout_x(self) -> int:
+        """Samples per line once readout oversampling is removed: the encoded pixels that
+        span the recon field of view (at most ``encoded_x``)."""
+        return max(1, min(self.encoded_x, round(self.recon_x / self.pixel_ratio_x)))
+
+    @property
+    def resampled_shape(self) -> tuple[int, int]:
+        """``(y, x)``: an image of ``(n_ky, readout_x)`` resampled to the recon pixel size."""
+        return max(1, round(self.n_ky * self.pixel_ratio_y)), max(1, round(self.readout_x * self.pixel_ratio_x))
+
+    def to_recon_space(self, image: np.ndarray) -> np.ndarray:
+        """``(n_ky, readout_x)`` at the encoded resolution to ``(recon_y, recon_x)``: each
+        axis Fourier-resampled to the recon pixel size, then centred and cropped (phase
+        oversampling) or zero-padded to the recon matrix."""
+        for axis, (size, recon_size) in enumerate(zip(self.resampled_shape, (self.recon_y, self.recon_x),
+                                                      strict=True)):
+            image = _centred_fit(_fourier_resample(image, size, axis), recon_size, axis)
+        return image
 
     def image_index(self, key: SliceKey) -> int:
         """A 1-based image number from the counters alone (slice fastest, then
@@ -127,17 +204,23 @@ class EncodingGeometry:
                              "cannot be placed")
         centre = step_1.center if step_1.center is not None else encoded.y // 2
         counter_sizes = tuple(_counter_size(encoding.encodingLimits, name) for name in IMAGE_COUNTERS)
-        fov = encoding.reconSpace.fieldOfView_mm
-        return cls(encoded_x=int(encoded.x), n_ky=int(encoded.y), recon_x=int(recon.x), recon_y=int(recon.y),
-                   ky_centre=int(centre), recon_fov=(float(fov.x), float(fov.y), float(fov.z)),
-                   counter_sizes=counter_sizes)
+        fov, encoded_fov = _fov_mm(encoding.reconSpace), _fov_mm(encoding.encodedSpace)
+        geometry = cls(encoded_x=int(encoded.x), n_ky=int(encoded.y), recon_x=int(recon.x), recon_y=int(recon.y),
+                       ky_centre=int(centre), recon_fov=fov, counter_sizes=counter_sizes,
+                       pixel_ratio_x=_pixel_ratio(encoded_fov[0], int(encoded.x), fov[0], int(recon.x)),
+                       pixel_ratio_y=_pixel_ratio(encoded_fov[1], int(encoded.y), fov[1], int(recon.y)))
+        if max(geometry.resampled_shape) > max_matrix:
+            raise LimitExceeded(f"the fields of view ({encoded_fov[0]:g} x {encoded_fov[1]:g} mm encoded, {fov[0]:g} "
+                                f"x {fov[1]:g} mm recon) ask for images of {geometry.resampled_shape[1]} x "
+                                f"{geometry.resampled_shape[0]} pixels, beyond the limit of {max_matrix} a side")
+        return geometry
 
     def line(self, head: ismrmrd.AcquisitionHeader) -> int:
         """Row of the k-space buffer for an acquisition (the encoding centre at ``n_ky // 2``)."""
         return int(head.idx.kspace_encode_step_1) - self.ky_centre + self.n_ky // 2
 
     def readout(self, data: np.ndarray, head: ismrmrd.AcquisitionHeader) -> np.ndarray:
-        """``(coils, samples)`` to ``(coils, recon_x)``: asymmetric echoes are zero-padded
+        """``(coils, samples)`` to ``(coils, readout_x)``: asymmetric echoes are zero-padded
         about the centre sample, and oversampling is cropped in image space."""
         n_coils, n_samples = data.shape
         full = max(self.encoded_x, n_samples)
@@ -146,11 +229,10 @@ class EncodingGeometry:
         if offset < 0 or offset + n_samples > full:
             raise ValueError(f"centre sample {head.center_sample} does not fit {n_samples} samples in {full}")
         line[:, offset:offset + n_samples] = data
-        if full == self.recon_x:
+        if full == self.readout_x:
             return line
-        profile = ifftc(torch.from_numpy(line), dim=-1)
-        start = full // 2 - self.recon_x // 2
-        return fftc(profile[:, start:start + self.recon_x], dim=-1).numpy()
+        profile = ifftc(torch.from_numpy(line), dim=-1).numpy()
+        return fftc(torch.from_numpy(_centred_fit(profile, self.readout_x, axis=-1)), dim=-1).numpy()
 
 
 @dataclass
@@ -165,7 +247,7 @@ class _Buffer:
 
     @classmethod
     def empty(cls, n_coils: int, geometry: EncodingGeometry) -> _Buffer:
-        shape = (n_coils, geometry.n_ky, geometry.recon_x)
+        shape = (n_coils, geometry.n_ky, geometry.readout_x)
         return cls(np.zeros(shape, np.complex64), np.zeros(shape[1:], bool),
                    np.zeros(shape, np.complex64), np.zeros(shape[1:], bool))
 

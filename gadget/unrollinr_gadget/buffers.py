@@ -19,13 +19,13 @@ def _centred_rows(data: np.ndarray, centre: int, n_ky: int) -> np.ndarray:
 
 def _readouts(data: np.ndarray, geometry: EncodingGeometry, reference) -> np.ndarray:
     """Remove readout oversampling from every line of ``(coils, E1, RO)``."""
-    if data.shape[2] == geometry.recon_x:
+    if data.shape[2] == geometry.readout_x:
         return data
     n_coils, n_lines, n_samples = data.shape
     head = type(reference).from_buffer_copy(reference)
     head.center_sample = n_samples // 2
     lines = geometry.readout(data.reshape(n_coils * n_lines, n_samples), head)
-    return lines.reshape(n_coils, n_lines, geometry.recon_x)
+    return lines.reshape(n_coils, n_lines, geometry.readout_x)
 
 
 def _buffer_kspace(buffer, geometry: EncodingGeometry, n: int, s: int, loc: int) -> tuple[np.ndarray, object]:

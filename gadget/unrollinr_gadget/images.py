@@ -29,12 +29,6 @@ class ImageFactory:
         if self.output not in OUTPUT_TYPES:
             raise ValueError(f"output must be one of {OUTPUT_TYPES}, got {self.output!r}")
 
-    def _crop(self, image: np.ndarray) -> np.ndarray:
-        """Crop phase-encode oversampling: ``(ky, x)`` to ``(recon_y, recon_x)``."""
-        n_y = image.shape[0]
-        start = n_y // 2 - self.geometry.recon_y // 2
-        return image[start:start + self.geometry.recon_y] if n_y > self.geometry.recon_y else image
-
     def _pixels(self, image: np.ndarray) -> tuple[np.ndarray, int, float]:
         magnitude = np.abs(image)
         if self.output == "complex":
@@ -48,8 +42,9 @@ class ImageFactory:
         return scaled.astype(np.uint16), ismrmrd.IMTYPE_MAGNITUDE, self._uint16_scale
 
     def make(self, image: np.ndarray, data: SliceData, *, details: dict[str, str] | None = None) -> ismrmrd.Image:
-        """An ``ismrmrd.Image`` for a reconstructed ``(ky, kx)`` complex slice."""
-        pixels, image_type, scale = self._pixels(self._crop(image))
+        """An ``ismrmrd.Image`` for a reconstructed ``(n_ky, readout_x)`` complex slice, on
+        the recon space's matrix and field of view."""
+        pixels, image_type, scale = self._pixels(self.geometry.to_recon_space(image))
         result = ismrmrd.Image.from_array(pixels, acquisition=data.reference)
         head = result.getHead()
         head.image_type = image_type
