@@ -91,6 +91,19 @@ def test_navigators_and_phase_correction_are_skipped_and_separate_acs_is_not_ima
     assert assembler.skipped == {"navigator": 1, "phase correction": 1}
 
 
+def test_lines_of_a_second_encoding_space_are_skipped(header):
+    assembler = SliceAssembler(header)
+    assembler.add(_acquisition(8))
+    calibration = _acquisition(3, n_samples=32)  # a calibration scan on its own matrix
+    head = calibration.getHead()
+    head.encoding_space_ref = 1
+    calibration.setHead(head)
+    assert assembler.add(calibration) == []
+    (data,) = assembler.finish()
+    assert np.flatnonzero(data.mask[:, 0]).tolist() == [8]
+    assert assembler.skipped == {"lines of encoding space 1 (only the first is reconstructed)": 1}
+
+
 def test_asymmetric_echo_is_placed_by_its_centre_sample(header):
     assembler = SliceAssembler(header)
     acquisition = _acquisition(8, n_samples=12)

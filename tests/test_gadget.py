@@ -19,6 +19,7 @@ from peers import (
     send_stream,
 )
 from unrollinr_gadget.assembly import SliceAssembler
+from unrollinr_gadget.buffers import slices_from_recon_data
 from unrollinr_gadget.pipeline import ReconPipeline, image_details
 from unrollinr_gadget.rawdata import RawFile, simulate_raw
 
@@ -189,6 +190,23 @@ def test_buffered_recon_data_after_bucket_to_buffer(raw_phantom):
     assert replies.closed and replies.errors == [], stderr.decode()[-2000:]
     check_images(replies.images, raw)
     assert stdout == b""
+
+
+def test_a_buffer_of_a_second_encoding_space_is_skipped_and_costs_no_image(raw_phantom):
+    raw = RawFile(raw_phantom)
+    recon_data = _recon_data(raw)
+    geometry = SliceAssembler(raw.header()).geometry
+    first = recon_data.bits[0].data
+    centre = first.data.shape[1] // 2
+    headers = np.empty((8, 1, 1, 1, 1), dtype=object)  # a calibration scan of the central 8 lines
+    for row in range(8):
+        head = headers[row, 0, 0, 0, 0] = ismrmrd.AcquisitionHeader.from_buffer_copy(first.headers[row, 0, 0, 0, 0])
+        head.encoding_space_ref = 1
+    other = ReconBuffer(np.ascontiguousarray(first.data[:, centre - 4:centre + 4]), None, None, headers,
+                        first.sampling)
+    expected = [data.key for data in slices_from_recon_data(recon_data, geometry)]
+    recon_data.bits.insert(0, ReconBit(other))
+    assert [data.key for data in slices_from_recon_data(recon_data, geometry)] == expected
 
 
 def test_a_vanished_peer_ends_the_gadget_instead_of_hanging(raw_phantom):

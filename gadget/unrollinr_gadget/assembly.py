@@ -1,7 +1,8 @@
 """Turning a stream of ISMRMRD acquisitions into per-slice k-space, as it arrives.
 
 Noise scans give the prewhitening matrix and are never imaged; navigator, phase
-correction and other non-imaging lines are skipped; readout oversampling is removed;
+correction and other non-imaging lines are skipped, as are lines of any encoding space
+but the first (``encoding_space_ref``); readout oversampling is removed;
 each line is placed by its ``kspace_encode_step_1`` relative to the encoding centre.
 Separate and embedded ACS lines are collected for the coil maps. Slices, contrasts,
 repetitions, sets, phases and averages are kept apart, and a slice is handed out as
@@ -282,16 +283,18 @@ class SliceAssembler:
             if np.isfinite(noise).all():
                 self._noise.append(noise)
             else:
-                self.skipped["noise scans with NaN or infinite samples"] = (
-                    self.skipped.get("noise scans with NaN or infinite samples", 0) + 1)
+                self._skip("noise scans with NaN or infinite samples")
             return []
         for flag, name in SKIPPED_FLAGS.items():
             if acquisition.is_flag_set(flag):
-                self.skipped[name] = self.skipped.get(name, 0) + 1
+                self._skip(name)
                 return []
+        if head.encoding_space_ref != 0:
+            self._skip(f"lines of encoding space {head.encoding_space_ref} (only the first is reconstructed)")
+            return []
         key = SliceKey.of(head)
         if key in self._failed:
-            self.skipped["lines of failed slices"] = self.skipped.get("lines of failed slices", 0) + 1
+            self._skip("lines of failed slices")
             return []
         try:
             return self._place(acquisition, head, key)
@@ -299,6 +302,9 @@ class SliceAssembler:
             self._buffers.pop(key, None)
             self._failed.add(key)
             raise
+
+    def _skip(self, what: str) -> None:
+        self.skipped[what] = self.skipped.get(what, 0) + 1
 
     def _place(self, acquisition: ismrmrd.Acquisition, head: ismrmrd.AcquisitionHeader,
                key: SliceKey) -> list[SliceData]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 
 from unrollinr.recon import mask_from_kspace
 from unrollinr_gadget.assembly import EncodingGeometry, SliceData, SliceKey
+
+logger = logging.getLogger(__name__)
 
 
 def _centred_rows(data: np.ndarray, centre: int, n_ky: int) -> np.ndarray:
@@ -40,6 +43,11 @@ def _buffer_kspace(buffer, geometry: EncodingGeometry, n: int, s: int, loc: int)
     return kspace, reference
 
 
+def _encoding_space(buffer) -> int:
+    """The encoding space of a buffer's lines (its unsampled lines' headers are zeroed)."""
+    return max(int(head.encoding_space_ref) for head in np.asarray(buffer.headers).flat)
+
+
 def slices_from_recon_data(recon_data, geometry: EncodingGeometry) -> list[SliceData]:
     """Every ``(N, S, LOC)`` image of every bit of a ``gadgetron.types.ReconData``.
 
@@ -48,6 +56,10 @@ def slices_from_recon_data(recon_data, geometry: EncodingGeometry) -> list[Slice
     """
     slices = []
     for bit in recon_data.bits:
+        space = _encoding_space(bit.data)
+        if space != 0:
+            logger.warning("skipped a buffer of encoding space %d: only the first is reconstructed", space)
+            continue
         _, _, _, _, n_n, n_s, n_loc = np.asarray(bit.data.data).shape
         for loc, s, n in itertools.product(range(n_loc), range(n_s), range(n_n)):
             kspace, reference = _buffer_kspace(bit.data, geometry, n, s, loc)
