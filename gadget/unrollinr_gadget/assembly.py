@@ -96,31 +96,14 @@ class SliceData:
     reference: ismrmrd.AcquisitionHeader
 
 
-def _centred_fit(array: np.ndarray, size: int, axis: int) -> np.ndarray:
-    """Crop or zero-pad ``array`` along ``axis`` to ``size``, keeping index ``n // 2`` at
-    ``size // 2`` (the centre of a centred FFT, in k-space and in image space)."""
-    n = array.shape[axis]
-    if size <= n:
-        start = n // 2 - size // 2
-        return np.take(array, range(start, start + size), axis=axis)
-    shape = list(array.shape)
-    shape[axis] = size
-    fitted = np.zeros(shape, dtype=array.dtype)
-    index = [slice(None)] * array.ndim
-    index[axis] = slice(size // 2 - n // 2, size // 2 - n // 2 + n)
-    fitted[tuple(index)] = array
-    return fitted
-
-
-def _fourier_resample(image: np.ndarray, size: int, axis: int) -> np.ndarray:
-    """``image`` sampled at ``size`` points over the same field of view along ``axis``
-    (its k-space cropped or zero-padded), with pixel values kept on the same scale."""
-    n = image.shape[axis]
-    if size == n:
-        return image
-    kspace = fftc(torch.from_numpy(np.ascontiguousarray(image)), dim=axis).numpy()
-    resampled = ifftc(torch.from_numpy(_centred_fit(kspace, size, axis)), dim=axis).numpy()
-    return (resampled * np.sqrt(size / n)).astype(image.dtype)
+def _interpolation_matrix(n: int, size: int, ratio: float) -> np.ndarray:
+    """``(size, n)`` complex128: the band-limited (periodic sinc) interpolation of ``n``
+    image samples at ``size`` points ``1 / ratio`` samples apart, sample ``n // 2`` at point
+    ``size // 2``; the image that the ``n`` k-space samples of a centred FFT give there."""
+    frequencies = (np.arange(n) - n // 2) / n  # cycles per sample
+    analysis = np.exp(-2j * np.pi * np.outer(frequencies, np.arange(n) - n // 2))
+    synthesis = np.exp(2j * np.pi * np.outer((np.arange(size) - size // 2) / ratio, frequencies))
+    return synthesis @ analysis / n
 
 
 def _pixel_ratio(encoded_fov: float, encoded_size: int, recon_fov: float, recon_size: int) -> float:
@@ -156,19 +139,16 @@ class EncodingGeometry:
         span the recon field of view (at most ``encoded_x``)."""
         return max(1, min(self.encoded_x, round(self.recon_x / self.pixel_ratio_x)))
 
-    @property
-    def resampled_shape(self) -> tuple[int, int]:
-        """``(y, x)``: an image of ``(n_ky, readout_x)`` resampled to the recon pixel size."""
-        return max(1, round(self.n_ky * self.pixel_ratio_y)), max(1, round(self.readout_x * self.pixel_ratio_x))
-
     def to_recon_space(self, image: np.ndarray) -> np.ndarray:
-        """``(n_ky, readout_x)`` at the encoded resolution to ``(recon_y, recon_x)``: each
-        axis Fourier-resampled to the recon pixel size, then centred and cropped (phase
-        oversampling) or zero-padded to the recon matrix."""
-        for axis, (size, recon_size) in enumerate(zip(self.resampled_shape, (self.recon_y, self.recon_x),
-                                                      strict=True)):
-            image = _centred_fit(_fourier_resample(image, size, axis), recon_size, axis)
-        return image
+        """``(n_ky, readout_x)`` at the encoded pixel size to ``(recon_y, recon_x)`` at the
+        recon pixel size: each axis interpolated from its k-space samples (band-limited),
+        centred, which crops phase oversampling."""
+        n_y, n_x = image.shape
+        if (n_y, n_x) == (self.recon_y, self.recon_x) and self.pixel_ratio_x == self.pixel_ratio_y == 1:
+            return image
+        rows = _interpolation_matrix(n_y, self.recon_y, self.pixel_ratio_y)
+        columns = _interpolation_matrix(n_x, self.recon_x, self.pixel_ratio_x)
+        return (rows @ image.astype(np.complex128) @ columns.T).astype(image.dtype)
 
     def image_index(self, key: SliceKey) -> int:
         """A 1-based image number from the counters alone (slice fastest, then
@@ -206,15 +186,10 @@ class EncodingGeometry:
         centre = step_1.center if step_1.center is not None else encoded.y // 2
         counter_sizes = tuple(_counter_size(encoding.encodingLimits, name) for name in IMAGE_COUNTERS)
         fov, encoded_fov = _fov_mm(encoding.reconSpace), _fov_mm(encoding.encodedSpace)
-        geometry = cls(encoded_x=int(encoded.x), n_ky=int(encoded.y), recon_x=int(recon.x), recon_y=int(recon.y),
-                       ky_centre=int(centre), recon_fov=fov, counter_sizes=counter_sizes,
-                       pixel_ratio_x=_pixel_ratio(encoded_fov[0], int(encoded.x), fov[0], int(recon.x)),
-                       pixel_ratio_y=_pixel_ratio(encoded_fov[1], int(encoded.y), fov[1], int(recon.y)))
-        if max(geometry.resampled_shape) > max_matrix:
-            raise LimitExceeded(f"the fields of view ({encoded_fov[0]:g} x {encoded_fov[1]:g} mm encoded, {fov[0]:g} "
-                                f"x {fov[1]:g} mm recon) ask for images of {geometry.resampled_shape[1]} x "
-                                f"{geometry.resampled_shape[0]} pixels, beyond the limit of {max_matrix} a side")
-        return geometry
+        return cls(encoded_x=int(encoded.x), n_ky=int(encoded.y), recon_x=int(recon.x), recon_y=int(recon.y),
+                   ky_centre=int(centre), recon_fov=fov, counter_sizes=counter_sizes,
+                   pixel_ratio_x=_pixel_ratio(encoded_fov[0], int(encoded.x), fov[0], int(recon.x)),
+                   pixel_ratio_y=_pixel_ratio(encoded_fov[1], int(encoded.y), fov[1], int(recon.y)))
 
     def line(self, head: ismrmrd.AcquisitionHeader) -> int:
         """Row of the k-space buffer for an acquisition (the encoding centre at ``n_ky // 2``)."""
@@ -232,8 +207,9 @@ class EncodingGeometry:
         line[:, offset:offset + n_samples] = data
         if full == self.readout_x:
             return line
-        profile = ifftc(torch.from_numpy(line), dim=-1).numpy()
-        return fftc(torch.from_numpy(_centred_fit(profile, self.readout_x, axis=-1)), dim=-1).numpy()
+        profile = ifftc(torch.from_numpy(line), dim=-1)
+        start = full // 2 - self.readout_x // 2
+        return fftc(profile[:, start:start + self.readout_x], dim=-1).numpy()
 
 
 @dataclass
