@@ -10,7 +10,7 @@ soon as its ``ACQ_LAST_IN_SLICE`` line arrives (or at the end of the stream).
 
 Slices are reconstructed at the encoded pixel size; :meth:`EncodingGeometry.to_recon_space`
 then takes each image to the recon space's matrix and field of view (phase oversampling
-cropped; a phase resolution below 100% or interpolation interpolated), as Gadgetron's
+cropped; finer recon pixels interpolated band-limited), as Gadgetron's
 ``GenericReconFieldOfViewAdjustmentGadget`` does.
 """
 
