@@ -104,6 +104,22 @@ def test_lines_of_a_second_encoding_space_are_skipped(header):
     assert assembler.skipped == {"lines of encoding space 1 (only the first is reconstructed)": 1}
 
 
+def test_later_repetitions_take_the_calibration_lines_of_their_slice(header):
+    assembler = SliceAssembler(header)
+    for ky in (7, 8):  # separate ACS lines in the first repetition only
+        calibration = _acquisition(ky, flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION])
+        calibration.data[:] *= 10
+        assembler.add(calibration)
+    (first,) = assembler.add(_acquisition(3, flags=[ismrmrd.ACQ_LAST_IN_SLICE]))
+    (later,) = assembler.add(_acquisition(4, repetition=1, flags=[ismrmrd.ACQ_LAST_IN_SLICE]))
+    (other,) = assembler.add(_acquisition(5, slice=1, repetition=1, flags=[ismrmrd.ACQ_LAST_IN_SLICE]))
+    assert np.flatnonzero(first.calibration_mask[:, 0]).tolist() == [3, 7, 8]
+    assert np.flatnonzero(later.calibration_mask[:, 0]).tolist() == [4, 7, 8]
+    np.testing.assert_array_equal(later.calibration[:, [4, 7, 8], 0], [[5, 80, 90]] * 2)
+    assert np.flatnonzero(later.mask[:, 0]).tolist() == [4]
+    assert np.flatnonzero(other.calibration_mask[:, 0]).tolist() == [5]  # another slice's lines are not its own
+
+
 def test_asymmetric_echo_is_placed_by_its_centre_sample(header):
     assembler = SliceAssembler(header)
     acquisition = _acquisition(8, n_samples=12)

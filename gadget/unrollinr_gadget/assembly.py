@@ -229,6 +229,20 @@ class _Buffer:
                    np.zeros(shape, np.complex64), np.zeros(shape[1:], bool))
 
 
+@dataclass(frozen=True)
+class _CalibrationLines:
+    """A slice's calibration lines alone, kept for its later repetitions (a slice's whole
+    buffer would hold its coils' full k-space twice for the rest of the stream)."""
+
+    rows: np.ndarray
+    kspace: np.ndarray  # (coils, rows, kx)
+
+    @classmethod
+    def of(cls, buffer: _Buffer) -> _CalibrationLines:
+        rows = np.flatnonzero(buffer.calibration_mask.any(axis=1))
+        return cls(rows, buffer.calibration[:, rows])
+
+
 @dataclass
 class SliceAssembler:
     """Collects acquisitions into :class:`SliceData`; :meth:`add` returns completed slices.
@@ -248,7 +262,7 @@ class SliceAssembler:
         self._noise: list[np.ndarray] = []
         self._whitening: np.ndarray | None = None
         self._buffers: dict[SliceKey, _Buffer] = {}
-        self._last_calibration: dict[int, _Buffer] = {}
+        self._last_calibration: dict[int, _CalibrationLines] = {}
         self._failed: set[SliceKey] = set()
 
     def add(self, acquisition: ismrmrd.Acquisition) -> list[SliceData]:
@@ -346,11 +360,13 @@ class SliceAssembler:
     def _complete(self, key: SliceKey) -> SliceData:
         buffer = self._buffers.pop(key)
         if buffer.calibration_mask.any():
-            self._last_calibration[key.slice] = buffer
-        source = buffer if buffer.calibration_mask.any() else self._last_calibration.get(key.slice, buffer)
-        # ESPIRiT sees every calibration line plus the imaging lines.
-        calibration = np.where(source.calibration_mask[None, :, :], source.calibration, buffer.kspace)
-        calibration_mask = source.calibration_mask | buffer.mask
+            self._last_calibration[key.slice] = _CalibrationLines.of(buffer)
+        # ESPIRiT sees every calibration line (this slice's, or else the last of its slice
+        # index's) plus the imaging lines.
+        calibration, calibration_mask = buffer.kspace.copy(), buffer.mask.copy()
+        if (lines := self._last_calibration.get(key.slice)) is not None:
+            calibration[:, lines.rows] = lines.kspace
+            calibration_mask[lines.rows] = True
         logger.info("%s complete: %d lines", key, buffer.lines)
         return SliceData(key=key, kspace=buffer.kspace, mask=buffer.mask, calibration=calibration,
                          calibration_mask=calibration_mask, reference=buffer.reference)
