@@ -132,6 +132,19 @@ def test_asymmetric_echo_is_placed_by_its_centre_sample(header):
     assert np.flatnonzero(row).tolist() == list(range(4, 16))
 
 
+def test_discarded_samples_are_zeroed_and_never_checked(header):
+    assembler = SliceAssembler(header)
+    acquisition = _acquisition(8)
+    head = acquisition.getHead()
+    head.discard_pre, head.discard_post = 2, 3
+    acquisition.setHead(head)
+    acquisition.data[:, 0] = np.nan  # what a discarded sample may hold
+    assembler.add(acquisition)
+    (data,) = assembler.finish()
+    assert np.flatnonzero(data.kspace[0, 8]).tolist() == list(range(2, 13))
+    assert data.mask[8].all()
+
+
 def test_lines_outside_the_encoding_are_an_error(header):
     with pytest.raises(ValueError, match="outside the encoded matrix"):
         SliceAssembler(header).add(_acquisition(40))

@@ -212,6 +212,20 @@ class EncodingGeometry:
         return fftc(profile[:, start:start + self.readout_x], dim=-1).numpy()
 
 
+def _without_discarded_samples(data: np.ndarray, head: ismrmrd.AcquisitionHeader) -> np.ndarray:
+    """``(coils, samples)`` with the ``discard_pre`` first and ``discard_post`` last samples
+    zeroed: the scanner marks them as not to be used."""
+    pre, post = int(head.discard_pre), int(head.discard_post)
+    if pre == post == 0:
+        return data
+    n_samples = data.shape[1]
+    if pre + post >= n_samples:
+        raise ValueError(f"discard_pre {pre} and discard_post {post} leave none of the line's {n_samples} samples")
+    kept = np.zeros_like(data)
+    kept[:, pre:n_samples - post] = data[:, pre:n_samples - post]
+    return kept
+
+
 @dataclass
 class _Buffer:
     kspace: np.ndarray
@@ -300,7 +314,7 @@ class SliceAssembler:
                key: SliceKey) -> list[SliceData]:
         if head.active_channels > self.limits.max_channels:
             raise LimitExceeded(f"{head.active_channels} channels exceed the limit of {self.limits.max_channels}")
-        data = np.asarray(acquisition.data, dtype=np.complex64)
+        data = _without_discarded_samples(np.asarray(acquisition.data, dtype=np.complex64), head)
         if not np.isfinite(data).all():
             raise ValueError(f"{key}: NaN or infinite samples in line {head.idx.kspace_encode_step_1}")
         row = self.geometry.line(head)

@@ -26,7 +26,7 @@ def _readouts(data: np.ndarray, geometry: EncodingGeometry, reference) -> np.nda
         return data
     n_coils, n_lines, n_samples = data.shape
     head = type(reference).from_buffer_copy(reference)
-    head.center_sample = n_samples // 2
+    head.center_sample = n_samples // 2  # BucketToBuffer has centred the lines and dropped discarded samples
     lines = geometry.readout(data.reshape(n_coils * n_lines, n_samples), head)
     return lines.reshape(n_coils, n_lines, geometry.readout_x)
 
