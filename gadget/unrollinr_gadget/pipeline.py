@@ -130,7 +130,7 @@ class ReconPipeline:
     def drain(self) -> list[SliceData]:
         """End of the stream, without reconstructing: every slice kept or still open."""
         if self.assembler.skipped:
-            logger.info("skipped non-imaging lines: %s", self.assembler.skipped)
+            logger.info("skipped lines: %s", self.assembler.skipped)
         slices, self.pending = self.pending + self.assembler.finish(), []
         return slices
 
