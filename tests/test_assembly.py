@@ -132,6 +132,21 @@ def test_asymmetric_echo_is_placed_by_its_centre_sample(header):
     assert np.flatnonzero(row).tolist() == list(range(4, 16))
 
 
+def test_separate_calibration_lines_may_be_longer_than_asymmetric_imaging_lines(header):
+    assembler = SliceAssembler(header)
+    for ky in (7, 8, 9):  # full echoes, 8 samples before the centre
+        assembler.add(_acquisition(ky, flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION]))
+    for ky in (4, 8):  # asymmetric echoes: 4 samples before the centre, 8 after
+        acquisition = _acquisition(ky, n_samples=12)
+        head = acquisition.getHead()
+        head.center_sample = 4
+        acquisition.setHead(head)
+        assembler.add(acquisition)
+    (data,) = assembler.finish()
+    assert np.flatnonzero(data.calibration[0, :, 0]).tolist() == [7, 8, 9]
+    assert np.flatnonzero(data.kspace[0, 4]).tolist() == list(range(4, 16))
+
+
 def test_discarded_samples_are_zeroed_and_never_checked(header):
     assembler = SliceAssembler(header)
     acquisition = _acquisition(8)

@@ -326,13 +326,14 @@ class SliceAssembler:
             buffer = self._buffers[key] = _Buffer.empty(data.shape[0], self.geometry)
         if data.shape[0] != buffer.kspace.shape[0]:
             raise ValueError(f"{key}: {data.shape[0]} channels after {buffer.kspace.shape[0]}")
-        if buffer.samples is not None and data.shape[1] != buffer.samples:
-            raise ValueError(f"{key}: {data.shape[1]} samples per line after {buffer.samples}")
-        buffer.samples = data.shape[1]
-        data = self._whiten(data)
-        line = self.geometry.readout(data, head)
         calibration = acquisition.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
         embedded = acquisition.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+        if embedded or not calibration:  # a separate reference scan may have its own readout length
+            if buffer.samples is not None and data.shape[1] != buffer.samples:
+                raise ValueError(f"{key}: {data.shape[1]} samples per line after {buffer.samples}")
+            buffer.samples = data.shape[1]
+        data = self._whiten(data)
+        line = self.geometry.readout(data, head)
         if calibration or embedded:
             buffer.calibration[:, row] = line
             buffer.calibration_mask[row] = True
