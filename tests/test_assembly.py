@@ -163,6 +163,8 @@ def test_discarded_samples_are_zeroed_and_never_checked(header):
 def test_lines_outside_the_encoding_are_an_error(header):
     with pytest.raises(ValueError, match="outside the encoded matrix"):
         SliceAssembler(header).add(_acquisition(40))
+    with pytest.raises(ValueError, match="do not fit the encoded readout of 16"):  # a finer readout than encoded
+        SliceAssembler(header).add(_acquisition(8, n_samples=20))
 
 
 def test_geometry_reads_the_recon_space(header):

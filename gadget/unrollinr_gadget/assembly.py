@@ -199,11 +199,12 @@ class EncodingGeometry:
         """``(coils, samples)`` to ``(coils, readout_x)``: asymmetric echoes are zero-padded
         about the centre sample, and oversampling is cropped in image space."""
         n_coils, n_samples = data.shape
-        full = max(self.encoded_x, n_samples)
+        full = self.encoded_x
         line = np.zeros((n_coils, full), dtype=np.complex64)
         offset = full // 2 - int(head.center_sample)
         if offset < 0 or offset + n_samples > full:
-            raise ValueError(f"centre sample {head.center_sample} does not fit {n_samples} samples in {full}")
+            raise ValueError(f"{n_samples} samples about centre sample {head.center_sample} do not fit the "
+                             f"encoded readout of {full}")
         line[:, offset:offset + n_samples] = data
         if full == self.readout_x:
             return line
