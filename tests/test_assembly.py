@@ -296,6 +296,17 @@ def test_images_come_out_on_the_recon_spaces_matrix_and_field_of_view(encoded, e
     np.testing.assert_allclose(pixels, scale * expected, atol=1e-3 * np.abs(scale * expected).max())
 
 
+def test_a_coarser_recon_space_keeps_only_the_frequencies_its_pixels_can_hold():
+    # 64 samples to 32 pixels twice as wide: a tone at 24/64 cycles per sample lies beyond
+    # the recon pixels' Nyquist frequency (16/64) and must not alias into the image.
+    geometry = EncodingGeometry(encoded_x=64, n_ky=64, recon_x=32, recon_y=32, ky_centre=32,
+                                recon_fov=(200.0, 200.0, 5.0), pixel_ratio_x=0.5, pixel_ratio_y=0.5)
+    positions = np.arange(64) - 32
+    fast, slow = (np.tile(np.exp(2j * np.pi * cycles / 64 * positions), (64, 1)) for cycles in (24, 4))
+    recon = geometry.to_recon_space((fast + slow).astype(np.complex64))
+    np.testing.assert_allclose(recon, slow[16:48, 0::2], atol=1e-5)  # every other sample of the slow tone
+
+
 @pytest.mark.parametrize("fov", [0.0, float("inf"), float("nan")])
 def test_a_field_of_view_that_is_missing_or_not_finite_leaves_the_pixel_size_alone(header, fov):
     header.encoding[0].encodedSpace.fieldOfView_mm.x = fov

@@ -99,8 +99,13 @@ class SliceData:
 def _interpolation_matrix(n: int, size: int, ratio: float) -> np.ndarray:
     """``(size, n)`` complex128: the band-limited (periodic sinc) interpolation of ``n``
     image samples at ``size`` points ``1 / ratio`` samples apart, sample ``n // 2`` at point
-    ``size // 2``; the image that the ``n`` k-space samples of a centred FFT give there."""
+    ``size // 2``; the image that the ``n`` k-space samples of a centred FFT give there.
+    Points farther apart than the samples (``ratio < 1``) keep only the central
+    ``round(n * ratio)`` k-space samples, which their spacing can hold."""
     frequencies = (np.arange(n) - n // 2) / n  # cycles per sample
+    if ratio < 1:
+        kept = max(1, round(n * ratio))
+        frequencies = frequencies[n // 2 - kept // 2: n // 2 - kept // 2 + kept]
     analysis = np.exp(-2j * np.pi * np.outer(frequencies, np.arange(n) - n // 2))
     synthesis = np.exp(2j * np.pi * np.outer((np.arange(size) - size // 2) / ratio, frequencies))
     return synthesis @ analysis / n
