@@ -16,6 +16,7 @@ cropped; finer recon pixels interpolated band-limited), as Gadgetron's
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -96,10 +97,12 @@ class SliceData:
     reference: ismrmrd.AcquisitionHeader
 
 
+@functools.lru_cache(maxsize=4)  # every image of a stream needs the same two
 def _interpolation_matrix(n: int, size: int, ratio: float) -> np.ndarray:
-    """``(size, n)`` complex128: the band-limited (periodic sinc) interpolation of ``n``
-    image samples at ``size`` points ``1 / ratio`` samples apart, sample ``n // 2`` at point
-    ``size // 2``; the image that the ``n`` k-space samples of a centred FFT give there.
+    """``(size, n)`` complex128, read-only: the band-limited (periodic sinc) interpolation
+    of ``n`` image samples at ``size`` points ``1 / ratio`` samples apart, sample ``n // 2``
+    at point ``size // 2``; the image that the ``n`` k-space samples of a centred FFT give
+    there.
     Points farther apart than the samples (``ratio < 1``) keep only the central
     ``round(n * ratio)`` k-space samples, which their spacing can hold."""
     frequencies = (np.arange(n) - n // 2) / n  # cycles per sample
@@ -108,7 +111,9 @@ def _interpolation_matrix(n: int, size: int, ratio: float) -> np.ndarray:
         frequencies = frequencies[n // 2 - kept // 2: n // 2 - kept // 2 + kept]
     analysis = np.exp(-2j * np.pi * np.outer(frequencies, np.arange(n) - n // 2))
     synthesis = np.exp(2j * np.pi * np.outer((np.arange(size) - size // 2) / ratio, frequencies))
-    return synthesis @ analysis / n
+    matrix = synthesis @ analysis / n
+    matrix.setflags(write=False)
+    return matrix
 
 
 def _pixel_ratio(encoded_fov: float, encoded_size: int, recon_fov: float, recon_size: int) -> float:
@@ -204,17 +209,16 @@ class EncodingGeometry:
         """``(coils, samples)`` to ``(coils, readout_x)``: asymmetric echoes are zero-padded
         about the centre sample, and oversampling is cropped in image space."""
         n_coils, n_samples = data.shape
-        full = self.encoded_x
-        line = np.zeros((n_coils, full), dtype=np.complex64)
-        offset = full // 2 - int(head.center_sample)
-        if offset < 0 or offset + n_samples > full:
+        line = np.zeros((n_coils, self.encoded_x), dtype=np.complex64)
+        offset = self.encoded_x // 2 - int(head.center_sample)
+        if offset < 0 or offset + n_samples > self.encoded_x:
             raise ValueError(f"{n_samples} samples about centre sample {head.center_sample} do not fit the "
-                             f"encoded readout of {full}")
+                             f"encoded readout of {self.encoded_x}")
         line[:, offset:offset + n_samples] = data
-        if full == self.readout_x:
+        if self.encoded_x == self.readout_x:
             return line
         profile = ifftc(torch.from_numpy(line), dim=-1)
-        start = full // 2 - self.readout_x // 2
+        start = self.encoded_x // 2 - self.readout_x // 2
         return fftc(profile[:, start:start + self.readout_x], dim=-1).numpy()
 
 
