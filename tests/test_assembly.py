@@ -307,6 +307,31 @@ def test_a_coarser_recon_space_keeps_only_the_frequencies_its_pixels_can_hold():
     np.testing.assert_allclose(recon, slow[16:48, 0::2], atol=1e-5)  # every other sample of the slow tone
 
 
+def test_an_image_far_brighter_than_the_first_is_scaled_down_and_never_clipped(caplog):
+    # A first slice beyond the anatomy holds only noise: the next, with the object, is 50
+    # times as bright and would saturate at the first image's uint16 scale.
+    geometry = EncodingGeometry(encoded_x=32, n_ky=32, recon_x=32, recon_y=32, ky_centre=16,
+                                recon_fov=(200.0, 200.0, 5.0))
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((32, 32)) + 1j * rng.standard_normal((32, 32))
+    obj = np.zeros((32, 32), complex)
+    obj[8:24, 8:24] = np.linspace(10.0, 200.0, 16)
+    factory = ImageFactory(geometry)
+    slices = [noise, obj + noise, 0.5 * obj + noise]
+    images = []
+    for index, image in enumerate(slices):
+        data = SliceData(SliceKey(slice=index), np.zeros((1, 32, 32), np.complex64), np.ones((32, 32), bool),
+                         np.zeros((1, 32, 32), np.complex64), np.ones((32, 32), bool), ismrmrd.AcquisitionHeader())
+        images.append(factory.make(image, data))
+    scales = [float(image.meta["ImageScaleFactor"]) for image in images]
+    assert scales[1] == scales[2] < scales[0] / 10
+    assert "slice 1 would clip" in caplog.text
+    for image, expected, scale in zip(images, slices, scales, strict=True):
+        pixels = image.data[0, 0].astype(float)
+        assert pixels.max() < np.iinfo(np.uint16).max
+        np.testing.assert_allclose(pixels / scale, np.abs(expected), atol=0.5 / scale, rtol=1e-5)  # meta: 6 digits
+
+
 @pytest.mark.parametrize("fov", [0.0, float("inf"), float("nan")])
 def test_a_field_of_view_that_is_missing_or_not_finite_leaves_the_pixel_size_alone(header, fov):
     header.encoding[0].encodedSpace.fieldOfView_mm.x = fov

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import ismrmrd
 import numpy as np
 
-from unrollinr_gadget.assembly import EncodingGeometry, SliceData
+from unrollinr_gadget.assembly import EncodingGeometry, SliceData, SliceKey
 from unrollinr_gadget.settings import OUTPUT_TYPES
 
+logger = logging.getLogger(__name__)
+
 _UINT16_TARGET = 4095.0
+_UINT16_MAX = float(np.iinfo(np.uint16).max)
 
 
 @dataclass
 class ImageFactory:
     """Numbers images by their counters (see :meth:`EncodingGeometry.image_index`) and
-    fixes the uint16 scale on the first image, so that all slices of a stream share one
-    intensity scale (``ImageScaleFactor`` in the meta gives it back)."""
+    fixes the uint16 scale on the first image (its peak at 4095), so that the slices of a
+    stream share one intensity scale; ``ImageScaleFactor`` in the meta gives it back.
+
+    An image that would clip at that scale (more than 16 times as bright as the first, as
+    after a first slice beyond the anatomy that holds only noise) gets the scale of its own
+    peak instead, and so do the images after it: a change of scale is logged and shown in
+    ``ImageScaleFactor``, while clipping would lose the image's bright parts unseen."""
 
     geometry: EncodingGeometry
     output: str = "uint16"
@@ -29,22 +38,26 @@ class ImageFactory:
         if self.output not in OUTPUT_TYPES:
             raise ValueError(f"output must be one of {OUTPUT_TYPES}, got {self.output!r}")
 
-    def _pixels(self, image: np.ndarray) -> tuple[np.ndarray, int, float]:
+    def _pixels(self, image: np.ndarray, key: SliceKey) -> tuple[np.ndarray, int, float]:
         magnitude = np.abs(image)
         if self.output == "complex":
             return image.astype(np.complex64), ismrmrd.IMTYPE_COMPLEX, 1.0
         if self.output == "float":
             return magnitude.astype(np.float32), ismrmrd.IMTYPE_MAGNITUDE, 1.0
-        if self._uint16_scale is None:
-            peak = float(magnitude.max())
-            self._uint16_scale = _UINT16_TARGET / peak if peak > 0 else 1.0
-        scaled = np.clip(np.round(magnitude * self._uint16_scale), 0, np.iinfo(np.uint16).max)
+        peak = float(magnitude.max())
+        if self._uint16_scale is None or peak * self._uint16_scale > _UINT16_MAX:
+            scale = _UINT16_TARGET / peak if peak > 0 else 1.0
+            if self._uint16_scale is not None:
+                logger.warning("%s would clip at the stream's uint16 scale %.4g: it and the images after it "
+                               "are scaled by %.4g (ImageScaleFactor)", key, self._uint16_scale, scale)
+            self._uint16_scale = scale
+        scaled = np.clip(np.round(magnitude * self._uint16_scale), 0, _UINT16_MAX)
         return scaled.astype(np.uint16), ismrmrd.IMTYPE_MAGNITUDE, self._uint16_scale
 
     def make(self, image: np.ndarray, data: SliceData, *, details: dict[str, str] | None = None) -> ismrmrd.Image:
         """An ``ismrmrd.Image`` for a reconstructed ``(n_ky, readout_x)`` complex slice, on
         the recon space's matrix and field of view."""
-        pixels, image_type, scale = self._pixels(self.geometry.to_recon_space(image))
+        pixels, image_type, scale = self._pixels(self.geometry.to_recon_space(image), data.key)
         result = ismrmrd.Image.from_array(pixels, acquisition=data.reference)
         head = result.getHead()
         head.image_type = image_type
