@@ -228,6 +228,31 @@ def test_image_numbers_come_from_the_counters_alone(header):
     assert EncodingGeometry.from_header(header).counter_sizes == (1, 1, 1, 1, 1, 1)
 
 
+def _made_for(key: SliceKey) -> SliceData:
+    """Stand-in slice data for :meth:`ImageFactory.make`, which reads only its key and header."""
+    empty = np.zeros((1, 32, 32), np.complex64)
+    return SliceData(key, empty, np.ones((32, 32), bool), empty, np.ones((32, 32), bool), ismrmrd.AcquisitionHeader())
+
+
+def _geometry_32(counter_sizes: tuple[int, ...]) -> EncodingGeometry:
+    return EncodingGeometry(encoded_x=32, n_ky=32, recon_x=32, recon_y=32, ky_centre=16,
+                            recon_fov=(200.0, 200.0, 5.0), counter_sizes=counter_sizes)
+
+
+def test_no_image_number_is_given_twice_when_the_header_limits_do_not_hold_the_counters(caplog):
+    keys = [SliceKey(slice=s, repetition=r) for r in range(2) for s in range(3)]
+    within = ImageFactory(_geometry_32((3, 1, 1, 1, 1, 2)))  # limits that hold: the counters' numbers
+    assert [within.make(np.ones((32, 32)), _made_for(key)).getHead().image_index for key in keys] == [1, 2, 3, 4, 5, 6]
+    assert "would repeat" not in caplog.text
+    # No limits (every size 1): slice 1 and repetition 1 of slice 0 both count to 2, and a
+    # key that comes twice to its own number again.
+    beyond = ImageFactory(_geometry_32((1, 1, 1, 1, 1, 1)))
+    numbers = [beyond.make(np.ones((32, 32)), _made_for(key)).getHead().image_index for key in keys + keys[:1]]
+    assert len(set(numbers)) == len(numbers) == 7
+    assert numbers[:3] == [1, 2, 3]  # the first image of each number keeps it
+    assert "repetition 1 would repeat image number 2" in caplog.text  # slice 0 of repetition 1
+
+
 # Gaussian blobs (centre y, centre x in mm, complex amplitude) whose k-space is known exactly.
 BLOBS = ((-30.0, 20.0, 1.0), (25.0, -40.0, 0.6j), (10.0, 45.0, 0.8 - 0.3j))
 BLOB_SIGMA_MM = 10.0
@@ -310,19 +335,14 @@ def test_a_coarser_recon_space_keeps_only_the_frequencies_its_pixels_can_hold():
 def test_an_image_far_brighter_than_the_first_is_scaled_down_and_never_clipped(caplog):
     # A first slice beyond the anatomy holds only noise: the next, with the object, is 50
     # times as bright and would saturate at the first image's uint16 scale.
-    geometry = EncodingGeometry(encoded_x=32, n_ky=32, recon_x=32, recon_y=32, ky_centre=16,
-                                recon_fov=(200.0, 200.0, 5.0))
+    geometry = _geometry_32((1,) * 6)
     rng = np.random.default_rng(0)
     noise = rng.standard_normal((32, 32)) + 1j * rng.standard_normal((32, 32))
     obj = np.zeros((32, 32), complex)
     obj[8:24, 8:24] = np.linspace(10.0, 200.0, 16)
     factory = ImageFactory(geometry)
     slices = [noise, obj + noise, 0.5 * obj + noise]
-    images = []
-    for index, image in enumerate(slices):
-        data = SliceData(SliceKey(slice=index), np.zeros((1, 32, 32), np.complex64), np.ones((32, 32), bool),
-                         np.zeros((1, 32, 32), np.complex64), np.ones((32, 32), bool), ismrmrd.AcquisitionHeader())
-        images.append(factory.make(image, data))
+    images = [factory.make(image, _made_for(SliceKey(slice=index))) for index, image in enumerate(slices)]
     scales = [float(image.meta["ImageScaleFactor"]) for image in images]
     assert scales[1] == scales[2] < scales[0] / 10
     assert "slice 1 would clip" in caplog.text

@@ -26,13 +26,19 @@ class ImageFactory:
     An image that would clip at that scale (more than 16 times as bright as the first, as
     after a first slice beyond the anatomy that holds only noise) gets the scale of its own
     peak instead, and so do the images after it: a change of scale is logged and shown in
-    ``ImageScaleFactor``, while clipping would lose the image's bright parts unseen."""
+    ``ImageScaleFactor``, while clipping would lose the image's bright parts unseen.
+
+    Where the header's ``encodingLimits`` are missing or too small for the counters that
+    come, or a sequence repeats its counters, two images would share a number, and a
+    scanner's database keeps one image per number. The later one is then numbered after
+    every number given so far (and logged): no number is given twice in a stream."""
 
     geometry: EncodingGeometry
     output: str = "uint16"
     series_index: int = 1
     comment: str = "UnrollINR"
     _uint16_scale: float | None = field(default=None, init=False)
+    _numbers_given: set[int] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUT_TYPES:
@@ -54,6 +60,15 @@ class ImageFactory:
         scaled = np.clip(np.round(magnitude * self._uint16_scale), 0, _UINT16_MAX)
         return scaled.astype(np.uint16), ismrmrd.IMTYPE_MAGNITUDE, self._uint16_scale
 
+    def _image_index(self, key: SliceKey) -> int:
+        number = self.geometry.image_index(key)
+        if number in self._numbers_given:
+            clash, number = number, max(self._numbers_given) + 1
+            logger.warning("%s would repeat image number %d (its counters come twice, or the header's "
+                           "encodingLimits do not hold them): numbered %d", key, clash, number)
+        self._numbers_given.add(number)
+        return number
+
     def make(self, image: np.ndarray, data: SliceData, *, details: dict[str, str] | None = None) -> ismrmrd.Image:
         """An ``ismrmrd.Image`` for a reconstructed ``(n_ky, readout_x)`` complex slice, on
         the recon space's matrix and field of view."""
@@ -62,7 +77,7 @@ class ImageFactory:
         head = result.getHead()
         head.image_type = image_type
         head.field_of_view[:] = self.geometry.recon_fov
-        head.image_index = self.geometry.image_index(data.key)
+        head.image_index = self._image_index(data.key)
         head.image_series_index = self.series_index
         result.setHead(head)
 
