@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 _UINT16_TARGET = 4095.0
 _UINT16_MAX = float(np.iinfo(np.uint16).max)
+_MAX_IMAGE_NUMBER = 65535  # image_index is a uint16, which wraps a larger number onto a smaller one
 
 
 @dataclass
@@ -30,8 +31,9 @@ class ImageFactory:
 
     Where the header's ``encodingLimits`` are missing or too small for the counters that
     come, or a sequence repeats its counters, two images would share a number, and a
-    scanner's database keeps one image per number. The later one is then numbered after
-    every number given so far (and logged): no number is given twice in a stream."""
+    scanner's database keeps one image per number; a number from the counters can also
+    pass the 65535 that ``image_index`` holds. Such an image is numbered after every
+    number given so far (and logged): no number is given twice in a stream."""
 
     geometry: EncodingGeometry
     output: str = "uint16"
@@ -62,10 +64,11 @@ class ImageFactory:
 
     def _image_index(self, key: SliceKey) -> int:
         number = self.geometry.image_index(key)
-        if number in self._numbers_given:
-            clash, number = number, max(self._numbers_given) + 1
+        if number in self._numbers_given or number > _MAX_IMAGE_NUMBER:
+            clash, number = number, max(self._numbers_given, default=0) + 1
             logger.warning("%s would repeat image number %d (its counters come twice, or the header's "
-                           "encodingLimits do not hold them): numbered %d", key, clash, number)
+                           "encodingLimits do not hold them), or it passes %d: numbered %d",
+                           key, clash, _MAX_IMAGE_NUMBER, number)
         self._numbers_given.add(number)
         return number
 
