@@ -8,7 +8,7 @@ beyond its trim threshold; either way the next step's first touch of every page 
 again. Raising both thresholds (fixed values also stop glibc from adjusting them) lets
 the heap reuse those pages: with the MLP's ReLUs in place, 256 x 256 slices took 4-27%
 less time on this project's 2-core CPU, for up to a quarter more peak memory
-(bench/RESULTS.md).
+(bench/HISTORY.md).
 
 The setting is process-wide, so it is made once, and never where the user chose glibc's
 malloc settings (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or malloc tunables

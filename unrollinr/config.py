@@ -88,7 +88,7 @@ class ReconConfig:
         ``refine_fraction`` times as many steps more on every sample, the held-out ones
         too, from the iterate chosen; the step with the lowest objective (above) on every
         sample is kept. A prior trained without the held-out lines misses what they alone measure,
-        and how much depends on which lines were drawn (bench/RESULTS.md).
+        and how much depends on which lines were drawn (bench/HISTORY.md).
     Image support:
         ``zero_outside_maps`` zeroes ``z`` where the coil maps vanish (no data constrain
         the image there); off, the prior fills those pixels smoothly.
@@ -98,7 +98,7 @@ class ReconConfig:
         signal subspace threshold ``espirit_thresh`` 0.01 (0.03 before) keeps a small
         structure apart from the object inside the maps; a wider subspace raises the
         eigenvalues, so the crop that marks the object's edge rises with it, to 0.95
-        (both measured on every set of ``bench/robust.py``: bench/RESULTS.md).
+        (both measured on every set of ``bench/robust.py``: bench/HISTORY.md).
         ``espirit_sets`` 2 adds ESPIRiT's second set of maps where its eigenvalue passes
         the crop (soft SENSE: wrapped or cut fields of view); the prior
         proposes one image per set, and the output is their root-sum-of-squares with the
@@ -113,7 +113,7 @@ class ReconConfig:
         itself). A slice on a mask that is not whole lines tries the wider maps too, whatever
         its verdict, from its prior weights for ``retry_iterations`` steps (None: as many as
         the first run): its held-out samples are many, and tell the maps apart (the 2D
-        masks of ``bench/robust.py``: bench/RESULTS.md).
+        masks of ``bench/robust.py``: bench/HISTORY.md).
         Then the TV weight is tried again, on the kept run's k-space and maps, from its prior
         weights (fresh optimiser state), for ``retry_iterations`` steps (at most the first
         run's; None: as many): ``retry_lam_s_good`` (where below ``lam_s``) where
