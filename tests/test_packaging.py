@@ -93,6 +93,13 @@ def test_no_benchmark_figures_in_the_library_source():
     assert not stale, stale
 
 
+def test_benchmark_results_hold_todays_figures_and_history_holds_the_rest():
+    """A reader must find today's figures: session-by-session records go to HISTORY.md."""
+    results = (REPOSITORY / "bench" / "RESULTS.md").read_text()
+    assert len(results.splitlines()) <= 300, "move the older sections of bench/RESULTS.md to bench/HISTORY.md"
+    assert (REPOSITORY / "bench" / "HISTORY.md").exists()
+
+
 def test_doctor_on_the_cpu(capsys):
     assert main(["doctor", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
