@@ -132,6 +132,31 @@ def test_asymmetric_echo_is_placed_by_its_centre_sample(header):
     assert np.flatnonzero(row).tolist() == list(range(4, 16))
 
 
+# A full echo read in reverse covers kx -7..8 about its centre sample 8 (the same kx as
+# -7..7 and the Nyquist sample); an asymmetric echo, 4 samples before the centre, read in
+# reverse from the high end, has 7 samples before its centre in the order read.
+@pytest.mark.parametrize(("n_samples", "centre", "reversed_centre"), [(16, 8, 8), (12, 4, 7)])
+def test_a_line_read_with_the_readout_reversed_is_placed_from_low_kx_to_high(header, n_samples, centre,
+                                                                           reversed_centre):
+    samples = (np.arange(n_samples) + 1) * (1 + 2j)  # from low kx to high
+    as_read = np.roll(samples[::-1], 1) if n_samples == 16 else samples[::-1]
+    placed = []
+    for reverse in (False, True):
+        acquisition = _acquisition(8, n_samples=n_samples, coils=1)
+        acquisition.data[:] = as_read if reverse else samples
+        head = acquisition.getHead()
+        head.center_sample = reversed_centre if reverse else centre
+        acquisition.setHead(head)
+        if reverse:
+            acquisition.set_flag(ismrmrd.ACQ_IS_REVERSE)
+        assembler = SliceAssembler(header)
+        assembler.add(acquisition)
+        (data,) = assembler.finish()
+        placed.append(data.kspace[0, 8])
+    np.testing.assert_array_equal(placed[1], placed[0])
+    assert np.flatnonzero(placed[0]).tolist() == list(range(8 - centre, 8 - centre + n_samples))
+
+
 def test_separate_calibration_lines_may_be_longer_than_asymmetric_imaging_lines(header):
     assembler = SliceAssembler(header)
     for ky in (7, 8, 9):  # full echoes, 8 samples before the centre

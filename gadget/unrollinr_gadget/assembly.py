@@ -205,21 +205,38 @@ class EncodingGeometry:
         """Row of the k-space buffer for an acquisition (the encoding centre at ``n_ky // 2``)."""
         return int(head.idx.kspace_encode_step_1) - self.ky_centre + self.n_ky // 2
 
-    def readout(self, data: np.ndarray, head: ismrmrd.AcquisitionHeader) -> np.ndarray:
-        """``(coils, samples)`` to ``(coils, readout_x)``: asymmetric echoes are zero-padded
-        about the centre sample, and oversampling is cropped in image space."""
+    def readout(self, data: np.ndarray, centre_sample: int, *, reverse: bool = False) -> np.ndarray:
+        """``(coils, samples)`` with k-space's centre at ``centre_sample`` to ``(coils,
+        readout_x)``: asymmetric echoes are zero-padded about the centre sample, a line read
+        with the readout gradient reversed (``reverse``) is mirrored about it
+        (:func:`mirrored_about_the_centre`), and oversampling is cropped in image space."""
         n_coils, n_samples = data.shape
         line = np.zeros((n_coils, self.encoded_x), dtype=np.complex64)
-        offset = self.encoded_x // 2 - int(head.center_sample)
+        offset = self.encoded_x // 2 - centre_sample
         if offset < 0 or offset + n_samples > self.encoded_x:
-            raise ValueError(f"{n_samples} samples about centre sample {head.center_sample} do not fit the "
+            raise ValueError(f"{n_samples} samples about centre sample {centre_sample} do not fit the "
                              f"encoded readout of {self.encoded_x}")
         line[:, offset:offset + n_samples] = data
+        if reverse:
+            line = mirrored_about_the_centre(line)
         if self.encoded_x == self.readout_x:
             return line
         profile = ifftc(torch.from_numpy(line), dim=-1)
         start = self.encoded_x // 2 - self.readout_x // 2
         return fftc(profile[:, start:start + self.readout_x], dim=-1).numpy()
+
+
+def mirrored_about_the_centre(lines: np.ndarray) -> np.ndarray:
+    """``(..., n)`` lines centred at sample ``n // 2``, mirrored about it: sample
+    ``n // 2 + d`` takes sample ``n // 2 - d``, periodically (the one sample without a
+    partner, at ``-n // 2``, is the Nyquist sample and stays).
+
+    This turns a line read with the readout gradient reversed (flagged ``ACQ_IS_REVERSE``:
+    the even echoes of a bipolar multi-echo readout; siemens_to_ismrmrd sets the flag from
+    the MDH's REFLECT bit), placed about its ``center_sample`` in the order it was read,
+    into a line from low kx to high. Left as read, its image would be mirrored left to right.
+    """
+    return np.roll(lines[..., ::-1], 1, axis=-1)
 
 
 def _without_discarded_samples(data: np.ndarray, head: ismrmrd.AcquisitionHeader) -> np.ndarray:
@@ -342,8 +359,8 @@ class SliceAssembler:
             if buffer.samples is not None and data.shape[1] != buffer.samples:
                 raise ValueError(f"{key}: {data.shape[1]} samples per line after {buffer.samples}")
             buffer.samples = data.shape[1]
-        data = self._whiten(data)
-        line = self.geometry.readout(data, head)
+        line = self.geometry.readout(self._whiten(data), int(head.center_sample),
+                                     reverse=head.is_flag_set(ismrmrd.ACQ_IS_REVERSE))
         if calibration or embedded:
             buffer.calibration[:, row] = line
             buffer.calibration_mask[row] = True

@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 import logging
 
+import ismrmrd
 import numpy as np
 
 from unrollinr.recon import mask_from_kspace
-from unrollinr_gadget.assembly import EncodingGeometry, SliceData, SliceKey
+from unrollinr_gadget.assembly import EncodingGeometry, SliceData, SliceKey, mirrored_about_the_centre
 
 logger = logging.getLogger(__name__)
 
@@ -20,26 +21,37 @@ def _centred_rows(data: np.ndarray, centre: int, n_ky: int) -> np.ndarray:
     return np.roll(data, n_ky // 2 - centre, axis=1)
 
 
-def _readouts(data: np.ndarray, geometry: EncodingGeometry, reference) -> np.ndarray:
-    """Remove readout oversampling from every line of ``(coils, E1, RO)``."""
+def _readouts(data: np.ndarray, geometry: EncodingGeometry) -> np.ndarray:
+    """Remove readout oversampling from every line of ``(coils, E1, RO)``, whose lines
+    BucketToBuffer has centred (and from which it has dropped the discarded samples)."""
     if data.shape[2] == geometry.readout_x:
         return data
     n_coils, n_lines, n_samples = data.shape
-    head = type(reference).from_buffer_copy(reference)
-    head.center_sample = n_samples // 2  # BucketToBuffer has centred the lines and dropped discarded samples
-    lines = geometry.readout(data.reshape(n_coils * n_lines, n_samples), head)
+    lines = geometry.readout(data.reshape(n_coils * n_lines, n_samples), n_samples // 2)
     return lines.reshape(n_coils, n_lines, geometry.readout_x)
 
 
+def _unreversed(data: np.ndarray, headers: np.ndarray) -> np.ndarray:
+    """``(coils, E1, RO)`` with each line flagged ``ACQ_IS_REVERSE`` mirrored about its
+    centre sample ``RO // 2``, where BucketToBuffer has put it as it was read
+    (:func:`unrollinr_gadget.assembly.mirrored_about_the_centre`)."""
+    reversed_lines = [e1 for e1, head in enumerate(headers) if head.is_flag_set(ismrmrd.ACQ_IS_REVERSE)]
+    if not reversed_lines:
+        return data
+    data = data.copy()
+    data[:, reversed_lines] = mirrored_about_the_centre(data[:, reversed_lines])
+    return data
+
+
 def _buffer_kspace(buffer, geometry: EncodingGeometry, n: int, s: int, loc: int) -> tuple[np.ndarray, object]:
-    data = np.asarray(buffer.data)[:, :, 0, :, n, s, loc].transpose(2, 1, 0)  # (CHA, E1, RO)
     headers = buffer.headers[:, 0, n, s, loc]
+    data = _unreversed(np.asarray(buffer.data)[:, :, 0, :, n, s, loc].transpose(2, 1, 0), headers)  # (CHA, E1, RO)
     sampled = np.flatnonzero(np.abs(data).sum(axis=(0, 2)) > 0)
     if len(sampled) == 0:
         raise ValueError("the buffer holds no samples")
     centre = int(buffer.sampling.sampling_limits[1].center)
     reference = headers[sampled[np.argmin(np.abs(sampled - centre))]]
-    kspace = _centred_rows(_readouts(data.astype(np.complex64), geometry, reference), centre, geometry.n_ky)
+    kspace = _centred_rows(_readouts(data.astype(np.complex64), geometry), centre, geometry.n_ky)
     return kspace, reference
 
 
