@@ -8,31 +8,25 @@ from pathlib import Path
 import ismrmrd
 import numpy as np
 
+from unrollinr_gadget.hdf5 import open_dataset
 from unrollinr_gadget.pipeline import magnitude
 
 
 def write_images(images: Iterable[ismrmrd.Image], path: Path, *, dataset: str = "dataset") -> int:
     """Append images to ``path`` under ``image_<series index>``; return how many."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    out = ismrmrd.Dataset(str(path), dataset, create_if_needed=True)
-    try:
+    images = list(images)  # made before the HDF5 lock is taken
+    with open_dataset(path, dataset, create=True) as out:
         for image in images:
             out.append_image(f"image_{image.getHead().image_series_index}", image)
-            count += 1
-    finally:
-        out.close()
-    return count
+    return len(images)
 
 
 def read_images(path: Path, *, dataset: str = "dataset") -> list[ismrmrd.Image]:
     """Every image of every ``image_*`` group of an ISMRMRD file, group by group."""
-    source = ismrmrd.Dataset(str(path), dataset, create_if_needed=False)
-    try:
+    with open_dataset(path, dataset) as source:
         groups = sorted(name for name in source.list() if name.startswith("image_"))
         return [source.read_image(group, i) for group in groups for i in range(source.number_of_images(group))]
-    finally:
-        source.close()
 
 
 def write_pngs(images: Iterable[ismrmrd.Image], folder: Path) -> list[Path]:

@@ -18,10 +18,12 @@ from xsdata.models.datatype import XmlDate
 
 from unrollinr.coils import CalibrationError, find_calibration_region
 from unrollinr.fft import fftc, ifftc
+from unrollinr_gadget.hdf5 import open_dataset
 from unrollinr_gadget.protocol import parse_header
 
 logger = logging.getLogger(__name__)
 DATASET = "dataset"
+_CHUNK = 256  # acquisitions read at a time, the file open
 
 
 @dataclass
@@ -35,32 +37,28 @@ class RawFile:
         if not Path(self.path).exists():
             raise FileNotFoundError(f"no such raw file: {self.path}")
 
-    def _open(self) -> ismrmrd.Dataset:
-        return ismrmrd.Dataset(str(self.path), self.dataset, create_if_needed=False)
-
     def header(self) -> xsd.ismrmrdHeader:
         """The parsed ISMRMRD XML header."""
-        dataset = self._open()
-        try:
-            return parse_header(dataset.read_xml_header())
-        finally:
-            dataset.close()
+        with open_dataset(self.path, self.dataset) as dataset:
+            text = dataset.read_xml_header()
+        return parse_header(text)
 
     def __len__(self) -> int:
-        dataset = self._open()
-        try:
+        with open_dataset(self.path, self.dataset) as dataset:
             return dataset.number_of_acquisitions()
-        finally:
-            dataset.close()
 
     def acquisitions(self) -> Iterator[ismrmrd.Acquisition]:
-        """Every acquisition in file order."""
-        dataset = self._open()
-        try:
-            for index in range(dataset.number_of_acquisitions()):
-                yield dataset.read_acquisition(index)
-        finally:
-            dataset.close()
+        """Every acquisition in file order (the file is open, and
+        :data:`~unrollinr_gadget.hdf5.HDF5_LOCK` held, only while a chunk is read)."""
+        index = 0
+        while True:
+            with open_dataset(self.path, self.dataset) as dataset:
+                chunk = [dataset.read_acquisition(i)
+                         for i in range(index, min(index + _CHUNK, dataset.number_of_acquisitions()))]
+            if not chunk:
+                return
+            yield from chunk
+            index += len(chunk)
 
 
 def _matrix(x: int, y: int, z: int = 1) -> xsd.matrixSizeType:
@@ -187,18 +185,15 @@ def simulate_raw(kspace: np.ndarray, mask: np.ndarray, path: str | Path, *, over
     else:
         lines = [line for lines in acquisitions for line in lines]
     lines[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
-    dataset = ismrmrd.Dataset(str(path), DATASET, create_if_needed=True)
-    try:
+    for _ in range(noise_scans):
+        noise = noise_std * (rng.standard_normal((n_coils, n_kx * oversampling))
+                             + 1j * rng.standard_normal((n_coils, n_kx * oversampling))) / np.sqrt(2)
+        lines.insert(0, _acquisition(noise.astype(np.complex64), ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
+    with open_dataset(path, DATASET, create=True) as dataset:
         dataset.write_xml_header(header.toXML("utf-8"))
-        for _ in range(noise_scans):
-            noise = noise_std * (rng.standard_normal((n_coils, n_kx * oversampling))
-                                 + 1j * rng.standard_normal((n_coils, n_kx * oversampling))) / np.sqrt(2)
-            lines.insert(0, _acquisition(noise.astype(np.complex64), ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
         for stamp, acquisition in enumerate(lines):
             acquisition.acquisition_time_stamp = stamp
             dataset.append_acquisition(acquisition)
-    finally:
-        dataset.close()
     logger.info("wrote %s: %d %s slices, %d lines, %d coils, readout oversampling %d", path, n_slices, order,
                 len(lines) - noise_scans, n_coils, oversampling)
     return path

@@ -23,6 +23,7 @@ from pathlib import Path
 import ismrmrd
 import ismrmrd.xsd as xsd
 
+from unrollinr_gadget.hdf5 import open_dataset
 from unrollinr_gadget.protocol import ACQUISITION, CLOSE, HEADER, MessageReader, MessageWriter
 from unrollinr_gadget.rawdata import DATASET, RawFile
 
@@ -137,13 +138,10 @@ def journal_to_dataset(journal: Path) -> Path:
     target = journal.with_suffix(".h5")
     partial = journal.with_suffix(".h5.partial")
     partial.unlink(missing_ok=True)
-    dataset = ismrmrd.Dataset(str(partial), DATASET, create_if_needed=True)
-    try:
+    with open_dataset(partial, DATASET, create=True) as dataset:
         dataset.write_xml_header(ismrmrd.xsd.ToXML(header))
         for acquisition in acquisitions:
             dataset.append_acquisition(acquisition)
-    finally:
-        dataset.close()
     os.replace(partial, target)
     journal.unlink()
     logger.info("saved the raw data: %s (%d acquisitions)", target, len(acquisitions))
