@@ -91,6 +91,17 @@ def test_navigators_and_phase_correction_are_skipped_and_separate_acs_is_not_ima
     assert assembler.skipped == {"navigator": 1, "phase correction": 1}
 
 
+def test_an_acquisition_without_samples_is_skipped_and_costs_no_slice(header):
+    assembler = SliceAssembler(header)
+    empty = ismrmrd.Acquisition.from_array(np.zeros((2, 0), np.complex64))
+    assert assembler.add(empty) == []
+    for ky in (7, 8, 9):
+        assembler.add(_acquisition(ky))
+    (data,) = assembler.finish()
+    assert np.flatnonzero(data.mask[:, 0]).tolist() == [7, 8, 9]
+    assert assembler.skipped == {"acquisitions without samples": 1}
+
+
 def test_lines_of_a_second_encoding_space_are_skipped(header):
     assembler = SliceAssembler(header)
     assembler.add(_acquisition(8))

@@ -320,6 +320,9 @@ class SliceAssembler:
             if acquisition.is_flag_set(flag):
                 self._skip(name)
                 return []
+        if acquisition.data.size == 0:  # no channel or no sample: nothing to place, nothing to check
+            self._skip("acquisitions without samples")
+            return []
         if head.encoding_space_ref != 0:
             self._skip(f"lines of encoding space {head.encoding_space_ref} (only the first is reconstructed)")
             return []
