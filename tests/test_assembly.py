@@ -253,6 +253,21 @@ def test_noise_scans_that_cannot_whiten_are_left_out_and_the_slice_goes_on(heade
     assert assembler.skipped == {"noise scans with NaN or infinite samples": 1}
 
 
+def test_noise_scans_after_the_first_line_leave_the_prewhitening_as_the_first_line_found_it(header):
+    rng = np.random.default_rng(0)
+    noise = ismrmrd.Acquisition.from_array(  # coil 1 ten times as noisy: whitening would scale it down
+        (rng.standard_normal((2, 256)) * [[1.0], [10.0]]).astype(np.complex64))
+    noise.set_flag(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+    assembler = SliceAssembler(header)
+    assembler.add(_acquisition(7))
+    assembler.add(noise)
+    for ky in (8, 9):
+        assembler.add(_acquisition(ky))
+    (data,) = assembler.finish()
+    np.testing.assert_array_equal(data.kspace[:, 7:10, 0], [[8, 9, 10], [8, 9, 10]])  # no line whitened
+    assert assembler.skipped == {"noise scans after the first line (the prewhitening was fixed then)": 1}
+
+
 def test_image_numbers_come_from_the_counters_alone(header):
     import dataclasses
 

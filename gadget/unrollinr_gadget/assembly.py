@@ -1,6 +1,7 @@
 """Turning a stream of ISMRMRD acquisitions into per-slice k-space, as it arrives.
 
-Noise scans give the prewhitening matrix and are never imaged; navigator, phase
+Noise scans that come before the first line give the prewhitening matrix, which holds
+for the whole stream; noise scans are never imaged. Navigator, phase
 correction and other non-imaging lines are skipped, as are lines of any encoding space
 but the first (``encoding_space_ref``); readout oversampling is removed;
 each line is placed by its ``kspace_encode_step_1`` relative to the encoding centre.
@@ -300,7 +301,7 @@ class SliceAssembler:
 
     def __post_init__(self) -> None:
         self.geometry = EncodingGeometry.from_header(self.header, self.limits)
-        self._noise: list[np.ndarray] = []
+        self._noise: list[np.ndarray] | None = []  # None once the first line has fixed the prewhitening
         self._whitening: np.ndarray | None = None
         self._buffers: dict[SliceKey, _Buffer] = {}
         self._last_calibration: dict[int, _CalibrationLines] = {}
@@ -311,7 +312,9 @@ class SliceAssembler:
         head = acquisition.getHead()
         if acquisition.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
             noise = np.array(acquisition.data, dtype=np.complex64)
-            if np.isfinite(noise).all():
+            if self._noise is None:  # whitening the lines still to come would set them apart from those before
+                self._skip("noise scans after the first line (the prewhitening was fixed then)")
+            elif np.isfinite(noise).all():
                 self._noise.append(noise)
             else:
                 self._skip("noise scans with NaN or infinite samples")
@@ -383,9 +386,10 @@ class SliceAssembler:
         return [self._complete(key) for key in sorted(self._buffers) if self._buffers[key].lines]
 
     def _whiten(self, data: np.ndarray) -> np.ndarray:
-        if self._noise and self._whitening is None:
-            self._whitening = self._whitening_from_noise(np.concatenate(self._noise, axis=1), data.shape[0])
-            self._noise = []
+        if self._noise is not None:  # the stream's first line: the noise scans so far decide, once
+            if self._noise:
+                self._whitening = self._whitening_from_noise(np.concatenate(self._noise, axis=1), data.shape[0])
+            self._noise = None
         return data if self._whitening is None else self._whitening @ data
 
     @staticmethod
