@@ -100,7 +100,7 @@ class ReconConfig:
         eigenvalues, so the crop that marks the object's edge rises with it, to 0.95
         (both measured on every set of ``bench/robust.py``: bench/HISTORY.md).
         ``espirit_sets`` 2 adds ESPIRiT's second set of maps where its eigenvalue passes
-        the crop (soft SENSE: wrapped or cut fields of view); the prior
+        the crop (soft SENSE: wrapped or cut fields of view; one coil has one set); the prior
         proposes one image per set, and the output is their root-sum-of-squares with the
         first set's phase.
     Retries (:mod:`unrollinr.safety`, :func:`unrollinr.recon.reconstruct_with_details`):

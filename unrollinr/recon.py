@@ -89,7 +89,7 @@ def prepare_maps(kspace: np.ndarray, mask: np.ndarray, csm: np.ndarray | None, c
     if csm is None:
         csm = espirit_maps(calib_kspace, calib_mask, calib_width=config.espirit_calib_width,
                            kernel_width=config.espirit_kernel_width, thresh=config.espirit_thresh,
-                           crop=config.espirit_crop, sets=config.espirit_sets,
+                           crop=config.espirit_crop, sets=min(config.espirit_sets, kspace.shape[0]),
                            device=default_device() if device is None else device)
     csm = np.asarray(csm, dtype=np.complex64)
     return kspace, csm if csm.ndim == 4 else csm[None]
