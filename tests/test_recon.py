@@ -196,6 +196,7 @@ def test_a_fading_tv_weight_stops_training_at_the_best_fixed_weight_objective(pr
     (dict(mask=np.ones((8, 7), bool)), "does not match"),
     (dict(mask=np.ones((8, 8), np.uint8)), "boolean"),
     (dict(mask=np.zeros((8, 8), bool)), "samples nothing"),
+    (dict(kspace=np.zeros((2, 8, 8), np.complex64)), "no signal"),
     (dict(csm=np.ones((3, 8, 8), np.complex64)), "csm shape"),
 ])
 def test_bad_input_gives_a_clear_error(bad, message):

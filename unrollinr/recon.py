@@ -54,6 +54,8 @@ def _validate(kspace: np.ndarray, mask: np.ndarray | None, csm: np.ndarray | Non
         raise ValueError(f"mask must be boolean, got {mask.dtype}")
     if not mask.any():
         raise ValueError("the mask samples nothing")
+    if not kspace[:, mask].any():
+        raise ValueError("kspace holds no signal: every measured sample is zero")
     if csm is not None and (np.ndim(csm) not in (3, 4) or np.shape(csm)[-3:] != kspace.shape):
         raise ValueError(f"csm shape {np.shape(csm)} must be (coils, ky, kx) or (sets, coils, ky, kx) "
                          f"with (coils, ky, kx) = {kspace.shape}")
