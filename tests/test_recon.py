@@ -444,6 +444,11 @@ def test_an_unrollinr_image_that_barely_beats_zeros_on_held_out_samples_is_weak(
                                                torch.tensor([2.0, 2.0]))
     assert (worse_than_sense.returned, worse_than_sense.failed) == ("sense", True)
     assert (worse_than_zeros.returned, worse_than_zeros.failed) == ("zero-filled", True)
+    # a diverged run (NaN or infinite pixels, so its losses are too) is never returned
+    nan_unrollinr, nan_both = judge(torch.tensor([float("nan"), float("inf")]), torch.tensor([1.5, float("nan")]),
+                                    torch.tensor([2.0, 2.0]))
+    assert (nan_unrollinr.returned, nan_unrollinr.failed) == ("sense", True)
+    assert (nan_both.returned, nan_both.failed) == ("zero-filled", True)
 
 
 def test_the_judge_rejects_a_prior_that_invents_the_background_outside_the_coil_maps():

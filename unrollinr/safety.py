@@ -75,6 +75,7 @@ limit lies about 1.5 times from it and from the failures.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +125,8 @@ def judge(unrollinr_loss: torch.Tensor, sense_loss: torch.Tensor, zero_loss: tor
     for ours, sense, zeros, background in zip(unrollinr_loss.tolist(), sense_loss.tolist(), zero_loss.tolist(),
                                               backgrounds.tolist(), strict=True):
         scores = f"held-out loss UnrollINR {ours:.4f}, SENSE {sense:.4f}, zeros {zeros:.4f}"
+        # An image with NaN or infinite pixels predicts nothing: no comparison may prefer it.
+        ours, sense = (loss if math.isfinite(loss) else math.inf for loss in (ours, sense))
         failed = ours > ZERO_FILLED_MARGIN * zeros
         if min(ours, sense) > ZERO_FILLED_MARGIN * zeros:
             verdicts.append(Verdict(ZERO_FILLED, f"the coil maps do not predict held-out k-space ({scores})", zeros,
