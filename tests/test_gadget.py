@@ -20,7 +20,7 @@ from peers import (
 )
 from unrollinr_gadget.assembly import SliceAssembler
 from unrollinr_gadget.buffers import slices_from_recon_data
-from unrollinr_gadget.pipeline import ReconPipeline, image_details
+from unrollinr_gadget.pipeline import ReconPipeline, SliceFailure, image_details, slice_outcome
 from unrollinr_gadget.rawdata import RawFile, simulate_raw
 
 from unrollinr.config import ReconConfig
@@ -270,6 +270,19 @@ def test_a_fallback_is_named_in_the_image_meta(raw_phantom):
     assert meta["ImageComment"] == "UnrollINR fallback: sense"
     assert meta["UnrollINRReturned"] == "sense"
     assert meta["UnrollINRVerdict"].startswith("SENSE predicts held-out k-space better")
+
+
+@pytest.mark.parametrize("output", ["uint16", "float", "complex"])
+def test_an_image_with_nan_pixels_is_reported_as_the_slices_failure_and_never_sent(raw_phantom, output):
+    raw = RawFile(raw_phantom)
+    pipeline = ReconPipeline(raw.header(), ReconConfig(), output=output)
+    data = next(s for a in raw.acquisitions() for s in pipeline.assembler.add(a))
+    images, result, _ = reconstruct_with_a_broken_prior(data.kspace, data.mask)
+    broken = images[0].copy()
+    broken[3, 5] = np.nan
+    outcome = slice_outcome(pipeline.factory, data, (broken, result))
+    assert isinstance(outcome, SliceFailure) and "NaN or infinite pixels" in outcome.message
+    assert isinstance(slice_outcome(pipeline.factory, data, (images[0], result)), ismrmrd.Image)
 
 
 def test_slices_that_complete_together_run_as_one_batch_and_equal_the_slices_alone(tmp_path, caplog):

@@ -183,7 +183,10 @@ class ReconPipeline:
 
 def slice_outcome(factory: ImageFactory, data: SliceData,
                   result: tuple[np.ndarray, FitResult] | Exception) -> Outcome:
-    """A slice's image from its reconstruction's result, or its failure from the error."""
+    """A slice's image from its reconstruction's result, or its failure from the error (or
+    from NaN or infinite pixels, which no image type could show)."""
+    if not isinstance(result, Exception) and not np.isfinite(result[0]).all():
+        result = FloatingPointError("the reconstruction gave NaN or infinite pixels")
     if isinstance(result, Exception):
         logger.error("%s failed: %s", data.key, result, exc_info=logger.isEnabledFor(logging.DEBUG))
         return SliceFailure(data.key, f"{type(result).__name__}: {result}")
