@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import ismrmrd
@@ -88,6 +89,27 @@ def test_send_reports_a_server_error(tmp_path, raw_phantom):
         code = main(["send", str(raw_phantom), "--port", str(port), "--config", "nope", "-o", str(tmp_path / "x.h5")])
         server.shutdown()
     assert code == 1
+
+
+def test_send_gives_up_on_a_server_that_never_answers_after_its_timeout(tmp_path, raw_phantom, capsys):
+    with socket.socket() as silent:  # takes the whole stream, answers nothing, never closes
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        drained = threading.Event()
+
+        def drain():
+            connection, _ = silent.accept()
+            with connection:
+                while connection.recv(1 << 16):
+                    drained.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        started = time.monotonic()
+        code = main(["send", str(raw_phantom), "--port", str(silent.getsockname()[1]), "--timeout", "2",
+                     "-o", str(tmp_path / "x.h5")])
+    assert code == 1 and drained.is_set()
+    assert time.monotonic() - started < 60
+    assert "the server did not close the connection" in capsys.readouterr().err
 
 
 def test_evaluate_cli_end_to_end(tmp_path, phantom_48):

@@ -137,7 +137,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     config_text = args.config_file.read_text() if args.config_file else None
     progress = (lambda items: tqdm(items, total=len(raw), desc="send", unit="acq")) if sys.stderr.isatty() else None
     replies = stream_to_server(raw, args.host, args.port, args.config, config_text=config_text,
-                               parameters=args.parameters, progress=progress)
+                               parameters=args.parameters, progress=progress, timeout=args.timeout)
     sink = ImageSink(ReplayJob(args.raw, args.out, args.png))
     sink(replies.images)
     print(f"wrote {sink.images} images to {args.out}" + (f" and PNGs to {args.png}" if args.png else ""))
@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--config", default="unrollinr", help="config name the server resolves (id 1)")
     send.add_argument("--config-file", type=Path, default=None, help="send this chain XML as config text (id 2)")
     send.add_argument("--parameters", default=None, help="JSON sent as TEXT after the header")
+    send.add_argument("--timeout", type=float, default=None,
+                      help="seconds to connect, and to wait for the server's replies once everything is sent "
+                           "(default: until the server closes); a server that outlasts it is reported, exit 1")
     image_outputs(send)
     send.set_defaults(run=cmd_send)
 
