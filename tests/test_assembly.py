@@ -302,6 +302,7 @@ def test_no_image_number_is_given_twice_when_the_header_limits_do_not_hold_the_c
     assert len(set(numbers)) == len(numbers) == 7
     assert numbers[:3] == [1, 2, 3]  # the first image of each number keeps it
     assert "repetition 1 would repeat image number 2" in caplog.text  # slice 0 of repetition 1
+    assert caplog.text.count("would repeat") == 1  # once a stream: 4 images were renumbered
     # Limits whose product passes what image_index holds (a uint16): numbered after the rest.
     large = ImageFactory(_geometry_32((300, 1, 1, 1, 1, 300)))
     numbers = [large.make(np.ones((32, 32)), _made_for(key)).getHead().image_index

@@ -41,6 +41,7 @@ class ImageFactory:
     comment: str = "UnrollINR"
     _uint16_scale: float | None = field(default=None, init=False)
     _numbers_given: set[int] = field(default_factory=set, init=False)
+    _renumbered: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUT_TYPES:
@@ -66,9 +67,11 @@ class ImageFactory:
         number = self.geometry.image_index(key)
         if number in self._numbers_given or number > _MAX_IMAGE_NUMBER:
             clash, number = number, max(self._numbers_given, default=0) + 1
-            logger.warning("%s would repeat image number %d (its counters come twice, or the header's "
-                           "encodingLimits do not hold them), or it passes %d: numbered %d",
-                           key, clash, _MAX_IMAGE_NUMBER, number)
+            self._renumbered += 1
+            log = logger.warning if self._renumbered == 1 else logger.debug  # once a stream, not once an image
+            log("%s would repeat image number %d (its counters come twice, or the header's encodingLimits do not "
+                "hold them), or it passes %d: numbered %d, and so on for the images like it", key, clash,
+                _MAX_IMAGE_NUMBER, number)
         self._numbers_given.add(number)
         return number
 
