@@ -131,6 +131,26 @@ def test_later_repetitions_take_the_calibration_lines_of_their_slice(header):
     assert np.flatnonzero(other.calibration_mask[:, 0]).tolist() == [5]  # another slice's lines are not its own
 
 
+def test_an_average_that_completes_first_takes_the_reference_lines_of_an_average_still_open(header):
+    # A reference scan under average 0, then two short-term averages interleaved line by
+    # line: the last line, and so the first slice to complete, is average 1's.
+    header.encoding[0].encodingLimits.average = ismrmrd.xsd.limitType(minimum=0, maximum=1, center=0)
+    assembler = SliceAssembler(header)
+    completed = []
+    for ky in range(5, 11):
+        completed += assembler.add(_acquisition(ky, flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION]))
+    rows = list(range(0, 16, 2))
+    for ky in rows:
+        for average in (0, 1):
+            flags = [ismrmrd.ACQ_LAST_IN_SLICE] if (ky, average) == (rows[-1], 1) else []
+            completed += assembler.add(_acquisition(ky, flags=flags, average=average))
+    completed += assembler.finish()
+    assert [data.key.average for data in completed] == [1, 0]
+    for data in completed:
+        assert data.calibration_mask[5:11].all(), data.key
+        np.testing.assert_array_equal(data.calibration[0, 5:11, 0], np.arange(6, 12))
+
+
 def test_asymmetric_echo_is_placed_by_its_centre_sample(header):
     assembler = SliceAssembler(header)
     acquisition = _acquisition(8, n_samples=12)

@@ -406,14 +406,27 @@ class SliceAssembler:
         logger.info("prewhitening from %d noise samples on %d channels", noise.shape[1], noise.shape[0])
         return whitening
 
+    def _open_calibration(self, slice_index: int) -> _CalibrationLines | None:
+        """The calibration lines of an open buffer of ``slice_index``. A reference scan acquired
+        once, under the counters of the first average, before short-term averages that
+        interleave their lines: the last average completes first, and its own buffer holds
+        no ACS line."""
+        for key, buffer in self._buffers.items():
+            if key.slice == slice_index and buffer.calibration_mask.any():
+                return _CalibrationLines.of(buffer)
+        return None
+
     def _complete(self, key: SliceKey) -> SliceData:
         buffer = self._buffers.pop(key)
         if buffer.calibration_mask.any():
             self._last_calibration[key.slice] = _CalibrationLines.of(buffer)
         # ESPIRiT sees every calibration line (this slice's, or else the last of its slice
-        # index's) plus the imaging lines.
+        # index's, or else those of a buffer of its slice index still open) plus the imaging lines.
         calibration, calibration_mask = buffer.kspace.copy(), buffer.mask.copy()
-        if (lines := self._last_calibration.get(key.slice)) is not None:
+        lines = self._last_calibration.get(key.slice)
+        if lines is None:
+            lines = self._open_calibration(key.slice)
+        if lines is not None:
             calibration[:, lines.rows] = lines.kspace
             calibration_mask[lines.rows] = True
         logger.info("%s complete: %d lines", key, buffer.lines)
