@@ -151,6 +151,20 @@ def test_an_average_that_completes_first_takes_the_reference_lines_of_an_average
         np.testing.assert_array_equal(data.calibration[0, 5:11, 0], np.arange(6, 12))
 
 
+def test_calibration_lines_of_another_channel_count_are_not_used_and_the_stream_ends_with_every_slice(header):
+    header.encoding[0].encodingLimits.repetition = ismrmrd.xsd.limitType(minimum=0, maximum=1, center=0)
+    assembler = SliceAssembler(header)
+    completed = []
+    for ky in range(5, 11):
+        completed += assembler.add(_acquisition(ky, flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING]))
+    completed += assembler.add(_acquisition(12, flags=[ismrmrd.ACQ_LAST_IN_SLICE]))
+    for ky in (0, 2, 4):  # repetition 1 on 3 channels, without ACS lines: finish() used to raise
+        completed += assembler.add(_acquisition(ky, coils=3, repetition=1))
+    completed += assembler.finish()
+    assert [data.key.repetition for data in completed] == [0, 1]
+    np.testing.assert_array_equal(completed[1].calibration_mask, completed[1].mask)
+
+
 def test_asymmetric_echo_is_placed_by_its_centre_sample(header):
     assembler = SliceAssembler(header)
     acquisition = _acquisition(8, n_samples=12)

@@ -406,13 +406,13 @@ class SliceAssembler:
         logger.info("prewhitening from %d noise samples on %d channels", noise.shape[1], noise.shape[0])
         return whitening
 
-    def _open_calibration(self, slice_index: int) -> _CalibrationLines | None:
+    def _open_calibration(self, slice_index: int, n_coils: int) -> _CalibrationLines | None:
         """The calibration lines of an open buffer of ``slice_index``. A reference scan acquired
         once, under the counters of the first average, before short-term averages that
         interleave their lines: the last average completes first, and its own buffer holds
-        no ACS line."""
+        no ACS line. Only a buffer of ``n_coils`` channels can lend its lines."""
         for key, buffer in self._buffers.items():
-            if key.slice == slice_index and buffer.calibration_mask.any():
+            if key.slice == slice_index and buffer.calibration_mask.any() and buffer.kspace.shape[0] == n_coils:
                 return _CalibrationLines.of(buffer)
         return None
 
@@ -425,8 +425,11 @@ class SliceAssembler:
         calibration, calibration_mask = buffer.kspace.copy(), buffer.mask.copy()
         lines = self._last_calibration.get(key.slice)
         if lines is None:
-            lines = self._open_calibration(key.slice)
-        if lines is not None:
+            lines = self._open_calibration(key.slice, n_coils=calibration.shape[0])
+        if lines is not None and lines.kspace.shape[0] != calibration.shape[0]:
+            logger.warning("%s: %d channels, its slice's calibration lines %d: not used", key,
+                           calibration.shape[0], lines.kspace.shape[0])
+        elif lines is not None:
             calibration[:, lines.rows] = lines.kspace
             calibration_mask[lines.rows] = True
         logger.info("%s complete: %d lines", key, buffer.lines)
