@@ -151,6 +151,18 @@ def test_an_average_that_completes_first_takes_the_reference_lines_of_an_average
         np.testing.assert_array_equal(data.calibration[0, 5:11, 0], np.arange(6, 12))
 
 
+def test_reference_lines_under_counters_of_no_imaging_line_serve_the_images_of_their_slice(header):
+    header.encoding[0].encodingLimits.set = ismrmrd.xsd.limitType(minimum=0, maximum=1, center=0)
+    assembler = SliceAssembler(header)
+    for ky in range(5, 11):  # a reference scan under set 1, which no imaging line has
+        assert assembler.add(_acquisition(ky, flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION], set=1)) == []
+    completed = [s for ky in range(0, 16, 2) for s in assembler.add(
+        _acquisition(ky, flags=[ismrmrd.ACQ_LAST_IN_SLICE] if ky == 14 else []))]
+    assert assembler.finish() == []  # the reference lines alone are no image
+    (data,) = completed
+    assert data.key.set == 0 and data.calibration_mask[5:11].all()
+
+
 def test_calibration_lines_of_another_channel_count_are_not_used_and_the_stream_ends_with_every_slice(header):
     header.encoding[0].encodingLimits.repetition = ismrmrd.xsd.limitType(minimum=0, maximum=1, center=0)
     assembler = SliceAssembler(header)
