@@ -41,6 +41,7 @@ class ImageFactory:
     comment: str = "UnrollINR"
     _uint16_scale: float | None = field(default=None, init=False)
     _numbers_given: set[int] = field(default_factory=set, init=False)
+    _highest_number_given: int = field(default=0, init=False)
     _renumbered: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -66,13 +67,14 @@ class ImageFactory:
     def _image_index(self, key: SliceKey) -> int:
         number = self.geometry.image_index(key)
         if number in self._numbers_given or number > _MAX_IMAGE_NUMBER:
-            clash, number = number, max(self._numbers_given, default=0) + 1
+            clash, number = number, self._highest_number_given + 1
             self._renumbered += 1
             log = logger.warning if self._renumbered == 1 else logger.debug  # once a stream, not once an image
             log("%s would repeat image number %d (its counters come twice, or the header's encodingLimits do not "
                 "hold them), or it passes %d: numbered %d, and so on for the images like it", key, clash,
                 _MAX_IMAGE_NUMBER, number)
         self._numbers_given.add(number)
+        self._highest_number_given = max(self._highest_number_given, number)
         return number
 
     def make(self, image: np.ndarray, data: SliceData, *, details: dict[str, str] | None = None) -> ismrmrd.Image:
