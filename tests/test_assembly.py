@@ -131,14 +131,23 @@ def test_later_repetitions_take_the_calibration_lines_of_their_slice(header):
     assert np.flatnonzero(other.calibration_mask[:, 0]).tolist() == [5]  # another slice's lines are not its own
 
 
+def _assembler_with_two(header, counter: str) -> SliceAssembler:
+    """An assembler for ``header`` whose ``counter`` takes the values 0 and 1."""
+    setattr(header.encoding[0].encodingLimits, counter, ismrmrd.xsd.limitType(minimum=0, maximum=1, center=0))
+    return SliceAssembler(header)
+
+
+def _reference_lines(assembler: SliceAssembler, flag: int, **idx) -> list[SliceData]:
+    """Add ACS lines 5-10 (``flag``: separate or embedded) under the counters ``idx``;
+    the slices they complete."""
+    return [data for ky in range(5, 11) for data in assembler.add(_acquisition(ky, flags=[flag], **idx))]
+
+
 def test_an_average_that_completes_first_takes_the_reference_lines_of_an_average_still_open(header):
     # A reference scan under average 0, then two short-term averages interleaved line by
     # line: the last line, and so the first slice to complete, is average 1's.
-    header.encoding[0].encodingLimits.average = ismrmrd.xsd.limitType(minimum=0, maximum=1, center=0)
-    assembler = SliceAssembler(header)
-    completed = []
-    for ky in range(5, 11):
-        completed += assembler.add(_acquisition(ky, flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION]))
+    assembler = _assembler_with_two(header, "average")
+    completed = _reference_lines(assembler, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
     rows = list(range(0, 16, 2))
     for ky in rows:
         for average in (0, 1):
@@ -152,10 +161,9 @@ def test_an_average_that_completes_first_takes_the_reference_lines_of_an_average
 
 
 def test_reference_lines_under_counters_of_no_imaging_line_serve_the_images_of_their_slice(header):
-    header.encoding[0].encodingLimits.set = ismrmrd.xsd.limitType(minimum=0, maximum=1, center=0)
-    assembler = SliceAssembler(header)
-    for ky in range(5, 11):  # a reference scan under set 1, which no imaging line has
-        assert assembler.add(_acquisition(ky, flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION], set=1)) == []
+    assembler = _assembler_with_two(header, "set")
+    # a reference scan under set 1, which no imaging line has
+    assert _reference_lines(assembler, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION, set=1) == []
     completed = [s for ky in range(0, 16, 2) for s in assembler.add(
         _acquisition(ky, flags=[ismrmrd.ACQ_LAST_IN_SLICE] if ky == 14 else []))]
     assert assembler.finish() == []  # the reference lines alone are no image
@@ -164,11 +172,8 @@ def test_reference_lines_under_counters_of_no_imaging_line_serve_the_images_of_t
 
 
 def test_calibration_lines_of_another_channel_count_are_not_used_and_the_stream_ends_with_every_slice(header):
-    header.encoding[0].encodingLimits.repetition = ismrmrd.xsd.limitType(minimum=0, maximum=1, center=0)
-    assembler = SliceAssembler(header)
-    completed = []
-    for ky in range(5, 11):
-        completed += assembler.add(_acquisition(ky, flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING]))
+    assembler = _assembler_with_two(header, "repetition")
+    completed = _reference_lines(assembler, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
     completed += assembler.add(_acquisition(12, flags=[ismrmrd.ACQ_LAST_IN_SLICE]))
     for ky in (0, 2, 4):  # repetition 1 on 3 channels, without ACS lines: finish() used to raise
         completed += assembler.add(_acquisition(ky, coils=3, repetition=1))
