@@ -12,10 +12,15 @@ Variants of each set (``--data``, default: every ``.npz`` in ``../shared/data``)
 - ``low-snr``: complex Gaussian noise added to the k-space, to an object SNR of about 15
   (the reference is the noisy, fully sampled data), R 8;
 - ``vd-2d``: a 2D variable-density random mask with a 24 x 24 centre, R 8;
-- ``4-coils``: SVD coil compression of the fully sampled data to 4 coils, R 8.
+- ``4-coils``: SVD coil compression of the fully sampled data to 4 coils, R 8;
+- ``uniform``: equispaced lines (every R-th, through the centre) and the ACS block, R 3
+  and 4: the GRAPPA-style pattern of most clinical scans, whose aliasing is coherent;
+- ``partial-fourier``: random lines at R 3 over the last 6/8 of the phase-encode lines,
+  none in the first 2/8 (R about 4 in all).
 
 Accelerations are capped at 12 x (phase-encode lines / 256) (4 at 96 lines), and every
-line mask keeps at least 10 ACS lines (Table I's ACS, scaled). Each case compares
+line mask keeps at least 10 ACS lines (Table I's ACS, scaled); the ``R`` column gives
+the nominal rate (its line mask's, before partial Fourier). Each case compares
 zero-filled, CG-SENSE (10 iterations, our maps) and, when ``bart`` is installed, BART
 L1-ESPIRiT with 1 and with 2 sets of maps, oracle-tuned over lambda and the ESPIRiT
 crop, with UnrollINR's default configuration. A case's margin is UnrollINR's PSNR minus
@@ -51,12 +56,18 @@ from unrollinr import baselines  # noqa: E402
 from unrollinr.coils import apply_coil_matrix, coil_compression_matrix  # noqa: E402
 from unrollinr.config import ReconConfig  # noqa: E402
 from unrollinr.data import load_kspace  # noqa: E402
-from unrollinr.masks import paper_acs_lines, random_line_mask, variable_density_mask  # noqa: E402
+from unrollinr.masks import (  # noqa: E402
+    paper_acs_lines,
+    random_line_mask,
+    uniform_line_mask,
+    variable_density_mask,
+)
 from unrollinr.metrics import object_support, psnr, ssim  # noqa: E402
 from unrollinr.recon import prepare_maps, reconstruct_with_details  # noqa: E402
 from unrollinr.variants import cut_readout, pe_wrap, small_fov  # noqa: E402
 
 MIN_ACS = 10
+PARTIAL_FOURIER = 6 / 8
 OBJECT_SNR = 15.0
 BART_LAMBDAS = (0.001, 0.003, 0.01)
 BART_CROPS = (0.8, 0.5)
@@ -95,9 +106,31 @@ def max_acceleration(n_y: int) -> float:
     return float(max(3, int(12 * n_y / 256)))
 
 
+def _acs_lines(acceleration: float, n_y: int) -> int:
+    return max(MIN_ACS, paper_acs_lines(acceleration, n_y))
+
+
 def line_mask(shape: tuple[int, int], acceleration: float, seed: int) -> np.ndarray:
-    acs = max(MIN_ACS, paper_acs_lines(acceleration, shape[0]))
-    return random_line_mask(shape, acceleration, acs_lines=acs, seed=seed)
+    return random_line_mask(shape, acceleration, acs_lines=_acs_lines(acceleration, shape[0]), seed=seed)
+
+
+def partial_fourier_mask(shape: tuple[int, int], acceleration: float, seed: int) -> np.ndarray:
+    """:func:`line_mask` without its lines in the first ``1 - PARTIAL_FOURIER`` of ky."""
+    mask = line_mask(shape, acceleration, seed)
+    mask[:shape[0] - round(PARTIAL_FOURIER * shape[0])] = False
+    return mask
+
+
+def make_case_mask(kind: str, shape: tuple[int, int], acceleration: float, seed: int) -> np.ndarray:
+    """The ``(ky, kx)`` mask of a variant's ``kind``: ``lines``, ``uniform``,
+    ``partial-fourier`` or ``2d``."""
+    if kind == "lines":
+        return line_mask(shape, acceleration, seed)
+    if kind == "uniform":
+        return uniform_line_mask(shape, int(acceleration), acs_lines=_acs_lines(acceleration, shape[0]))
+    if kind == "partial-fourier":
+        return partial_fourier_mask(shape, acceleration, seed)
+    return variable_density_mask(shape, acceleration, acs=min(24, shape[0] // 4), seed=seed)
 
 
 VARIANTS: list[tuple[str, Callable[[np.ndarray], np.ndarray], float, str]] = [
@@ -110,6 +143,9 @@ VARIANTS: list[tuple[str, Callable[[np.ndarray], np.ndarray], float, str]] = [
     ("low-snr", low_snr, 8, "lines"),
     ("vd-2d", lambda k: k, 8, "2d"),
     ("4-coils", four_coils, 8, "lines"),
+    ("uniform", lambda k: k, 3, "uniform"),
+    ("uniform", lambda k: k, 4, "uniform"),
+    ("partial-fourier", lambda k: k, 3, "partial-fourier"),
 ]
 
 
@@ -123,11 +159,7 @@ def cases(path: Path, names: set[str] | None, seed: int) -> list[Case]:
         rate = min(acceleration, max_acceleration(kspace.shape[1]))
         if (name, rate) in found:  # a capped R repeats a case
             continue
-        if kind == "lines":
-            mask = line_mask(kspace.shape[1:], rate, seed)
-        else:
-            mask = variable_density_mask(kspace.shape[1:], rate, acs=min(24, kspace.shape[1] // 4), seed=seed)
-        found[name, rate] = Case(path.stem, name, rate, kspace, mask)
+        found[name, rate] = Case(path.stem, name, rate, kspace, make_case_mask(kind, kspace.shape[1:], rate, seed))
     return list(found.values())
 
 
