@@ -460,6 +460,27 @@ def test_an_image_far_brighter_than_the_first_is_scaled_down_and_never_clipped(c
         np.testing.assert_allclose(pixels / scale, np.abs(expected), atol=0.5 / scale, rtol=1e-5)  # meta: 6 digits
 
 
+def test_a_fixed_uint16_scale_is_the_same_for_streams_whose_first_images_differ(caplog):
+    # Gadgetron's distributed mode makes each slice a stream of its own: without a fixed
+    # scale each would be scaled to its own peak, and a series would change brightness
+    # from slice to slice.
+    geometry = _geometry_32((1,) * 6)
+    obj = np.zeros((32, 32), complex)
+    obj[8:24, 8:24] = np.linspace(10.0, 200.0, 16)
+    slices = [obj, 0.5 * obj]
+    own = [ImageFactory(geometry).make(image, _made_for(SliceKey(slice=i))) for i, image in enumerate(slices)]
+    assert float(own[0].meta["ImageScaleFactor"]) != float(own[1].meta["ImageScaleFactor"])
+    fixed = [ImageFactory(geometry, uint16_scale=100.0).make(image, _made_for(SliceKey(slice=i)))
+             for i, image in enumerate(slices)]
+    for image, expected in zip(fixed, slices, strict=True):
+        assert float(image.meta["ImageScaleFactor"]) == 100.0
+        np.testing.assert_allclose(image.data[0, 0].astype(float), 100.0 * np.abs(expected), atol=0.5)
+    # a fixed scale still never clips: the image takes the scale of its own peak, and says so
+    brighter = ImageFactory(geometry, uint16_scale=1000.0).make(obj, _made_for(SliceKey(slice=0)))
+    assert brighter.data.max() < np.iinfo(np.uint16).max
+    assert float(brighter.meta["ImageScaleFactor"]) < 1000.0 and "would clip" in caplog.text
+
+
 @pytest.mark.parametrize("fov", [0.0, float("inf"), float("nan")])
 def test_a_field_of_view_that_is_missing_or_not_finite_leaves_the_pixel_size_alone(header, fov):
     header.encoding[0].encodedSpace.fieldOfView_mm.x = fov

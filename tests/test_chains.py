@@ -55,3 +55,14 @@ def test_distributed_chain_splits_by_slice_and_connects_to_the_workers_listener(
     readers = {r.findtext("classname") for r in distributed.findall("readers/reader")}
     writers = {w.findtext("classname") for w in distributed.findall("writers/writer")}
     assert readers == {"AcquisitionReader", "ImageReader"} and writers == {"AcquisitionWriter", "ImageWriter"}
+
+
+@pytest.mark.parametrize(("value", "expected"), [("2000", 2000.0), ("1.5e3", 1500.0), ("auto", None), ("", None)])
+def test_the_uint16_scale_is_a_gadget_setting(value, expected):
+    assert GadgetSettings.from_properties({"uint16_scale": value, "iterations": "5"}).uint16_scale == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "inf", "bright"])
+def test_a_uint16_scale_that_is_not_a_positive_number_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="uint16_scale"):
+        GadgetSettings.from_properties({"uint16_scale": value})

@@ -273,6 +273,11 @@ def test_the_buffered_chain_without_a_storage_server_reports_a_noise_scan_it_can
     assert "NoiseAdjustGadget] ERROR" in server.log.read_text()
 
 
+# The workers' fixed uint16 scale: each slice is a stream of its own, and would otherwise
+# be scaled to its own peak (these phantoms' images peak near 1).
+DISTRIBUTED_UINT16_SCALE = 2000.0
+
+
 @dataclass
 class Distributed:
     main: Server
@@ -294,7 +299,7 @@ def distributed(server, tmp_path_factory):
     commands = [[str(PREFIX / "bin" / "gadgetron"), "-p", str(port), "-d", "true"]
                 for port in (main_port, *worker_ports)]
     commands.append([sys.executable, "-m", "unrollinr_gadget.cli", "listen", "--port", str(listener_port),
-                     "--set", "iterations=30"])
+                     "--set", "iterations=30", "--set", f"uint16_scale={DISTRIBUTED_UINT16_SCALE}"])
     outputs = [log.open("wb") for log in logs]
     processes = [subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
                  for command, output in zip(commands, outputs, strict=True)]
@@ -329,7 +334,8 @@ def test_distributed_workers_give_the_images_of_the_undistributed_chain(server, 
         reference = by_slice[image.getHead().slice]
         for field in ("position", "read_dir", "phase_dir", "slice_dir", "field_of_view", "matrix_size"):
             assert tuple(getattr(image.getHead(), field)) == pytest.approx(tuple(getattr(reference.getHead(), field)))
-        # Each worker connection fixes its own uint16 scale (on its one slice); the scale is in the meta.
+        # Every slice, whichever worker made it, has the scale given to the workers.
+        assert float(image.meta["ImageScaleFactor"]) == DISTRIBUTED_UINT16_SCALE
         assert image.getHead().image_index == reference.getHead().image_index
         ours = image.data / float(image.meta["ImageScaleFactor"])
         theirs = reference.data / float(reference.meta["ImageScaleFactor"])

@@ -23,6 +23,9 @@ class ImageFactory:
     """Numbers images by their counters (see :meth:`EncodingGeometry.image_index`) and
     fixes the uint16 scale on the first image (its peak at 4095), so that the slices of a
     stream share one intensity scale; ``ImageScaleFactor`` in the meta gives it back.
+    ``uint16_scale`` fixes it beforehand instead, the same in every stream: in Gadgetron's
+    distributed mode each slice is a stream of its own, and would otherwise be scaled to
+    its own peak.
 
     An image that would clip at that scale (more than 16 times as bright as the first, as
     after a first slice beyond the anatomy that holds only noise) gets the scale of its own
@@ -39,6 +42,7 @@ class ImageFactory:
     output: str = "uint16"
     series_index: int = 1
     comment: str = "UnrollINR"
+    uint16_scale: float | None = None
     _uint16_scale: float | None = field(default=None, init=False)
     _numbers_given: set[int] = field(default_factory=set, init=False)
     _highest_number_given: int = field(default=0, init=False)
@@ -47,6 +51,7 @@ class ImageFactory:
     def __post_init__(self) -> None:
         if self.output not in OUTPUT_TYPES:
             raise ValueError(f"output must be one of {OUTPUT_TYPES}, got {self.output!r}")
+        self._uint16_scale = self.uint16_scale
 
     def _pixels(self, image: np.ndarray, key: SliceKey) -> tuple[np.ndarray, int, float]:
         magnitude = np.abs(image)

@@ -76,6 +76,9 @@ class ReconPipeline:
         Reconstruction settings.
     output
         ``"uint16"``, ``"float"`` (magnitude) or ``"complex"`` images.
+    series_index, uint16_scale
+        The images' series, and their fixed uint16 scale (``None``: the stream's first
+        image fixes it; :class:`~unrollinr_gadget.images.ImageFactory`).
     device
         Torch device for the reconstruction; ``None`` picks CUDA when available.
     device_lock
@@ -86,12 +89,14 @@ class ReconPipeline:
 
     def __init__(self, header: xsd.ismrmrdHeader, config: ReconConfig, *, output: str = "uint16",
                  device: str | None = None, device_lock: threading.Lock | None = None,
-                 series_index: int = 1, limits: StreamLimits | None = None) -> None:
+                 series_index: int = 1, uint16_scale: float | None = None,
+                 limits: StreamLimits | None = None) -> None:
         self.config = config
         self.device = device
         self.device_lock = device_lock
         self.assembler = SliceAssembler(header, limits=limits or StreamLimits())
-        self.factory = ImageFactory(self.assembler.geometry, output=output, series_index=series_index)
+        self.factory = ImageFactory(self.assembler.geometry, output=output, series_index=series_index,
+                                    uint16_scale=uint16_scale)
         self.pending: list[SliceData] = []
         prepare_process()  # now, while the scan runs, not after its last line
 
@@ -100,7 +105,7 @@ class ReconPipeline:
                       device_lock: threading.Lock | None = None, limits: StreamLimits | None = None) -> ReconPipeline:
         """The pipeline that :class:`GadgetSettings` describe."""
         return cls(header, settings.recon, output=settings.output, device=settings.device, device_lock=device_lock,
-                   series_index=settings.series_index, limits=limits)
+                   series_index=settings.series_index, uint16_scale=settings.uint16_scale, limits=limits)
 
     def add(self, acquisition: ismrmrd.Acquisition, *, defer: bool = False) -> list[Outcome]:
         """Take one acquisition; return the images of the slices it completes, or with

@@ -7,6 +7,7 @@ the server's config names and JSON parameters, and the command line.
 from __future__ import annotations
 
 import dataclasses
+import math
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,24 +15,30 @@ from typing import Any
 
 from unrollinr.config import SECTIONS, ReconConfig
 
-GADGET_FIELDS = ("output", "device", "series_index")
+GADGET_FIELDS = ("output", "device", "series_index", "uint16_scale")
 OUTPUT_TYPES = ("uint16", "float", "complex")
 
 
 @dataclass(frozen=True)
 class GadgetSettings:
-    """``recon`` settings, the image ``output`` type, torch ``device`` and ``series_index``."""
+    """``recon`` settings, the image ``output`` type, torch ``device``, ``series_index`` and
+    ``uint16_scale``: the factor from magnitude to ``uint16`` pixels, the same for every
+    stream (``None``: each stream fixes its own on its first image; see
+    :class:`~unrollinr_gadget.images.ImageFactory`)."""
 
     recon: ReconConfig = field(default_factory=ReconConfig)
     output: str = "uint16"
     device: str | None = None
     series_index: int = 1
+    uint16_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUT_TYPES:
             raise ValueError(f"output must be one of {OUTPUT_TYPES}, got {self.output!r}")
         if self.series_index < 0:
             raise ValueError(f"series_index must not be negative, got {self.series_index}")
+        if self.uint16_scale is not None and not (math.isfinite(self.uint16_scale) and self.uint16_scale > 0):
+            raise ValueError(f"uint16_scale must be a positive number, got {self.uint16_scale}")
 
     @classmethod
     def from_properties(cls, properties: Mapping[str, Any], *, base: GadgetSettings | None = None) -> GadgetSettings:
@@ -46,6 +53,8 @@ class GadgetSettings:
                 gadget["series_index"] = int(gadget["series_index"])
             except ValueError:
                 raise ValueError(f"setting 'series_index' expects int, got {gadget['series_index']!r}") from None
+        if "uint16_scale" in gadget:
+            gadget["uint16_scale"] = _optional_float("uint16_scale", gadget["uint16_scale"])
         if "device" in gadget:
             gadget["device"] = str(gadget["device"]) or None
             if gadget["device"] == "auto":
@@ -57,6 +66,16 @@ class GadgetSettings:
         """Every property name that :meth:`from_properties` accepts."""
         dotted = {f"{section}.{name}" for section, names in SECTIONS.items() for name in names}
         return set(GADGET_FIELDS) | {f.name for f in dataclasses.fields(ReconConfig)} | dotted | {"preset"}
+
+
+def _optional_float(name: str, value: Any) -> float | None:
+    """``value`` as a float; ``None``, ``""`` and ``"auto"`` (any case) give ``None``."""
+    if value is None or str(value).strip().lower() in ("", "auto"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"setting {name!r} expects a number or 'auto', got {value!r}") from None
 
 
 def _local(tag: str) -> str:
