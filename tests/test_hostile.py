@@ -128,11 +128,18 @@ def _no_acs(raw: RawFile) -> list[ismrmrd.Acquisition]:
 
 
 def _header_without(raw: RawFile, what: str):
+    """The raw file's header with one thing the gadget cannot take: no ``limits``, a wide
+    ``matrix``, a ``3d`` encoding or a ``radial`` trajectory."""
     header = copy.deepcopy(raw.header())
+    encoding = header.encoding[0]
     if what == "limits":
-        header.encoding[0].encodingLimits.kspace_encoding_step_1 = None
+        encoding.encodingLimits.kspace_encoding_step_1 = None
+    elif what == "3d":
+        encoding.encodedSpace.matrixSize.z = 32
+    elif what == "radial":
+        encoding.trajectory = ismrmrd.xsd.trajectoryType("radial")
     else:
-        header.encoding[0].encodedSpace.matrixSize.x = 4096
+        encoding.encodedSpace.matrixSize.x = 4096
     return header
 
 
@@ -152,6 +159,10 @@ CASES: dict[str, tuple[Callable[[Front, RawFile], bytes], str]] = {
                                  "header"),
     "a header without encoding limits": (lambda f, raw: _stream(f.config, _header_without(raw, "limits")),
                                          "no encodingLimits"),
+    "a 3D encoding": (lambda f, raw: _stream(f.config, _header_without(raw, "3d"), _slice0(raw)[:2]),
+                      "3D encodings are not supported"),
+    "a radial trajectory": (lambda f, raw: _stream(f.config, _header_without(raw, "radial"), _slice0(raw)[:2]),
+                            "only Cartesian data"),
     "a matrix over the limit": (lambda f, raw: _stream(f.config, _header_without(raw, "matrix"), _slice0(raw)[:2]),
                                 "exceeds the limit of 128"),
     "channels that change mid-slice": (lambda f, raw: _stream(f.config, raw.header(), _changed(raw, "channels")),
