@@ -269,7 +269,8 @@ class ReconConfig:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"unknown reconstruction setting(s) {unknown}; known: {sorted(fields)}")
-        typed = {name: _parse(name, value, _KINDS[name]) for name, value in values.items()}
+        typed = {name: parse_setting(name, value, _KINDS[name], automatic=name in AUTOMATIC)
+                 for name, value in values.items()}
         return dataclasses.replace(base, **typed)
 
     @classmethod
@@ -373,13 +374,16 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _parse(name: str, value: Any, kind: type) -> Any:
-    if value is None and name in AUTOMATIC:
+def parse_setting(name: str, value: Any, kind: type, *, automatic: bool = False) -> Any:
+    """Setting ``name``'s text (or already typed) ``value`` as a ``kind`` (``bool``, ``int``,
+    ``float`` or ``str``); with ``automatic``, ``None``, ``""``, ``"auto"``, ``"none"`` and
+    ``"off"`` give ``None``. A value that does not parse raises ``ValueError`` naming it."""
+    if value is None and automatic:
         return None
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     text = str(value).strip()
-    if name in AUTOMATIC and text.lower() in ("", "auto", "none", "off"):
+    if automatic and text.lower() in ("", "auto", "none", "off"):
         return None
     try:
         if kind is bool:

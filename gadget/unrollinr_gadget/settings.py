@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from unrollinr.config import SECTIONS, ReconConfig
+from unrollinr.config import SECTIONS, ReconConfig, parse_setting
 
 GADGET_FIELDS = ("output", "device", "series_index", "uint16_scale")
 OUTPUT_TYPES = ("uint16", "float", "complex")
@@ -49,12 +49,9 @@ class GadgetSettings:
         gadget = {name: values.pop(name) for name in GADGET_FIELDS if name in values}
         recon = ReconConfig.from_strings(values, base=base.recon) if values else base.recon
         if "series_index" in gadget:
-            try:
-                gadget["series_index"] = int(gadget["series_index"])
-            except ValueError:
-                raise ValueError(f"setting 'series_index' expects int, got {gadget['series_index']!r}") from None
+            gadget["series_index"] = parse_setting("series_index", gadget["series_index"], int)
         if "uint16_scale" in gadget:
-            gadget["uint16_scale"] = _optional_float("uint16_scale", gadget["uint16_scale"])
+            gadget["uint16_scale"] = parse_setting("uint16_scale", gadget["uint16_scale"], float, automatic=True)
         if "device" in gadget:
             gadget["device"] = str(gadget["device"]) or None
             if gadget["device"] == "auto":
@@ -66,16 +63,6 @@ class GadgetSettings:
         """Every property name that :meth:`from_properties` accepts."""
         dotted = {f"{section}.{name}" for section, names in SECTIONS.items() for name in names}
         return set(GADGET_FIELDS) | {f.name for f in dataclasses.fields(ReconConfig)} | dotted | {"preset"}
-
-
-def _optional_float(name: str, value: Any) -> float | None:
-    """``value`` as a float; ``None``, ``""`` and ``"auto"`` (any case) give ``None``."""
-    if value is None or str(value).strip().lower() in ("", "auto"):
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"setting {name!r} expects a number or 'auto', got {value!r}") from None
 
 
 def _local(tag: str) -> str:
