@@ -94,15 +94,26 @@ class INRImage(nn.Module):
 
 class PixelImage(nn.Module):
     """A learnable pixel image per set of maps, the control for what the INR adds. Starts at
-    ``initial`` ``(sets, y, x)``."""
+    ``initial`` ``(sets, y, x)``.
 
-    def __init__(self, initial: torch.Tensor) -> None:
+    ``image_sets`` (at least ``sets``; by default ``sets``) is how many sets it holds images
+    for, the others starting at zero; only the first ``sets`` are read (as
+    :class:`INRImage`'s ``mlp_sets``: a retry on maps with more sets starts from its weights).
+    """
+
+    def __init__(self, initial: torch.Tensor, *, image_sets: int | None = None) -> None:
         super().__init__()
-        self.image = nn.Parameter(torch.view_as_real(initial.detach().clone()))
+        self.n_sets = initial.shape[0]
+        image_sets = self.n_sets if image_sets is None else image_sets
+        if image_sets < self.n_sets:
+            raise ValueError(f"image_sets {image_sets} is below the {self.n_sets} sets of the images")
+        images = torch.zeros((image_sets, *initial.shape[1:]), dtype=initial.dtype, device=initial.device)
+        images[:self.n_sets] = initial.detach()
+        self.image = nn.Parameter(torch.view_as_real(images))
 
     def forward(self) -> torch.Tensor:
         """The prior images ``(sets, y, x)``, complex."""
-        return torch.view_as_complex(self.image)
+        return torch.view_as_complex(self.image[:self.n_sets])
 
 
 class UnrollINR(nn.Module):

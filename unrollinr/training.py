@@ -158,8 +158,9 @@ def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor,
                 seeds: Sequence[int] | None = None, *, prior_sets: int | None = None) -> UnrollINR:
     """The UnrollINR network for ``op`` and its measured ``kspace`` ``(slices, coils, ky, kx)``;
     slice ``s``'s prior is initialised with ``seeds[s]`` (default :func:`slice_seeds`).
-    ``prior_sets`` (at least ``op``'s sets) is how many sets of maps the priors' MLPs
-    have outputs for (:class:`~unrollinr.model.INRImage`), by default ``op``'s."""
+    ``prior_sets`` (at least ``op``'s sets) is how many sets of maps the priors have
+    images for (:class:`~unrollinr.model.INRImage`, :class:`~unrollinr.model.PixelImage`),
+    by default ``op``'s."""
     n_slices, n_sets, n_y, n_x = op.image_shape
     device = kspace.device
     dc = _training_dc(config, op, kspace) if config.data_consistency else None
@@ -169,7 +170,7 @@ def build_model(config: ReconConfig, op: SenseOp, kspace: torch.Tensor,
         priors = [INRImage((n_sets, n_y, n_x), config, device, seed=seed, mlp_sets=prior_sets) for seed in seeds]
     elif config.regularizer == "pixel":
         start = op.adjoint(kspace)
-        priors = [PixelImage(start[s]) for s in range(n_slices)]
+        priors = [PixelImage(start[s], image_sets=prior_sets) for s in range(n_slices)]
     support = op.maps.abs().sum(dim=2) > 0
     if not config.zero_outside_maps:
         support[:, 0] = True  # the first set's prior fills the background smoothly
