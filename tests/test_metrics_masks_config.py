@@ -167,6 +167,13 @@ def test_a_retry_runs_as_long_as_the_first_run_unless_capped():
     assert ReconConfig.from_strings({"training.retry_iterations": "auto"}).retry_iterations is None
 
 
+def test_the_wider_maps_retry_runs_fifty_steps_unless_the_first_run_is_shorter():
+    assert [ReconConfig().wider_maps_steps(size) for size in (48, 384)] == [50, 50]
+    assert ReconConfig(iterations=30).wider_maps_steps(48) == 30
+    assert ReconConfig(iterations=80, wider_maps_iterations=None).wider_maps_steps(48) == 80
+    assert ReconConfig.from_strings({"maps.wider_maps_iterations": "auto"}).wider_maps_iterations is None
+
+
 def test_the_refinement_on_every_sample_is_a_share_of_the_held_out_steps():
     assert [ReconConfig().refine_steps(n) for n in (200, 300, 45)] == [20, 30, 4]
     assert ReconConfig.from_strings({"training.refine_fraction": "0"}).refine_steps(200) == 0

@@ -2,6 +2,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from unrollinr.recon import reconstruct_slices, reconstruct_with_details
 from unrollinr.variants import cut_readout, pe_wrap
 
 FAST = dict(iterations=40, cg_iterations=8)
+NO_RETRIES = dict(retry_wider_maps=False, lam_s_poor=ReconConfig.lam_s, retry_lam_s_good=ReconConfig.lam_s)
 
 
 def _config_maps(kspace: np.ndarray, mask: np.ndarray, config: ReconConfig, sets: int = 2) -> np.ndarray:
@@ -133,8 +135,7 @@ def test_every_ablation_runs_and_improves_on_zero_filled(problem, overrides):
 
 def test_the_default_iteration_count_follows_the_image_size(problem):
     measured, mask, _ = problem
-    no_retry = dict(retry_lam_s_good=ReconConfig.lam_s, lam_s_poor=ReconConfig.lam_s)  # a TV retry runs fewer
-    config = ReconConfig(hidden_width=16, hash_levels=4, **no_retry)
+    config = ReconConfig(hidden_width=16, hash_levels=4, **NO_RETRIES)  # a retry runs fewer
     _, result = reconstruct_with_details(measured, mask, config=config)
     assert result.iterations == len(result.history) == 200 + config.refine_steps(200)  # then the refinement
 
@@ -179,8 +180,8 @@ def test_a_fading_tv_weight_stops_training_at_the_best_fixed_weight_objective(pr
     # A fast-learned lambda_s falls towards 0, and the loss with it: watching the loss
     # would train to the end while TV fades. The objective at the initial weight stops it.
     measured, mask, _ = problem
-    _, result = reconstruct_with_details(measured, mask, config=ReconConfig(
-        iterations=400, cg_iterations=5, lr_lam_s=0.1, patience=30))
+    _, result = reconstruct_with_details(measured, mask, config=ReconConfig(  # the first run's history, no retry's
+        iterations=400, cg_iterations=5, lr_lam_s=0.1, patience=30, retry_wider_maps=False))
     history = result.history
     objective = [h["objective"] for h in history]
     assert result.iterations < 400
@@ -226,10 +227,10 @@ def test_mlp_precision_choice():
         ReconConfig(mlp_precision="half")
 
 
-def _batched_and_separate(problem, phantom_48, device: str) -> tuple[np.ndarray, list]:
+def _batched_and_separate(problem, phantom_48, device: str, **overrides) -> tuple[np.ndarray, list]:
     """Two slices reconstructed as one batch ``(2, 48, 48)`` and each alone, with the seeds the batch gives
     them, after 15 iterations with a float32 MLP."""
-    config = ReconConfig(iterations=15, cg_iterations=6, mlp_precision="float32")
+    config = ReconConfig(iterations=15, cg_iterations=6, mlp_precision="float32", **overrides)
     measured, mask, _ = problem
     second = phantom_48[:, ::-1].copy() * mask
     batch = reconstruct_slices(np.stack([measured, second]), np.stack([mask, mask]), config=config, device=device)
@@ -241,17 +242,27 @@ def _batched_and_separate(problem, phantom_48, device: str) -> tuple[np.ndarray,
 
 
 def test_batched_slices_match_separate_reconstructions(problem, phantom_48):
-    batch, alone = _batched_and_separate(problem, phantom_48, "cpu")
+    batch, alone = _batched_and_separate(problem, phantom_48, "cpu", **NO_RETRIES)
     for s in range(2):
         # Every per-slice quantity is computed per slice, but vectorised CPU loops round their
         # last few elements differently when the batch changes a tensor's size (the TV
         # gradients of a batch and of its slices alone differ by 1e-7), and Adam carries that
-        # on, through the first run and the retries from its prior (both slices are weak after
-        # 15 iterations): 7.6e-3 and 8.4e-4 of the image maximum. Another prior seed moves the
-        # first image by 20-27% of its maximum, lambda 0.1 for 0.05 by 10%.
-        assert np.abs(batch[s] - alone[s]).max() < 0.015 * np.abs(alone[s]).max()
+        # on: 2.9e-4 and 2.8e-3 of the image maximum after 15 iterations. Another prior seed
+        # moves the first image by 20-27% of its maximum, lambda 0.1 for 0.05 by 10%.
+        assert np.abs(batch[s] - alone[s]).max() < 0.005 * np.abs(alone[s]).max()
     with pytest.raises(ValueError, match="slices, coils, ky, kx"):
         reconstruct_slices(problem[0])
+
+
+def test_batched_slices_are_retried_as_each_would_be_alone(problem, phantom_48, caplog):
+    # The retries start from each slice's prior, where Adam carries the batch's rounding on
+    # for another run (2.6-10% of the image maximum after 15 to 40 iterations), so it is their
+    # decisions that must match: the same retries, each kept or discarded alike.
+    with caplog.at_level(logging.INFO, logger="unrollinr.recon"):
+        _batched_and_separate(problem, phantom_48, "cpu")
+    decisions = [re.sub(r"[0-9.]+ against [0-9.]+", "", r.getMessage()) for r in caplog.records
+                 if r.getMessage().startswith("retry with")]
+    assert len(decisions) >= 4 and decisions[:len(decisions) // 2] == decisions[len(decisions) // 2:], decisions
 
 
 @pytest.mark.cuda
@@ -259,9 +270,10 @@ def test_batched_slices_match_separate_reconstructions_on_cuda(problem, phantom_
     # CUDA kernels round differently from run to run and from one batch shape to another,
     # and Adam turns rounding-level gradient differences into different iterates (measured
     # on an H200 after these 15 iterations: 0.1% of the image maximum between two runs alone,
-    # 0.8% between the batch and a run alone), so on CUDA the batch is held to a tolerance.
-    # Another prior seed moves this image by 4.7% of its maximum, lambda 0.1 for 0.05 by 12% (CPU).
-    batch, alone = _batched_and_separate(problem, phantom_48, "cuda")
+    # 0.8% between the batch and a run alone, retries included; they are off here, as on the
+    # CPU), so on CUDA the batch is held to a tolerance. Another prior seed moves this image
+    # by 4.7% of its maximum, lambda 0.1 for 0.05 by 12% (CPU).
+    batch, alone = _batched_and_separate(problem, phantom_48, "cuda", **NO_RETRIES)
     for s in range(2):
         assert np.abs(batch[s] - alone[s]).max() < 0.02 * np.abs(alone[s]).max()
 
@@ -372,19 +384,24 @@ def test_a_field_of_view_that_cuts_or_wraps_the_object_is_no_worse_than_cg_sense
     assert psnr(reference, image) >= classic, result.verdicts[0].reason
 
 
-@pytest.mark.parametrize("mask_kind", ["lines", "2d"])
-def test_wider_maps_are_tried_on_every_2d_mask_but_only_for_doubtful_slices_on_line_masks(problem, phantom_48,
-                                                                                         mask_kind, caplog):
+@pytest.mark.parametrize(("mask_kind", "solver", "probe_solver"),
+                         [("lines", "auto", "cg"), ("2d", "auto", "cg"), ("lines", "exact", "exact")])
+def test_a_slice_not_in_doubt_tries_the_wider_maps_from_its_prior_briefly(problem, phantom_48, mask_kind, solver,
+                                                                          probe_solver, caplog):
     measured, mask, _ = problem
     if mask_kind == "2d":
         mask = variable_density_mask((48, 48), 3, acs=12, seed=0)
         measured = phantom_48 * mask
+    config = ReconConfig(**FAST, wider_maps_iterations=12, dc_solver=solver)
     with caplog.at_level(logging.INFO, logger="unrollinr.recon"):
-        _, result = reconstruct_with_details(measured, mask, config=ReconConfig(**FAST))
+        _, result = reconstruct_with_details(measured, mask, config=config)
+    assert not result.verdicts[0].doubtful, result.verdicts[0].reason
     # the retry on wider maps alone (a TV-weight retry after a kept one names both changes)
     tried = [r.getMessage() for r in caplog.records
-             if r.getMessage().startswith("retry with wider coil maps (crop 0.5, threshold 0.001) returns")]
-    assert len(tried) == (1 if mask_kind == "2d" else 0), (tried, result.verdicts[0].reason)
+             if r.getMessage().startswith("retry with wider coil maps (crop 0.5, threshold 0.001) (")]
+    assert len(tried) == 1, (tried, result.verdicts[0].reason)
+    # CG unless the user chose the solver: the exact solve's decomposition does not pay off in so short a run
+    assert f"(12 steps, DC solver {probe_solver})" in tried[0]
 
 
 def test_a_rejected_slice_is_run_again_with_wider_maps_and_the_better_run_is_kept():
@@ -536,7 +553,7 @@ def test_a_slice_keeps_the_retry_with_another_tv_weight_only_when_it_predicts_be
     assert getattr(first, flag) and not first.tv_raised, first.reason
     with caplog.at_level("INFO", logger="unrollinr.recon"):
         _, result = reconstruct_with_details(measured, mask, config=config)
-    assert f"retry with TV weight {weight:g} returns" in caplog.text
+    assert f"retry with TV weight {weight:g} (" in caplog.text
     verdict = result.verdicts[0]
     assert verdict.held_out_loss <= first.held_out_loss
     kept = verdict.held_out_loss < first.held_out_loss

@@ -110,10 +110,12 @@ class ReconConfig:
         object cut or wrapped by the field of view splits its signal between two
         eigenvectors near the cut, where the first eigenvalue then misses the crop, and a
         tight subspace leaves the wrapped object's maps under the crop on the object
-        itself). A slice on a mask that is not whole lines tries the wider maps too, whatever
-        its verdict, from its prior weights for ``retry_iterations`` steps (None: as many as
-        the first run): its held-out samples are many, and tell the maps apart (the 2D
-        masks of ``bench/robust.py``: bench/HISTORY.md).
+        itself). Every other slice tries the wider maps too, from its prior weights, for
+        ``wider_maps_iterations`` steps (at most the first run's; None: as many), with CG
+        data consistency where ``dc_solver`` is ``"auto"`` (the exact solve's decomposition
+        of the wider maps' two full sets would cost more than so short a run): maps from few
+        ACS lines can leave the object's edge out, which equispaced lines fold onto the
+        object coherently (``bench/robust.py``'s uniform masks: bench/HISTORY.md).
         Then the TV weight is tried again, on the kept run's k-space and maps, from its prior
         weights (fresh optimiser state), for ``retry_iterations`` steps (at most the first
         run's; None: as many): ``retry_lam_s_good`` (where below ``lam_s``) where
@@ -188,6 +190,7 @@ class ReconConfig:
     espirit_crop: float = 0.95
     espirit_sets: int = 2
     retry_wider_maps: bool = True
+    wider_maps_iterations: int | None = 50
     espirit_retry_crop: float = 0.5
     espirit_retry_thresh: float = 0.001
     coil_compression: int | None = None
@@ -294,6 +297,12 @@ class ReconConfig:
         steps = self.training_iterations(image_size)
         return steps if self.retry_iterations is None else min(self.retry_iterations, steps)
 
+    def wider_maps_steps(self, image_size: int) -> int:
+        """Adam steps of the wider maps' retry from a run's prior weights:
+        ``wider_maps_iterations``, at most the run's own (None: as many)."""
+        steps = self.training_iterations(image_size)
+        return steps if self.wider_maps_iterations is None else min(self.wider_maps_iterations, steps)
+
     def grid_config(self, image_size: int) -> dict[str, Any]:
         """The tiny-cuda-nn encoding config for images whose larger side is ``image_size``."""
         finest = self.hash_finest_resolution or image_size
@@ -338,7 +347,8 @@ def auto_iterations(image_size: int) -> int:
 
 
 # Settings whose None means "automatic" (or, for coil_compression, "off"); 0 is accepted for it.
-AUTOMATIC = ("hash_log2_size", "hash_finest_resolution", "iterations", "retry_iterations", "coil_compression")
+AUTOMATIC = ("hash_log2_size", "hash_finest_resolution", "iterations", "retry_iterations", "wider_maps_iterations",
+             "coil_compression")
 
 # The sections the settings fall in, in the order of ReconConfig's fields. Chain properties,
 # --set and JSON settings name a setting flat ("lam") or with its section ("dc.lam").
@@ -352,7 +362,8 @@ SECTIONS = {
     "training": ("iterations", "lr", "lr_lam", "lr_lam_s", "holdout_fraction", "refine_fraction", "patience",
                  "retry_iterations", "retry_patience", "calibrationless_fallback", "calibrationless_weight", "seed"),
     "maps": ("espirit_calib_width", "espirit_kernel_width", "espirit_thresh", "espirit_crop", "espirit_sets",
-             "retry_wider_maps", "espirit_retry_crop", "espirit_retry_thresh", "coil_compression"),
+             "retry_wider_maps", "wider_maps_iterations", "espirit_retry_crop", "espirit_retry_thresh",
+             "coil_compression"),
 }
 _SECTION_OF = {name: section for section, names in SECTIONS.items() for name in names}
 

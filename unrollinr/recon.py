@@ -23,7 +23,7 @@ from unrollinr.config import ReconConfig
 from unrollinr.fft import fft2c
 from unrollinr.loss import normalized_l1_l2
 from unrollinr.safety import Verdict, calibrationless_verdict, replaces
-from unrollinr.sense import SenseOp, combine_sets, is_line_mask, sets_in_use
+from unrollinr.sense import SenseOp, combine_sets, sets_in_use
 from unrollinr.training import FitResult, fit
 
 logger = logging.getLogger(__name__)
@@ -184,14 +184,14 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
 
     1. with :func:`wider_maps`, when ``retry_wider_maps`` is on and the maps were not given
        (``maps_given``): a doubtful slice (UnrollINR's image rejected or weak), trained
-       afresh; and every other slice whose mask is not whole lines, where the held-out
-       samples (a share of all samples, not one or two lines) tell the two sets of maps
-       apart, from its prior weights for ``retry_iterations`` steps (by default as many as
-       the first run, so that the maps are compared at the same length of training);
-    2. then, on the kept run's k-space and maps, from its prior weights, for as many
-       steps, with TV weight ``lam_s_poor`` if its prediction is poor and its run did not
-       raise the weight (where that is above ``lam_s``), or ``retry_lam_s_good`` if it is
-       good (where that is below ``lam_s``).
+       afresh; every other slice from its prior weights, for
+       :meth:`~unrollinr.config.ReconConfig.wider_maps_steps`, with CG data consistency
+       where the solver is ``"auto"`` (a short run does not repay the exact solve's
+       decomposition of the wider maps' second set, which covers every pixel);
+    2. then, on the kept run's k-space, maps and solver, from its prior weights, for
+       :meth:`~unrollinr.config.ReconConfig.retry_steps`, with TV weight ``lam_s_poor`` if
+       its prediction is poor and its run did not raise the weight (where that is above
+       ``lam_s``), or ``retry_lam_s_good`` if it is good (where that is below ``lam_s``).
 
     A retry stops early where its held-out loss stops falling while above the kept run's
     (``retry_patience``; :class:`~unrollinr.training._RetryStop`).
@@ -207,23 +207,25 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
         seconds += retry_result.seconds
         candidate = _Run(images[0], retry_result, retry, data, maps)
         keep = replaces(candidate.verdict, best.verdict)
-        logger.info("retry with %s returns %s, held-out loss %.4f against %.4f: %s",
-                    _describe_changes(config, retry), candidate.verdict.returned, candidate.verdict.held_out_loss,
-                    best.verdict.held_out_loss, "kept" if keep else "discarded")
+        logger.info("retry with %s (%d steps, DC solver %s) returns %s, held-out loss %.4f against %.4f: %s",
+                    _describe_changes(config, retry), retry.training_iterations(max(mask.shape)), retry.dc_solver,
+                    candidate.verdict.returned, candidate.verdict.held_out_loss, best.verdict.held_out_loss,
+                    "kept" if keep else "discarded")
         return candidate if keep else best
 
-    steps = config.retry_steps(max(mask.shape))
-    doubtful, line_mask = first.verdict.doubtful, is_line_mask(torch.from_numpy(mask))
-    if (doubtful or not line_mask) and config.retry_wider_maps and not maps_given and wider_maps(config) != config:
+    image_size = max(mask.shape)
+    if config.retry_wider_maps and not maps_given and wider_maps(config) != config:
         wider = wider_maps(config)
         wider_data = prepare_maps(kspace, mask, None, wider, calibration=calibration, device=device)
-        if doubtful:  # the first maps are in doubt, and with them what the prior learned
+        if first.verdict.doubtful:  # the first maps are in doubt, and with them what the prior learned
             best = attempt(wider, *wider_data)
-        else:  # a 2D mask, the image not in doubt: its prior carries over
-            best = attempt(dataclasses.replace(wider, iterations=steps), *wider_data, _prior_weights(first))
+        else:  # the image not in doubt: its prior carries over
+            probe = dataclasses.replace(wider, iterations=config.wider_maps_steps(image_size),
+                                        dc_solver="cg" if config.dc_solver == "auto" else config.dc_solver)
+            best = attempt(probe, *wider_data, _prior_weights(first))
     tv_weight = _retry_tv_weight(config, best.verdict)
     if tv_weight is not None:
-        best = attempt(dataclasses.replace(best.config, lam_s=tv_weight, iterations=steps),
+        best = attempt(dataclasses.replace(best.config, lam_s=tv_weight, iterations=config.retry_steps(image_size)),
                        best.data, best.maps, _prior_weights(best))
     if best is not first:
         best.result.verdicts = [dataclasses.replace(
