@@ -617,10 +617,33 @@ def test_a_retry_stops_once_its_held_out_loss_stops_falling_above_the_loss_to_be
             for bar in (0.0, math.inf)}
     beaten_at_once, unbeatable = runs[math.inf], runs[0.0]
     assert beaten_at_once.iterations == 300 + config.refine_steps(300)
-    held_out = [h["holdout"] for h in unbeatable.history]
-    stop, lowest_at = unbeatable.iterations - 1, int(np.argmin(held_out))
-    assert stop == lowest_at + config.retry_patience < 299  # retry_patience steps after the lowest
+    lowest = np.minimum.accumulate([h["holdout"] for h in unbeatable.history])
+    stop, patience = unbeatable.iterations - 1, config.retry_patience
+    assert stop < 299
     assert unbeatable.history == beaten_at_once.history[:stop + 1]  # stopping changes nothing before
+
+    def hopeless(i: int) -> bool:
+        """retry_patience steps without a new low, or a lowest that, falling on as fast as over
+        the last retry_patience steps, stays above 0 (the bar) to the last step"""
+        fall_per_step = (lowest[i - patience] - lowest[i]) / patience
+        return lowest[i] == lowest[i - patience] or lowest[i] - fall_per_step * (299 - i) >= 0.0
+    assert hopeless(stop) and not any(hopeless(i) for i in range(patience, stop))
+
+
+def test_a_retry_stops_where_its_held_out_loss_falls_too_slowly_to_pass_the_bar_in_the_steps_left():
+    from unrollinr.model import PixelImage, UnrollINR
+    from unrollinr.training import _BestIterates, _RetryStop
+
+    falling = [[2.0], [1.9], [1.8], [1.7], [1.6]]  # 0.1 a step, 1.0 to beat
+    for iterations, stops_at in ((10, 3), (20, None)):  # 1.7 - 6 * 0.1 > 1 after iteration 3 of 10
+        model = UnrollINR([PixelImage(torch.ones(1, 4, 4, dtype=torch.complex64))], None,
+                          torch.ones(1, 1, 4, 4, dtype=torch.bool), lam=0.05, lam_s=0.35)
+        tracker, stop = _BestIterates(model), _RetryStop([1.0], patience=3, iterations=iterations)
+        stopped = []
+        for iteration, losses in enumerate(falling):
+            stop.stop_hopeless(iteration, torch.tensor(losses), tracker)
+            stopped.append(tracker.stopped[0])
+        assert stopped == [stops_at is not None and iteration >= stops_at for iteration in range(len(falling))]
 
 
 def test_a_retry_slice_whose_tv_weight_is_raised_gets_the_patience_from_the_raise():
@@ -629,7 +652,7 @@ def test_a_retry_slice_whose_tv_weight_is_raised_gets_the_patience_from_the_rais
 
     model = UnrollINR([PixelImage(torch.ones(1, 4, 4, dtype=torch.complex64)) for _ in range(2)], None,
                       torch.ones(2, 1, 4, 4, dtype=torch.bool), lam=0.05, lam_s=0.35)
-    tracker, stop = _BestIterates(model), _RetryStop([1.0, 1.0], patience=3)
+    tracker, stop = _BestIterates(model), _RetryStop([1.0, 1.0], patience=3, iterations=100)
     for iteration, losses in enumerate([[2.0, 2.0], [2.1, 2.1], [2.1, 2.1]]):
         stop.stop_hopeless(iteration, torch.tensor(losses), tracker)
     stop.wait_after_raise([1], 2)  # slice 1's TV weight raised at iteration 2

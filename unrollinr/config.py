@@ -122,10 +122,11 @@ class ReconConfig:
         UnrollINR's image predicts the held-out samples well (the data leave little to the
         prior, and TV only smooths detail away); ``lam_s_poor`` where the image kept
         predicts them poorly and its run did not raise the weight (below). Each retry is
-        kept if its returned image predicts the held-out samples better, so a retry stops
-        once its held-out loss has not reached a new low for ``retry_patience`` steps while
-        above the kept run's (counted from its own TV review, below, where that raised the
-        weight). A slice still doubtful then returns, with ``calibrationless_fallback`` on,
+        kept if its returned image predicts the held-out samples better, so a retry stops,
+        while its held-out loss is above the kept run's, once that loss has not reached a new
+        low for ``retry_patience`` steps, or has not fallen fast enough over the last
+        ``retry_patience`` to pass the kept run's in the steps left (counted from its own TV
+        review, below, where that raised the weight). A slice still doubtful then returns, with ``calibrationless_fallback`` on,
         the root-sum-of-squares of its coil images reconstructed without maps under joint TV
         of weight ``calibrationless_weight`` (relative to the zero-filled image's maximum),
         where that predicts the held-out samples clearly better

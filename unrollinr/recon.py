@@ -193,8 +193,8 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
        its prediction is poor and its run did not raise the weight (where that is above
        ``lam_s``), or ``retry_lam_s_good`` if it is good (where that is below ``lam_s``).
 
-    A retry stops early where its held-out loss stops falling while above the kept run's
-    (``retry_patience``; :class:`~unrollinr.training._RetryStop`).
+    A retry stops early where its held-out loss, above the kept run's, stops falling fast
+    enough to pass it (``retry_patience``; :class:`~unrollinr.training._RetryStop`).
     """
     config, best, seconds = first.config, first, first.result.seconds
 

@@ -291,7 +291,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     zero_losses = None if held_samples is None else data_loss(torch.zeros_like(held_samples), held_samples)
     review = _TvReview(model, config, zero_losses, review_at=iterations // 2)
     retry_stop = None if held_out_bars is None or held_samples is None else _RetryStop(
-        held_out_bars, config.retry_patience)
+        held_out_bars, config.retry_patience, iterations)
 
     def losses(measured: torch.Tensor, samples: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per slice, the loss of the image ``x``, whose samples ``measured`` predict ``samples``,
@@ -435,17 +435,21 @@ class _TvReview:
 class _RetryStop:
     """Stops the slices of a retry that cannot be expected to be kept. A retry is kept only
     where it predicts the held-out samples better than the run it retries, whose held-out
-    losses are the ``bars`` (one per slice); a slice whose held-out loss has not reached a
-    new low for ``patience`` steps, and whose lowest is not below its bar, stops. A slice
+    losses are the ``bars`` (one per slice). A slice whose lowest held-out loss is not below
+    its bar stops where that lowest has not fallen for ``patience`` steps, or where, falling
+    on as fast as over the last ``patience`` steps, it would not pass the bar by the retry's
+    last step (of ``iterations``): a loss that slows as it falls passes no sooner. A slice
     whose TV weight the review raises gets ``patience`` steps from the raise
-    (:meth:`wait_after_raise`). Where the held-out loss is still falling, the retry runs
-    on (the GE phantom's 2D mask: its wider maps pass the first ones' late in the try)."""
+    (:meth:`wait_after_raise`). Where the held-out loss is still falling fast enough, the
+    retry runs on (the GE phantom's 2D mask: its wider maps pass the first ones' late in
+    the try)."""
 
-    def __init__(self, bars: Sequence[float], patience: int) -> None:
-        self.bars, self.patience = list(bars), patience
+    def __init__(self, bars: Sequence[float], patience: int, iterations: int) -> None:
+        self.bars, self.patience, self.iterations = list(bars), patience, iterations
         self.lowest = [math.inf] * len(self.bars)
         self.lowest_at = [0] * len(self.bars)
         self.raised_at = [0] * len(self.bars)
+        self.lowest_by_iteration: list[list[float]] = [[] for _ in self.bars]
 
     def wait_after_raise(self, slices: Sequence[int], iteration: int) -> None:
         """Give the ``slices`` whose TV weight was raised at ``iteration`` ``patience`` steps
@@ -454,17 +458,23 @@ class _RetryStop:
             self.raised_at[s] = iteration
 
     def stop_hopeless(self, iteration: int, held_losses: torch.Tensor, tracker: _BestIterates) -> None:
-        """Record the held-out losses ``(slices,)`` of ``iteration`` and stop, in ``tracker``,
-        the slices that have no hope left (their kept iterates stay)."""
+        """Record the held-out losses ``(slices,)`` of ``iteration`` (called at every one, from
+        0) and stop, in ``tracker``, the slices that have no hope left (their kept iterates stay)."""
         for s, loss in enumerate(held_losses.tolist()):
             if loss < self.lowest[s]:
                 self.lowest[s], self.lowest_at[s] = loss, iteration
-            waited = iteration - max(self.lowest_at[s], self.raised_at[s])
-            if not tracker.stopped[s] and waited >= self.patience and self.lowest[s] >= self.bars[s]:
+            self.lowest_by_iteration[s].append(self.lowest[s])
+            if tracker.stopped[s] or self.lowest[s] < self.bars[s] or iteration - self.raised_at[s] < self.patience:
+                continue
+            stalled = iteration - self.lowest_at[s] >= self.patience
+            fall_per_step = (self.lowest_by_iteration[s][iteration - self.patience] - self.lowest[s]) / self.patience
+            reachable = self.lowest[s] - fall_per_step * (self.iterations - 1 - iteration) < self.bars[s]
+            if stalled or not reachable:
                 tracker.stopped[s] = True
                 logger.info("slice %d of the batch stops at iteration %d: its held-out loss, lowest %.4f at "
-                            "iteration %d, is not below the %.4f to beat", s, iteration, self.lowest[s],
-                            self.lowest_at[s], self.bars[s])
+                            "iteration %d, falling %.5f a step over the last %d, is not below the %.4f to beat%s",
+                            s, iteration, self.lowest[s], self.lowest_at[s], fall_per_step, self.patience,
+                            self.bars[s], "" if stalled else " and would not pass it in the steps left")
 
 
 @dataclass
