@@ -126,11 +126,11 @@ class ReconConfig:
         while its held-out loss is above the kept run's, once that loss has not reached a new
         low for ``retry_patience`` steps, or has not fallen fast enough over the last
         ``retry_patience`` to pass the kept run's in the steps left (counted from its own TV
-        review, below, where that raised the weight). A slice still doubtful then returns, with ``calibrationless_fallback`` on,
-        the root-sum-of-squares of its coil images reconstructed without maps under joint TV
-        of weight ``calibrationless_weight`` (relative to the zero-filled image's maximum),
-        where that predicts the held-out samples clearly better
-        (:mod:`unrollinr.calibrationless`).
+        review, below, where that raised the weight). A slice still doubtful then returns,
+        with ``calibrationless_fallback`` on, the root-sum-of-squares of its coil images
+        reconstructed without maps under joint TV of weight ``calibrationless_weight``
+        (relative to the zero-filled image's maximum), where that predicts the held-out
+        samples clearly better (:mod:`unrollinr.calibrationless`).
     TV review (within the run, no retry):
         Halfway through training, a slice whose image predicts the held-out samples poorly,
         but better than barely (weak: its maps in doubt), continues with the TV weight
