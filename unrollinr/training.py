@@ -436,9 +436,10 @@ class _RetryStop:
     """Stops the slices of a retry that cannot be expected to be kept. A retry is kept only
     where it predicts the held-out samples better than the run it retries, whose held-out
     losses are the ``bars`` (one per slice). A slice whose lowest held-out loss is not below
-    its bar stops where that lowest has not fallen for ``patience`` steps, or where, falling
-    on as fast as over the last ``patience`` steps, it would not pass the bar by the retry's
-    last step (of ``iterations``): a loss that slows as it falls passes no sooner. A slice
+    its bar stops where that lowest, falling on as fast as over the last ``patience`` steps,
+    would not pass the bar by the retry's last step (of ``iterations``): where it has not
+    fallen for ``patience`` steps, and where it falls too slowly (a loss that slows as it
+    falls passes no sooner). A slice
     whose TV weight the review raises gets ``patience`` steps from the raise
     (:meth:`wait_after_raise`). Where the held-out loss is still falling fast enough, the
     retry runs on (the GE phantom's 2D mask: its wider maps pass the first ones' late in
@@ -466,15 +467,14 @@ class _RetryStop:
             self.lowest_by_iteration[s].append(self.lowest[s])
             if tracker.stopped[s] or self.lowest[s] < self.bars[s] or iteration - self.raised_at[s] < self.patience:
                 continue
-            stalled = iteration - self.lowest_at[s] >= self.patience
             fall_per_step = (self.lowest_by_iteration[s][iteration - self.patience] - self.lowest[s]) / self.patience
-            reachable = self.lowest[s] - fall_per_step * (self.iterations - 1 - iteration) < self.bars[s]
-            if stalled or not reachable:
+            steps_left = self.iterations - 1 - iteration
+            if self.lowest[s] - fall_per_step * steps_left >= self.bars[s]:  # a stalled lowest too
                 tracker.stopped[s] = True
                 logger.info("slice %d of the batch stops at iteration %d: its held-out loss, lowest %.4f at "
-                            "iteration %d, falling %.5f a step over the last %d, is not below the %.4f to beat%s",
-                            s, iteration, self.lowest[s], self.lowest_at[s], fall_per_step, self.patience,
-                            self.bars[s], "" if stalled else " and would not pass it in the steps left")
+                            "iteration %d, falling %.5f a step over the last %d, would not pass the %.4f to "
+                            "beat in the %d steps left", s, iteration, self.lowest[s], self.lowest_at[s],
+                            fall_per_step, self.patience, self.bars[s], steps_left)
 
 
 @dataclass
