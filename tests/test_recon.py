@@ -421,6 +421,47 @@ def test_a_rejected_slice_is_run_again_with_wider_maps_and_the_better_run_is_kep
     assert without_wider_maps.returned == "zero-filled"
 
 
+def test_a_retry_that_runs_out_of_memory_leaves_the_slice_its_first_image(problem, monkeypatch, caplog):
+    import unrollinr.recon as recon
+
+    real, first_images = recon.reconstruct_prepared, []
+
+    def out_of_memory_in_retries(*args, **kwargs):
+        if kwargs.get("held_out_bars") is not None:  # a retry: its maps' second set doubles the memory
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        images, result = real(*args, **kwargs)
+        first_images.append(images[0])
+        return images, result
+
+    monkeypatch.setattr(recon, "reconstruct_prepared", out_of_memory_in_retries)
+    measured, mask, _ = problem
+    with caplog.at_level(logging.WARNING, logger="unrollinr.recon"):
+        image, result = reconstruct_with_details(measured, mask, config=ReconConfig(**FAST))
+    assert not result.verdicts[0].doubtful, result.verdicts[0].reason
+    np.testing.assert_array_equal(image, first_images[0])
+    assert ("retry with wider coil maps (crop 0.5, threshold 0.001) failed, the unrollinr image kept: "
+            "OutOfMemoryError: CUDA out of memory") in caplog.text
+
+
+def test_a_calibrationless_image_that_fails_leaves_the_slice_its_image(monkeypatch, caplog):
+    import unrollinr.recon as recon
+
+    full = pe_wrap(phantom_kspace(64, 8, noise=0.002, seed=0))
+    mask = random_line_mask(full.shape[1:], 2, acs_lines=12, seed=0)
+    measured = full * mask
+    config = ReconConfig(iterations=60, cg_iterations=8, espirit_thresh=0.6, retry_wider_maps=False)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(recon, "joint_tv_coil_images", out_of_memory)
+    with caplog.at_level(logging.WARNING, logger="unrollinr.recon"):
+        image, result = reconstruct_with_details(measured, mask, config=config)
+    assert result.returned == "zero-filled"  # the last resort before the calibrationless image
+    np.testing.assert_allclose(image, zero_filled(measured), rtol=1e-5, atol=1e-6)
+    assert "calibrationless image failed, the zero-filled image kept: OutOfMemoryError" in caplog.text
+
+
 def test_a_slice_whose_maps_fail_after_its_retries_returns_the_calibrationless_image():
     """Maps from so tight a subspace that no image fits the data, and no wider maps: the
     zero-filled image was the last resort; the coil images under joint TV, which need no

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -194,16 +195,26 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
        ``lam_s``), or ``retry_lam_s_good`` if it is good (where that is below ``lam_s``).
 
     A retry stops early where its held-out loss, above the kept run's, stops falling fast
-    enough to pass it (``retry_patience``; :class:`~unrollinr.training._RetryStop`).
+    enough to pass it (``retry_patience``; :class:`~unrollinr.training._RetryStop`). A retry,
+    or the calibrationless image, that fails (out of memory, say: the wider maps' second set
+    doubles the images) leaves the slice the image it has, with a warning.
     """
     config, best, seconds = first.config, first, first.result.seconds
 
-    def attempt(retry: ReconConfig, data: np.ndarray, maps: np.ndarray,
+    def attempt(retry: ReconConfig, prepared: Callable[[], tuple[np.ndarray, np.ndarray]],
                 initial_parameters: Mapping[str, torch.Tensor] | None = None) -> _Run:
+        """Run ``retry`` on the k-space and maps that ``prepared()`` gives; the better of it
+        and ``best``. A retry that fails (out of memory, say) leaves ``best``: it is optional."""
         nonlocal seconds
-        images, retry_result = reconstruct_prepared(data[None], mask[None], maps[None], retry, device=device,
-                                                    progress=False, initial_parameters=initial_parameters,
-                                                    held_out_bars=[best.verdict.held_out_loss])
+        try:
+            data, maps = prepared()
+            images, retry_result = reconstruct_prepared(data[None], mask[None], maps[None], retry, device=device,
+                                                        progress=False, initial_parameters=initial_parameters,
+                                                        held_out_bars=[best.verdict.held_out_loss])
+        except Exception as error:  # noqa: BLE001 - the slice keeps the run it has
+            logger.warning("retry with %s failed, the %s image kept: %s: %s", _describe_changes(config, retry),
+                           best.verdict.returned, type(error).__name__, error)
+            return best
         seconds += retry_result.seconds
         candidate = _Run(images[0], retry_result, retry, data, maps)
         keep = replaces(candidate.verdict, best.verdict)
@@ -216,17 +227,19 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
     image_size = max(mask.shape)
     if config.retry_wider_maps and not maps_given and wider_maps(config) != config:
         wider = wider_maps(config)
-        wider_data = prepare_maps(kspace, mask, None, wider, calibration=calibration, device=device)
+        wider_data = functools.partial(prepare_maps, kspace, mask, None, wider, calibration=calibration,
+                                       device=device)
         if first.verdict.doubtful:  # the first maps are in doubt, and with them what the prior learned
-            best = attempt(wider, *wider_data)
+            best = attempt(wider, wider_data)
         else:  # the image not in doubt: its prior carries over
             probe = dataclasses.replace(wider, iterations=config.wider_maps_steps(image_size),
                                         dc_solver="cg" if config.dc_solver == "auto" else config.dc_solver)
-            best = attempt(probe, *wider_data, _prior_weights(first))
+            best = attempt(probe, wider_data, _prior_weights(first))
     tv_weight = _retry_tv_weight(config, best.verdict)
     if tv_weight is not None:
-        best = attempt(dataclasses.replace(best.config, lam_s=tv_weight, iterations=config.retry_steps(image_size)),
-                       best.data, best.maps, _prior_weights(best))
+        kept = best
+        best = attempt(dataclasses.replace(kept.config, lam_s=tv_weight, iterations=config.retry_steps(image_size)),
+                       lambda: (kept.data, kept.maps), _prior_weights(kept))
     if best is not first:
         best.result.verdicts = [dataclasses.replace(
             best.verdict, reason=f"with {_describe_changes(config, best.config)} after the first run's "
@@ -234,7 +247,11 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
                                  f"{best.verdict.reason}")]
         best.result.seconds = seconds
     if best.verdict.doubtful and config.calibrationless_fallback and best.result.held_out is not None:
-        _fall_back_without_maps(best, mask, best.result.held_out[0], device, maps_failed=first.verdict.failed)
+        try:
+            _fall_back_without_maps(best, mask, best.result.held_out[0], device, maps_failed=first.verdict.failed)
+        except Exception as error:  # noqa: BLE001 - the slice keeps the image it has
+            logger.warning("calibrationless image failed, the %s image kept: %s: %s", best.verdict.returned,
+                           type(error).__name__, error)
     return best.image, best.result
 
 
