@@ -293,16 +293,19 @@ class ReconConfig:
         return round(self.refine_fraction * iterations)
 
     def retry_steps(self, image_size: int) -> int:
-        """Adam steps of a retry from a run's prior weights: ``retry_iterations``, at most
-        the run's own (:meth:`training_iterations`; None: as many)."""
-        steps = self.training_iterations(image_size)
-        return steps if self.retry_iterations is None else min(self.retry_iterations, steps)
+        """Adam steps of a TV retry from a run's prior weights: ``retry_iterations``, at
+        most the run's own (:meth:`training_iterations`; None: as many)."""
+        return self._at_most_the_runs(self.retry_iterations, image_size)
 
     def wider_maps_steps(self, image_size: int) -> int:
         """Adam steps of the wider maps' retry from a run's prior weights:
         ``wider_maps_iterations``, at most the run's own (None: as many)."""
-        steps = self.training_iterations(image_size)
-        return steps if self.wider_maps_iterations is None else min(self.wider_maps_iterations, steps)
+        return self._at_most_the_runs(self.wider_maps_iterations, image_size)
+
+    def _at_most_the_runs(self, steps: int | None, image_size: int) -> int:
+        """``steps``, at most :meth:`training_iterations` (None: as many)."""
+        run = self.training_iterations(image_size)
+        return run if steps is None else min(steps, run)
 
     def grid_config(self, image_size: int) -> dict[str, Any]:
         """The tiny-cuda-nn encoding config for images whose larger side is ``image_size``."""
