@@ -705,6 +705,20 @@ def test_a_retry_slice_whose_tv_weight_is_raised_gets_the_patience_from_the_rais
     assert tracker.stopped == [True, True]  # 3 steps after the raise
 
 
+def test_a_retry_whose_held_out_loss_is_never_finite_stops_after_the_patience():
+    from unrollinr.model import PixelImage, UnrollINR
+    from unrollinr.training import _BestIterates, _RetryStop
+
+    model = UnrollINR([PixelImage(torch.ones(1, 4, 4, dtype=torch.complex64))], None,
+                      torch.ones(1, 1, 4, 4, dtype=torch.bool), lam=0.05, lam_s=0.35)
+    tracker, stop = _BestIterates(model), _RetryStop([1.0], patience=3, iterations=100)
+    stopped = []
+    for iteration in range(5):  # a diverged retry: NaN from the start
+        stop.stop_hopeless(iteration, torch.tensor([math.nan]), tracker)
+        stopped.append(tracker.stopped[0])
+    assert stopped == [False, False, False, True, True]
+
+
 def test_the_library_leaves_the_global_random_and_thread_state_alone(phantom_48):
     from unrollinr.masks import random_line_mask
 

@@ -438,17 +438,14 @@ class _RetryStop:
     losses are the ``bars`` (one per slice). A slice whose lowest held-out loss is not below
     its bar stops where that lowest, falling on as fast as over the last ``patience`` steps,
     would not pass the bar by the retry's last step (of ``iterations``): where it has not
-    fallen for ``patience`` steps, and where it falls too slowly (a loss that slows as it
-    falls passes no sooner). A slice
-    whose TV weight the review raises gets ``patience`` steps from the raise
-    (:meth:`wait_after_raise`). Where the held-out loss is still falling fast enough, the
-    retry runs on (the GE phantom's 4 coils: its wider maps pass the first ones' after 40
-    of their 50 steps, bench/HISTORY.md)."""
+    fallen for ``patience`` steps (or no loss was finite), and where it falls too slowly (a
+    loss that slows as it falls passes no sooner). A slice whose TV weight the review
+    raises gets ``patience`` steps from the raise (:meth:`wait_after_raise`). Where the
+    held-out loss is still falling fast enough, the retry runs on (the GE phantom's 4 coils:
+    its wider maps pass the first ones' after 40 of their 50 steps, bench/HISTORY.md)."""
 
     def __init__(self, bars: Sequence[float], patience: int, iterations: int) -> None:
         self.bars, self.patience, self.iterations = list(bars), patience, iterations
-        self.lowest = [math.inf] * len(self.bars)
-        self.lowest_at = [0] * len(self.bars)
         self.raised_at = [0] * len(self.bars)
         self.lowest_by_iteration: list[list[float]] = [[] for _ in self.bars]
 
@@ -462,18 +459,21 @@ class _RetryStop:
         """Record the held-out losses ``(slices,)`` of ``iteration`` (called at every one, from
         0) and stop, in ``tracker``, the slices that have no hope left (their kept iterates stay)."""
         for s, loss in enumerate(held_losses.tolist()):
-            if loss < self.lowest[s]:
-                self.lowest[s], self.lowest_at[s] = loss, iteration
-            self.lowest_by_iteration[s].append(self.lowest[s])
-            if tracker.stopped[s] or self.lowest[s] < self.bars[s] or iteration - self.raised_at[s] < self.patience:
+            lowest_so_far = self.lowest_by_iteration[s]
+            previous = lowest_so_far[-1] if lowest_so_far else math.inf
+            lowest = loss if loss < previous else previous  # a NaN loss is no new low
+            lowest_so_far.append(lowest)
+            if tracker.stopped[s] or lowest < self.bars[s] or iteration - self.raised_at[s] < self.patience:
                 continue
-            fall_per_step = (self.lowest_by_iteration[s][iteration - self.patience] - self.lowest[s]) / self.patience
+            fall_per_step = 0.0  # where no loss was finite, nothing falls
+            if math.isfinite(lowest):
+                fall_per_step = (lowest_so_far[iteration - self.patience] - lowest) / self.patience
             steps_left = self.iterations - 1 - iteration
-            if self.lowest[s] - fall_per_step * steps_left >= self.bars[s]:  # a stalled lowest too
+            if lowest - fall_per_step * steps_left >= self.bars[s]:  # a stalled lowest too
                 tracker.stopped[s] = True
                 logger.info("slice %d of the batch stops at iteration %d: its held-out loss, lowest %.4f at "
                             "iteration %d, falling %.5f a step over the last %d, would not pass the %.4f to "
-                            "beat in the %d steps left", s, iteration, self.lowest[s], self.lowest_at[s],
+                            "beat in the %d steps left", s, iteration, lowest, lowest_so_far.index(lowest),
                             fall_per_step, self.patience, self.bars[s], steps_left)
 
 
