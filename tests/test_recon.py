@@ -671,15 +671,22 @@ def test_a_retry_stops_once_its_held_out_loss_stops_falling_above_the_loss_to_be
     assert hopeless(stop) and not any(hopeless(i) for i in range(patience, stop))
 
 
-def test_a_retry_stops_where_its_held_out_loss_falls_too_slowly_to_pass_the_bar_in_the_steps_left():
+def _retry_stop(bars: list[float], iterations: int):
+    """A :class:`~unrollinr.training._RetryStop` with patience 3 over ``iterations`` steps, for
+    a model of ``len(bars)`` 4 x 4 slices, and the tracker it stops slices in."""
     from unrollinr.model import PixelImage, UnrollINR
     from unrollinr.training import _BestIterates, _RetryStop
 
+    slices = len(bars)
+    model = UnrollINR([PixelImage(torch.ones(1, 4, 4, dtype=torch.complex64)) for _ in range(slices)], None,
+                      torch.ones(slices, 1, 4, 4, dtype=torch.bool), lam=0.05, lam_s=0.35)
+    return _BestIterates(model), _RetryStop(bars, patience=3, iterations=iterations)
+
+
+def test_a_retry_stops_where_its_held_out_loss_falls_too_slowly_to_pass_the_bar_in_the_steps_left():
     falling = [[2.0], [1.9], [1.8], [1.7], [1.6]]  # 0.1 a step, 1.0 to beat
     for iterations, stops_at in ((10, 3), (20, None)):  # 1.7 - 6 * 0.1 > 1 after iteration 3 of 10
-        model = UnrollINR([PixelImage(torch.ones(1, 4, 4, dtype=torch.complex64))], None,
-                          torch.ones(1, 1, 4, 4, dtype=torch.bool), lam=0.05, lam_s=0.35)
-        tracker, stop = _BestIterates(model), _RetryStop([1.0], patience=3, iterations=iterations)
+        tracker, stop = _retry_stop([1.0], iterations)
         stopped = []
         for iteration, losses in enumerate(falling):
             stop.stop_hopeless(iteration, torch.tensor(losses), tracker)
@@ -688,12 +695,7 @@ def test_a_retry_stops_where_its_held_out_loss_falls_too_slowly_to_pass_the_bar_
 
 
 def test_a_retry_slice_whose_tv_weight_is_raised_gets_the_patience_from_the_raise():
-    from unrollinr.model import PixelImage, UnrollINR
-    from unrollinr.training import _BestIterates, _RetryStop
-
-    model = UnrollINR([PixelImage(torch.ones(1, 4, 4, dtype=torch.complex64)) for _ in range(2)], None,
-                      torch.ones(2, 1, 4, 4, dtype=torch.bool), lam=0.05, lam_s=0.35)
-    tracker, stop = _BestIterates(model), _RetryStop([1.0, 1.0], patience=3, iterations=100)
+    tracker, stop = _retry_stop([1.0, 1.0], 100)
     for iteration, losses in enumerate([[2.0, 2.0], [2.1, 2.1], [2.1, 2.1]]):
         stop.stop_hopeless(iteration, torch.tensor(losses), tracker)
     stop.wait_after_raise([1], 2)  # slice 1's TV weight raised at iteration 2
@@ -706,12 +708,7 @@ def test_a_retry_slice_whose_tv_weight_is_raised_gets_the_patience_from_the_rais
 
 
 def test_a_retry_whose_held_out_loss_is_never_finite_stops_after_the_patience():
-    from unrollinr.model import PixelImage, UnrollINR
-    from unrollinr.training import _BestIterates, _RetryStop
-
-    model = UnrollINR([PixelImage(torch.ones(1, 4, 4, dtype=torch.complex64))], None,
-                      torch.ones(1, 1, 4, 4, dtype=torch.bool), lam=0.05, lam_s=0.35)
-    tracker, stop = _BestIterates(model), _RetryStop([1.0], patience=3, iterations=100)
+    tracker, stop = _retry_stop([1.0], 100)
     stopped = []
     for iteration in range(5):  # a diverged retry: NaN from the start
         stop.stop_hopeless(iteration, torch.tensor([math.nan]), tracker)
