@@ -200,6 +200,7 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
     doubles the images) leaves the slice the image it has, with a warning.
     """
     config, best, seconds = first.config, first, first.result.seconds
+    image_size = max(mask.shape)
 
     def attempt(retry: ReconConfig, prepared: Callable[[], tuple[np.ndarray, np.ndarray]],
                 initial_parameters: Mapping[str, torch.Tensor] | None = None) -> _Run:
@@ -219,12 +220,11 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
         candidate = _Run(images[0], retry_result, retry, data, maps)
         keep = replaces(candidate.verdict, best.verdict)
         logger.info("retry with %s (%d steps, DC solver %s) returns %s, held-out loss %.4f against %.4f: %s",
-                    _describe_changes(config, retry), retry.training_iterations(max(mask.shape)), retry.dc_solver,
+                    _describe_changes(config, retry), retry.training_iterations(image_size), retry.dc_solver,
                     candidate.verdict.returned, candidate.verdict.held_out_loss, best.verdict.held_out_loss,
                     "kept" if keep else "discarded")
         return candidate if keep else best
 
-    image_size = max(mask.shape)
     if config.retry_wider_maps and not maps_given and wider_maps(config) != config:
         wider = wider_maps(config)
         wider_data = functools.partial(prepare_maps, kspace, mask, None, wider, calibration=calibration,
