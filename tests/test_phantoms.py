@@ -3,6 +3,7 @@ import torch
 
 from unrollinr.fft import ifft2c
 from unrollinr.phantoms import birdcage_maps, multicoil_kspace, phantom_volume
+from unrollinr.variants import lower_resolution
 
 
 def test_every_slice_of_a_volume_holds_object_and_neighbours_differ():
@@ -21,3 +22,11 @@ def test_multicoil_kspace_of_a_stack_is_each_image_seen_by_the_coils():
     np.testing.assert_allclose(kspace[1], multicoil_kspace(volume[1], 3, noise=0.0), atol=1e-6)
     combined = (birdcage_maps(24, 3).conj() * ifft2c(torch.from_numpy(kspace)).numpy()).sum(axis=1)
     np.testing.assert_allclose(combined, volume, atol=1e-5)
+
+
+def test_a_lower_resolution_keeps_the_central_samples_about_the_centre_sample():
+    kspace = np.random.default_rng(0).standard_normal((2, 96, 80)).astype(np.complex64)
+    low = lower_resolution(kspace)
+    assert low.shape == (2, 77, 64) and low.dtype == np.complex64
+    np.testing.assert_array_equal(low[:, 77 // 2, 64 // 2], kspace[:, 48, 40])  # the centre stays the centre
+    np.testing.assert_array_equal(low, kspace[:, 10:87, 8:72])

@@ -1,6 +1,6 @@
 """Fully sampled k-space ``(coils, ky, kx)`` as an everyday scan's field of view would give
-it: the object cut at the field of view's edges, or wrapped onto itself. ``bench/robust.py``
-and the tests check the reconstruction on them."""
+it: the object cut at the field of view's edges, or wrapped onto itself; or as a scan at a
+lower matrix would. ``bench/robust.py`` and the tests check the reconstruction on them."""
 
 from __future__ import annotations
 
@@ -35,3 +35,12 @@ def pe_wrap(kspace: np.ndarray) -> np.ndarray:
     """Every other phase-encode line: half the PE field of view, so that the object wraps
     (scaled to keep the image level)."""
     return (np.ascontiguousarray(kspace[:, ::2, :]) * np.sqrt(2)).astype(np.complex64)
+
+
+def lower_resolution(kspace: np.ndarray, fraction: float = 0.8) -> np.ndarray:
+    """The central ``fraction`` of ky and of kx, about the centre sample: the same field of
+    view scanned at a lower matrix (of odd size, as often as not)."""
+    n_y, n_x = kspace.shape[-2:]
+    m_y, m_x = round(fraction * n_y), round(fraction * n_x)
+    y0, x0 = n_y // 2 - m_y // 2, n_x // 2 - m_x // 2
+    return np.ascontiguousarray(kspace[..., y0:y0 + m_y, x0:x0 + m_x]).astype(np.complex64)
