@@ -164,8 +164,8 @@ def judge(unrollinr_loss: torch.Tensor, sense_loss: torch.Tensor, zero_loss: tor
     Held-out lines at the noise floor (:data:`SIGNAL_FLOOR`) cannot reject UnrollINR's
     image: every prediction scores there about as zeros do, and the quietest wins (a brain
     cropped to 76 x 80 at R 3, mask seed 1, one held-out line at the edge: UnrollINR 2.45,
-    SENSE 2.07, zeros 2.00; SENSE's image was 7 dB worse, the calibrationless image that
-    then replaced it 13 dB worse). There UnrollINR's image is returned, flagged
+    SENSE 2.07, zeros 2.00; SENSE's image, and the calibrationless image that then
+    replaced it, were far worse: bench/HISTORY.md). There UnrollINR's image is returned, flagged
     ``noise_floor``, unless it predicts them louder than the data
     (:data:`NO_LOUDER_THAN_THE_DATA`), as a diverged prior does."""
     verdicts = []
