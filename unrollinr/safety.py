@@ -42,17 +42,6 @@ changed with the thread count), so the caller may try wider coil maps as it does
 rejected image. In ``bench/robust.py`` the phantoms' accepted images on line masks
 scored 0.22-0.77 times the zeros' loss.
 
-Held-out lines are *at the noise floor* when their mean energy is under
-:data:`SIGNAL_FLOOR` times the weakest measured line's (:func:`held_out_signal`): random
-masks put many lines at the edges of k-space, where the signal is below the noise, and
-even the noiseless k-space would score there above :data:`WEAK_PREDICTION` times the
-zeros' loss. Such lines cannot reject UnrollINR's image for SENSE's or the zero-filled
-one, whose quieter predictions score nearer the zeros', unless UnrollINR's prediction is
-louder than the data (:data:`NO_LOUDER_THAN_THE_DATA`); and the calibrationless image
-must beat the zeros clearly to replace it. The weakest line may hold signal too (a field
-of view that cuts the object puts signal in every line), so the measure errs towards
-flagging, which only keeps UnrollINR's image.
-
 An image's prediction is *poor* when its held-out loss is above :data:`POOR_PREDICTION`
 times the zeros': the outer k-space it should predict is barely explained, and a stronger
 TV weight may do better. Training raises it halfway for such a slice, unless the slice is
@@ -91,19 +80,10 @@ from dataclasses import dataclass
 
 import torch
 
-from unrollinr.sense import is_line_mask
-
 UNROLLINR, SENSE, ZERO_FILLED, CALIBRATIONLESS = "unrollinr", "sense", "zero-filled", "calibrationless"
 ZERO_FILLED_MARGIN = 1.1
 CLEARLY_BETTER = 0.95
 WEAK_PREDICTION = 0.85
-# Held-out lines whose mean energy is under this many times the weakest measured line's
-# are at the noise floor: there even the noiseless k-space would score above
-# WEAK_PREDICTION of the zeros' loss (about the square root of the ratio's inverse).
-SIGNAL_FLOOR = 1 / WEAK_PREDICTION**2
-# A prediction no louder than the data on uncorrelated samples scores up to about this
-# many times the zeros' loss (the square root of two, for each norm).
-NO_LOUDER_THAN_THE_DATA = math.sqrt(2)
 POOR_PREDICTION = 0.6
 GOOD_PREDICTION = 0.2
 BRIGHTEST_BACKGROUND = 1.5
@@ -122,7 +102,6 @@ class Verdict:
     # UnrollINR's image predicted held-out samples worse than zeros by ZERO_FILLED_MARGIN, whatever was returned
     failed: bool = False
     tv_raised: bool = False  # the run raised the TV weight halfway, kept or not (unrollinr.training.fit)
-    noise_floor: bool = False  # the held-out lines are at the noise floor (held_out_signal under SIGNAL_FLOOR)
 
     @property
     def doubtful(self) -> bool:
@@ -136,68 +115,33 @@ def unchecked(reason: str) -> Verdict:
     return Verdict(UNROLLINR, f"not checked: {reason}")
 
 
-def held_out_signal(kspace: torch.Tensor, measured: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
-    """Per slice, the mean energy of the held-out lines over that of the weakest measured
-    line, ``(slices,)``; infinite for 2D masks, whose held-out samples lie all over k-space.
-
-    ``kspace`` ``(slices, coils, ky, kx)`` is the measured k-space; ``measured`` and
-    ``held`` ``(slices, ky, kx)`` are the masks of every measured sample and of the
-    held-out ones. Below :data:`SIGNAL_FLOOR` the held-out lines hold little but noise
-    (random masks put many lines at the edges of k-space, where the signal is below the
-    noise), and no image can be judged on them."""
-    if not is_line_mask(measured):
-        return torch.full(measured.shape[:1], math.inf)
-    energy = kspace.abs().pow(2).sum(dim=(1, 3))  # (slices, ky)
-    lines, held_lines = measured[:, :, 0], held[:, :, 0]
-    floor = torch.where(lines, energy, torch.full_like(energy, math.inf)).amin(dim=1)
-    held_energy = (energy * held_lines).sum(dim=1) / held_lines.sum(dim=1).clamp_min(1)
-    return (held_energy / floor).cpu()
-
-
 def judge(unrollinr_loss: torch.Tensor, sense_loss: torch.Tensor, zero_loss: torch.Tensor,
-          backgrounds: torch.Tensor | None = None, signal: torch.Tensor | None = None) -> list[Verdict]:
+          backgrounds: torch.Tensor | None = None) -> list[Verdict]:
     """Per slice, the image to return from the held-out losses ``(slices,)`` of each
-    prediction, UnrollINR's backgrounds ``(slices,)`` (NaN where the maps cover the field
-    of view; ``None``: unchecked) and the held-out samples' :func:`held_out_signal`
-    ``(slices,)`` (``None``: above the noise floor).
-
-    Held-out lines at the noise floor (:data:`SIGNAL_FLOOR`) cannot reject UnrollINR's
-    image: every prediction scores there about as zeros do, and the quietest wins (a brain
-    cropped to 76 x 80 at R 3, mask seed 1, one held-out line at the edge: UnrollINR 2.45,
-    SENSE 2.07, zeros 2.00; SENSE's image, and the calibrationless image that then
-    replaced it, were far worse: bench/HISTORY.md). There UnrollINR's image is returned, flagged
-    ``noise_floor``, unless it predicts them louder than the data
-    (:data:`NO_LOUDER_THAN_THE_DATA`), as a diverged prior does."""
+    prediction and UnrollINR's backgrounds ``(slices,)`` (NaN where the maps cover the
+    field of view; ``None``: unchecked)."""
     verdicts = []
     backgrounds = torch.full_like(zero_loss, float("nan")) if backgrounds is None else backgrounds
-    signal = torch.full_like(zero_loss, math.inf) if signal is None else signal
-    for ours, sense, zeros, background, held_signal in zip(unrollinr_loss.tolist(), sense_loss.tolist(),
-                                                           zero_loss.tolist(), backgrounds.tolist(),
-                                                           signal.tolist(), strict=True):
+    for ours, sense, zeros, background in zip(unrollinr_loss.tolist(), sense_loss.tolist(), zero_loss.tolist(),
+                                              backgrounds.tolist(), strict=True):
         scores = f"held-out loss UnrollINR {ours:.4f}, SENSE {sense:.4f}, zeros {zeros:.4f}"
         # An image with NaN or infinite pixels predicts nothing: no comparison may prefer it.
         ours, sense = (loss if math.isfinite(loss) else math.inf for loss in (ours, sense))
         failed = ours > ZERO_FILLED_MARGIN * zeros
-        noise_floor = held_signal < SIGNAL_FLOOR
-        rejectable = not noise_floor or ours > NO_LOUDER_THAN_THE_DATA * zeros
-        if noise_floor:
-            scores += f"; the held-out lines at the noise floor, {held_signal:.2f} times the weakest line's energy"
-        if rejectable and min(ours, sense) > ZERO_FILLED_MARGIN * zeros:
+        if min(ours, sense) > ZERO_FILLED_MARGIN * zeros:
             verdicts.append(Verdict(ZERO_FILLED, f"the coil maps do not predict held-out k-space ({scores})", zeros,
-                                    poor=True, failed=failed, noise_floor=noise_floor))
-        elif rejectable and sense < ours:
+                                    poor=True, failed=failed))
+        elif sense < ours:
             verdicts.append(Verdict(SENSE, f"SENSE predicts held-out k-space better ({scores})", sense,
-                                    poor=sense > POOR_PREDICTION * zeros, failed=failed, noise_floor=noise_floor))
+                                    poor=sense > POOR_PREDICTION * zeros, failed=failed))
         elif background > BRIGHTEST_BACKGROUND:
             verdicts.append(Verdict(SENSE, f"UnrollINR's image outside the coil maps is {background:.2f} times as "
                                            f"bright as the zero-filled image there: its prior invented it ({scores})",
-                                    sense, poor=sense > POOR_PREDICTION * zeros, noise_floor=noise_floor))
+                                    sense, poor=sense > POOR_PREDICTION * zeros))
         else:
-            reason = ("UnrollINR predicts held-out k-space best" if rejectable else
-                      "UnrollINR's image kept: held-out lines at the noise floor tell no prediction from another")
-            verdicts.append(Verdict(UNROLLINR, f"{reason} ({scores})", ours,
+            verdicts.append(Verdict(UNROLLINR, f"UnrollINR predicts held-out k-space best ({scores})", ours,
                                     weak=ours > WEAK_PREDICTION * zeros, poor=ours > POOR_PREDICTION * zeros,
-                                    good=ours < GOOD_PREDICTION * zeros, failed=failed, noise_floor=noise_floor))
+                                    good=ours < GOOD_PREDICTION * zeros))
     return verdicts
 
 
@@ -220,14 +164,9 @@ def calibrationless_verdict(loss: float, zeros: float, incumbent: Verdict, *,
     predicts the held-out samples better by the factor :data:`CLEARLY_BETTER`, or merely
     better where the slice's first maps failed outright (``maps_failed``: its first
     UnrollINR image predicted them worse than zeros, :attr:`Verdict.failed`), so that every
-    map-based image of it is suspect. Where the held-out lines are at the noise floor
-    (:attr:`Verdict.noise_floor`), it must also predict them better than zeros by that
-    factor: there a prediction a little better than another is so by chance. ``None``
-    where it does not replace the incumbent."""
+    map-based image of it is suspect. ``None`` where it does not."""
     margin = 1.0 if maps_failed else CLEARLY_BETTER
     if not incumbent.doubtful or not loss < margin * incumbent.held_out_loss:
-        return None
-    if incumbent.noise_floor and not loss < CLEARLY_BETTER * zeros:
         return None
     return Verdict(CALIBRATIONLESS, f"the coil images without maps predict held-out k-space better than "
                                     f"{incumbent.returned}'s image (held-out loss {loss:.4f} against "

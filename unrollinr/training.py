@@ -29,7 +29,6 @@ from unrollinr.safety import (
     WEAK_PREDICTION,
     ZERO_FILLED,
     Verdict,
-    held_out_signal,
     judge,
     unchecked,
 )
@@ -338,9 +337,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     bar.close()
     review.keep_the_better_prediction(tracker)
     model.load_state_dict(tracker.best_state, strict=False)
-    signal = None if held_op is None else held_out_signal(kspace, op.mask, held_op.mask)
     verdicts = _verdicts(model, config, kspace * train_op.mask.unsqueeze(1), like, tracker.held_losses, held_op,
-                         held_samples, zero_losses, signal, data_loss)
+                         held_samples, zero_losses, data_loss)
     verdicts = [dataclasses.replace(v, reason=f"{v.reason}; {review.notes[s]}", tv_raised=True)
                 if s in review.notes else v for s, v in enumerate(verdicts)]
     iterations_run = iteration + 1
@@ -558,7 +556,7 @@ class _BestIterates:
 
 def _verdicts(model: UnrollINR, config: ReconConfig, train_kspace: torch.Tensor, like: torch.Tensor,
               unrollinr_scores: torch.Tensor, held_op: SenseOp | None, held_samples: torch.Tensor | None,
-              zero_scores: torch.Tensor | None, signal: torch.Tensor | None,
+              zero_scores: torch.Tensor | None,
               data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[Verdict]:
     """The safety net's verdict per slice (:mod:`unrollinr.safety`), from the held-out samples
     and the background of UnrollINR's image (its prior where every coil map vanishes).
@@ -566,8 +564,7 @@ def _verdicts(model: UnrollINR, config: ReconConfig, train_kspace: torch.Tensor,
     SENSE is solved from the training samples ``train_kspace`` ``(slices, coils, ky, kx)``
     as inference solves it (from zero, ``cg_iterations``), not by the training step's
     warm-started solver, whose start is UnrollINR's last image. ``zero_scores`` ``(slices,)``
-    are the zeros' held-out losses, ``signal`` ``(slices,)`` the held-out samples'
-    :func:`~unrollinr.safety.held_out_signal`."""
+    are the zeros' held-out losses."""
     n_slices = like.shape[0]
     if held_op is None or held_samples is None or zero_scores is None:
         return [unchecked("no samples held out")] * n_slices
@@ -578,7 +575,7 @@ def _verdicts(model: UnrollINR, config: ReconConfig, train_kspace: torch.Tensor,
                                                                                           model.lam)
         sense_scores = data_loss(held_op.measure(sense), held_samples)
         backgrounds = _backgrounds(model.prior(like), model.dc.op.maps, train_kspace)
-    verdicts = judge(unrollinr_scores.to(sense_scores.device), sense_scores, zero_scores, backgrounds, signal)
+    verdicts = judge(unrollinr_scores.to(sense_scores.device), sense_scores, zero_scores, backgrounds)
     for s, verdict in enumerate(verdicts):
         log = logger.info if verdict.returned == UNROLLINR else logger.warning
         log("slice %d of the batch returns %s: %s", s, verdict.returned, verdict.reason)
