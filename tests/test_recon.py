@@ -507,7 +507,7 @@ def test_an_unrollinr_image_that_barely_beats_zeros_on_held_out_samples_is_weak(
     assert (sense_well.returned, sense_well.good) == ("sense", False)  # the weaker TV retry is for UnrollINR's image
     assert not any(v.failed for v in (good, fair, poor, weak, rejected, sense_well))
     # worse than zeros by more than ZERO_FILLED_MARGIN: the maps failed, whatever is returned
-    worse_than_sense, worse_than_zeros = judge(torch.tensor([2.46, 2.5]), torch.tensor([2.006, 2.4]),
+    worse_than_sense, worse_than_zeros = judge(torch.tensor([2.46, 2.5]), torch.tensor([1.5, 2.4]),
                                                torch.tensor([2.0, 2.0]))
     assert (worse_than_sense.returned, worse_than_sense.failed) == ("sense", True)
     assert (worse_than_zeros.returned, worse_than_zeros.failed) == ("zero-filled", True)
@@ -516,6 +516,19 @@ def test_an_unrollinr_image_that_barely_beats_zeros_on_held_out_samples_is_weak(
                                     torch.tensor([2.0, 2.0]))
     assert (nan_unrollinr.returned, nan_unrollinr.failed) == ("sense", True)
     assert (nan_both.returned, nan_both.failed) == ("zero-filled", True)
+
+
+def test_sense_replaces_unrollinrs_image_only_where_it_predicts_the_held_out_samples():
+    from unrollinr.safety import NO_LOUDER_THAN_THE_DATA, judge
+
+    # the 76 x 80 brain at R 3, mask seed 1: one held-out line at the edge of k-space, which
+    # neither image predicts; SENSE's scored nearer the zeros by predicting less, and was far worse
+    quieter, predicting, louder = judge(torch.tensor([2.4458, 2.4458, 2.0 * NO_LOUDER_THAN_THE_DATA * 1.01]),
+                                        torch.tensor([2.065, 1.69, 2.065]), torch.tensor([2.0] * 3))
+    assert (quieter.returned, quieter.weak, quieter.failed) == ("unrollinr", True, True)
+    assert quieter.held_out_loss == pytest.approx(2.4458) and "by predicting less" in quieter.reason
+    assert (predicting.returned, predicting.failed) == ("sense", True)
+    assert louder.returned == "sense"  # louder than the data there: a diverged prior
 
 
 def test_the_judge_rejects_a_prior_that_invents_the_background_outside_the_coil_maps():
