@@ -27,7 +27,8 @@ def paper_acs_lines(acceleration: float, n_ky: int) -> int:
     return max(MIN_ACS_LINES, round(lines_368 * n_ky / 368))
 
 
-def _centre_range(n: int, width: int) -> slice:
+def centre_range(n: int, width: int) -> slice:
+    """``width`` of ``n`` samples about the centre sample ``n // 2`` (the centred FFT's DC)."""
     start = n // 2 - width // 2
     return slice(start, start + width)
 
@@ -39,7 +40,7 @@ def random_line_mask(shape: tuple[int, int], acceleration: float, acs_lines: int
     acs_lines = paper_acs_lines(acceleration, n_y) if acs_lines is None else acs_lines
     total = max(round(n_y / acceleration), acs_lines)
     rows = np.zeros(n_y, dtype=bool)
-    rows[_centre_range(n_y, acs_lines)] = True
+    rows[centre_range(n_y, acs_lines)] = True
     outside = np.flatnonzero(~rows)
     rng = np.random.default_rng(seed)
     rows[rng.choice(outside, size=total - acs_lines, replace=False)] = True
@@ -52,12 +53,12 @@ def uniform_line_mask(shape: tuple[int, int], acceleration: int, acs_lines: int 
     acs_lines = paper_acs_lines(acceleration, n_y) if acs_lines is None else acs_lines
     rows = np.zeros(n_y, dtype=bool)
     rows[n_y // 2 % acceleration::acceleration] = True
-    rows[_centre_range(n_y, acs_lines)] = True
+    rows[centre_range(n_y, acs_lines)] = True
     return np.repeat(rows[:, None], n_x, axis=1)
 
 
 def _with_acs_square(mask: np.ndarray, acs: int) -> np.ndarray:
-    mask[_centre_range(mask.shape[0], acs), _centre_range(mask.shape[1], acs)] = True
+    mask[centre_range(mask.shape[0], acs), centre_range(mask.shape[1], acs)] = True
     return mask
 
 

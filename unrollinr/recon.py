@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import cast
@@ -196,14 +195,14 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
        ``lam_s``), or ``retry_lam_s_good`` if it is good (where that is below ``lam_s``).
 
     A slice whose first run was not checked (no samples held out, or no prior) is left as
-    it is, since no retry could be judged better. A retry stops early where its held-out loss, above the
-    kept run's, stops falling fast enough to pass it (``retry_patience``;
-    :class:`~unrollinr.training._RetryStop`). A retry,
-    or the calibrationless image, that fails (out of memory, say: the wider maps' second set
-    doubles the images) leaves the slice the image it has, with a warning.
+    it is, since no retry could be judged better. A retry stops early where its held-out
+    loss, above the kept run's, stops falling fast enough to pass it (``retry_patience``;
+    :class:`~unrollinr.training._RetryStop`). A retry, or the calibrationless image, that
+    fails (out of memory, say: the wider maps' second set doubles the images) leaves the
+    slice the image it has, with a warning.
     """
     config, best, seconds = first.config, first, first.result.seconds
-    if math.isnan(first.verdict.held_out_loss):  # not checked: no run could be judged better
+    if not first.verdict.checked:  # no run could be judged better
         return first.image, first.result
     image_size = max(mask.shape)
 

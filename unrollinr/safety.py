@@ -108,6 +108,11 @@ class Verdict:
     tv_raised: bool = False  # the run raised the TV weight halfway, kept or not (unrollinr.training.fit)
 
     @property
+    def checked(self) -> bool:
+        """Whether held-out samples judged the image (:func:`unchecked`: they did not)."""
+        return not math.isnan(self.held_out_loss)
+
+    @property
     def doubtful(self) -> bool:
         """Whether wider coil maps, or else the calibrationless image, may do better:
         UnrollINR's image was rejected, or is weak."""

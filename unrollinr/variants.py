@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from unrollinr.fft import fft2c, ifft2c
+from unrollinr.masks import centre_range
 
 
 def _central_half(kspace: np.ndarray, *, rows: bool) -> np.ndarray:
@@ -40,7 +41,5 @@ def pe_wrap(kspace: np.ndarray) -> np.ndarray:
 def lower_resolution(kspace: np.ndarray, fraction: float = 0.8) -> np.ndarray:
     """The central ``fraction`` of ky and of kx, about the centre sample: the same field of
     view scanned at a lower matrix (of odd size, as often as not)."""
-    n_y, n_x = kspace.shape[-2:]
-    m_y, m_x = round(fraction * n_y), round(fraction * n_x)
-    y0, x0 = n_y // 2 - m_y // 2, n_x // 2 - m_x // 2
-    return np.ascontiguousarray(kspace[..., y0:y0 + m_y, x0:x0 + m_x]).astype(np.complex64)
+    rows, columns = (centre_range(n, round(fraction * n)) for n in kspace.shape[-2:])
+    return np.ascontiguousarray(kspace[..., rows, columns]).astype(np.complex64)
