@@ -111,6 +111,15 @@ def bart_maps(kspace: np.ndarray, *, crop: float = 0.8, kernel_width: int = 6, s
         return maps[:, :, 0].transpose(3, 2, 1, 0).astype(np.complex64)
 
 
+def _pics_image_shift(shape: tuple[int, ...]) -> tuple[int, int]:
+    """How many pixels further along ``(y, x)`` BART 0.8's ``pics`` puts the image than our
+    centred FFT (:mod:`unrollinr.fft`) does: one along an odd axis, none along an even one.
+    ``ecalib``'s maps and ``bart fft`` follow our convention, so ``pics`` gets the maps
+    rolled by this shift and its image is rolled back (measured in ``bench/HISTORY.md``)."""
+    rows, columns = shape[-2:]
+    return rows % 2, columns % 2
+
+
 # pics flags per regulariser, and the iterations each needs to converge on normalised data
 # (TV with a smaller ADMM rho than BART's default; measured in bench/HISTORY.md).
 BART_REGULARIZERS = {"l1": ("-l1", "-r", "{lam}"), "tv": ("-R", "T:3:0:{lam}", "-u", "0.002")}
@@ -127,7 +136,8 @@ def bart_pics(kspace: np.ndarray, maps: np.ndarray, lam: float, *, regularizer: 
     flags = [flag.format(lam=lam) for flag in BART_REGULARIZERS[regularizer]]
     iterations = BART_ITERATIONS[regularizer] if iterations is None else iterations
     scale = np.abs(zero_filled(kspace)).max()
-    maps = _map_sets(maps)
+    shift = _pics_image_shift(kspace.shape[1:])
+    maps = np.roll(_map_sets(maps), shift, axis=(-2, -1))
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder)
         _write_cfl(base / "ksp", (kspace / scale).transpose(2, 1, 0)[:, :, None, :])
@@ -135,5 +145,6 @@ def bart_pics(kspace: np.ndarray, maps: np.ndarray, lam: float, *, regularizer: 
         run_bart(["pics", "-S", *flags, "-i", str(iterations), str(base / "ksp"), str(base / "maps"),
                   str(base / "out")])
         image = _read_cfl(base / "out").reshape(kspace.shape[2], kspace.shape[1], len(maps))
-    sets = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 1, 0)))[None]
+    image = np.roll(image.transpose(2, 1, 0), [-s for s in shift], axis=(-2, -1))
+    sets = torch.from_numpy(np.ascontiguousarray(image))[None]
     return (combine_sets(sets)[0].numpy() * scale).astype(np.complex64)
