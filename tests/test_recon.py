@@ -20,6 +20,7 @@ from unrollinr.masks import centre_range, random_line_mask, variable_density_mas
 from unrollinr.metrics import psnr, ssim
 from unrollinr.phantoms import phantom_kspace
 from unrollinr.recon import reconstruct_slices, reconstruct_with_details
+from unrollinr.safety import SMOOTHER_MUST_BEAT
 from unrollinr.variants import cut_readout, pe_wrap
 
 FAST = dict(iterations=40, cg_iterations=8)
@@ -611,13 +612,14 @@ def test_a_slice_that_predicts_the_held_out_samples_poorly_continues_with_strong
             assert max(record["lam_s"] for record in result.history) == pytest.approx(config.lam_s, rel=0.05)
 
 
-@pytest.mark.parametrize("noise, acceleration, flag, weight_name", [
-    (0.05, 3, "poor", "lam_s_poor"),  # noisy: weak halfway, so not raised then, and poor at the end
-    (0.002, 2, "good", "retry_lam_s_good"),  # clean, at R 2: the held-out lines are well predicted
+@pytest.mark.parametrize("noise, coils, acceleration, prediction, weight_name, factor", [
+    (0.05, 4, 3, "poor", "lam_s_poor", 1.0),  # noisy: weak halfway, so not raised then, and poor at the end
+    (0.002, 8, 2, "good", "retry_lam_s_good", 1.0),  # clean, at R 2: the held-out lines are well predicted
+    (0.002, 8, 3, "middling", "lam_s_poor", SMOOTHER_MUST_BEAT),  # neither: the smoother image must clearly win
 ])
-def test_a_slice_keeps_the_retry_with_another_tv_weight_only_when_it_predicts_better(caplog, noise, acceleration,
-                                                                                     flag, weight_name):
-    full = phantom_kspace(48, 4 if flag == "poor" else 8, noise=noise, seed=1)
+def test_a_slice_keeps_the_retry_with_another_tv_weight_only_when_it_predicts_better(
+        caplog, noise, coils, acceleration, prediction, weight_name, factor):
+    full = phantom_kspace(48, coils, noise=noise, seed=1)
     mask = random_line_mask(full.shape[1:], acceleration, acs_lines=12, seed=0)
     measured = full * mask
     config = ReconConfig(**FAST, retry_wider_maps=False)
@@ -625,15 +627,27 @@ def test_a_slice_keeps_the_retry_with_another_tv_weight_only_when_it_predicts_be
     without_retry = dataclasses.replace(config, **{weight_name: config.lam_s})
     _, alone = reconstruct_with_details(measured, mask, config=without_retry)
     first = alone.verdicts[0]
-    assert getattr(first, flag) and not first.tv_raised, first.reason
+    assert (first.good, first.poor) == (prediction == "good", prediction == "poor") and not first.tv_raised, \
+        first.reason
     with caplog.at_level("INFO", logger="unrollinr.recon"):
         _, result = reconstruct_with_details(measured, mask, config=config)
     assert f"retry with TV weight {weight:g} (" in caplog.text
+    assert (f"(to beat by the factor {factor:g})" in caplog.text) == (factor != 1.0)
+    retry_loss = float(re.search(rf"retry with TV weight {weight:g} .* held-out loss ([0-9.]+) against",
+                                 caplog.text).group(1))
     verdict = result.verdicts[0]
-    assert verdict.held_out_loss <= first.held_out_loss
-    kept = verdict.held_out_loss < first.held_out_loss
-    assert kept == verdict.reason.startswith(f"with TV weight {weight:g} after the first run's {first.returned}"), \
-        verdict.reason
+    kept = verdict.reason.startswith(f"with TV weight {weight:g} after the first run's {first.returned}")
+    assert kept == (retry_loss < factor * first.held_out_loss), verdict.reason
+    assert verdict.held_out_loss == pytest.approx(retry_loss if kept else first.held_out_loss, abs=1e-4)
+
+
+def test_only_a_retry_that_beats_by_the_factor_replaces_the_image():
+    from unrollinr.safety import Verdict, replaces
+
+    incumbent = Verdict("unrollinr", "", 1.0)
+    assert replaces(Verdict("unrollinr", "", 0.95), incumbent)
+    assert not replaces(Verdict("unrollinr", "", 0.95), incumbent, factor=SMOOTHER_MUST_BEAT)
+    assert replaces(Verdict("unrollinr", "", 0.85), incumbent, factor=SMOOTHER_MUST_BEAT)
 
 
 @pytest.mark.parametrize("mask_kind", ["lines", "2d"])

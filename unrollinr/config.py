@@ -121,7 +121,9 @@ class ReconConfig:
         run's; None: as many): ``retry_lam_s_good`` (where below ``lam_s``) where
         UnrollINR's image predicts the held-out samples well (the data leave little to the
         prior, and TV only smooths detail away); ``lam_s_poor`` where the image kept
-        predicts them poorly and its run did not raise the weight (below). Each retry is
+        predicts them poorly and its run did not raise the weight (below), and also where it
+        predicts them neither poorly nor well, though there the smoother image must predict
+        them clearly better (:data:`~unrollinr.safety.SMOOTHER_MUST_BEAT`). Each retry is
         kept if its returned image predicts the held-out samples better, so a retry stops,
         while its held-out loss is above the kept run's, once that loss has not reached a new
         low for ``retry_patience`` steps, or has not fallen fast enough over the last

@@ -23,7 +23,7 @@ from unrollinr.coils import (
 from unrollinr.config import ReconConfig
 from unrollinr.fft import fft2c
 from unrollinr.loss import normalized_l1_l2
-from unrollinr.safety import Verdict, calibrationless_verdict, replaces
+from unrollinr.safety import SMOOTHER_MUST_BEAT, Verdict, calibrationless_verdict, replaces
 from unrollinr.sense import SenseOp, combine_sets, sets_in_use
 from unrollinr.training import FitResult, fit
 
@@ -165,16 +165,23 @@ def _describe_changes(config: ReconConfig, retry: ReconConfig) -> str:
     return " and ".join(changes)
 
 
-def _retry_tv_weight(config: ReconConfig, verdict: Verdict) -> float | None:
-    """The TV weight to try again with after a run judged ``verdict``; ``None`` for none.
+def _retry_tv_weight(config: ReconConfig, verdict: Verdict) -> tuple[float, float] | None:
+    """The TV weight to try again with after a run judged ``verdict``, and the factor of its
+    held-out loss that the retry must beat (:func:`~unrollinr.safety.replaces`); ``None``
+    for none.
 
-    A poorly predicting slice whose weight the run did not raise (it was weak halfway, its
-    maps in doubt, and the wider maps did not beat it) gets ``lam_s_poor`` now."""
-    if verdict.poor and not verdict.tv_raised and config.lam_s_poor > config.lam_s:
-        return config.lam_s_poor
-    if verdict.good and config.retry_lam_s_good < config.lam_s:
-        return config.retry_lam_s_good
-    return None
+    A slice that predicts the held-out samples well gets ``retry_lam_s_good``. One whose run
+    did not raise the weight gets ``lam_s_poor``: where it predicts them poorly (it was weak
+    halfway, its maps in doubt, and the wider maps did not beat it), to be kept if better;
+    where it predicts them neither poorly nor well, and its image is not in doubt, to be kept
+    only if better by :data:`~unrollinr.safety.SMOOTHER_MUST_BEAT`."""
+    if verdict.good:
+        return (config.retry_lam_s_good, 1.0) if config.retry_lam_s_good < config.lam_s else None
+    if verdict.tv_raised or config.lam_s_poor <= config.lam_s:
+        return None
+    if verdict.poor:
+        return config.lam_s_poor, 1.0
+    return None if verdict.doubtful else (config.lam_s_poor, SMOOTHER_MUST_BEAT)
 
 
 def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _Run, *, maps_given: bool = False,
@@ -190,9 +197,10 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
        where the solver is ``"auto"`` (a short run does not repay the exact solve's
        decomposition of the wider maps' second set, which covers every pixel);
     2. then, on the kept run's k-space, maps and solver, from its prior weights, for
-       :meth:`~unrollinr.config.ReconConfig.retry_steps`, with TV weight ``lam_s_poor`` if
-       its prediction is poor and its run did not raise the weight (where that is above
-       ``lam_s``), or ``retry_lam_s_good`` if it is good (where that is below ``lam_s``).
+       :meth:`~unrollinr.config.ReconConfig.retry_steps`, with the TV weight of
+       :func:`_retry_tv_weight`: ``retry_lam_s_good`` if its prediction is good, else
+       ``lam_s_poor`` if its run did not raise the weight (a smoother image kept only if
+       clearly better where the prediction was not poor).
 
     A slice whose first run was not checked (no samples held out, or no prior) is left as
     it is, since no retry could be judged better. A retry stops early where its held-out
@@ -207,26 +215,27 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
     image_size = max(mask.shape)
 
     def attempt(retry: ReconConfig, prepared: Callable[[], tuple[np.ndarray, np.ndarray]],
-                initial_parameters: Mapping[str, torch.Tensor] | None = None) -> _Run:
+                initial_parameters: Mapping[str, torch.Tensor] | None = None, factor: float = 1.0) -> _Run:
         """Run ``retry`` on the k-space and maps that ``prepared()`` gives; the better of it
-        and ``best``. A retry that fails (out of memory, say) leaves ``best``: it is optional."""
+        and ``best`` (the retry must beat ``factor`` times its held-out loss). A retry that
+        fails (out of memory, say) leaves ``best``: it is optional."""
         nonlocal seconds
         try:
             data, maps = prepared()
             images, retry_result = reconstruct_prepared(data[None], mask[None], maps[None], retry, device=device,
                                                         progress=False, initial_parameters=initial_parameters,
-                                                        held_out_bars=[best.verdict.held_out_loss])
+                                                        held_out_bars=[factor * best.verdict.held_out_loss])
         except Exception as error:  # noqa: BLE001 - the slice keeps the run it has
             logger.warning("retry with %s failed, the %s image kept: %s: %s", _describe_changes(config, retry),
                            best.verdict.returned, type(error).__name__, error)
             return best
         seconds += retry_result.seconds
         candidate = _Run(images[0], retry_result, retry, data, maps)
-        keep = replaces(candidate.verdict, best.verdict)
-        logger.info("retry with %s (%d steps, DC solver %s) returns %s, held-out loss %.4f against %.4f: %s",
+        keep = replaces(candidate.verdict, best.verdict, factor=factor)
+        logger.info("retry with %s (%d steps, DC solver %s) returns %s, held-out loss %.4f against %.4f%s: %s",
                     _describe_changes(config, retry), retry.training_iterations(image_size), retry.dc_solver,
                     candidate.verdict.returned, candidate.verdict.held_out_loss, best.verdict.held_out_loss,
-                    "kept" if keep else "discarded")
+                    "" if factor == 1.0 else f" (to beat by the factor {factor:g})", "kept" if keep else "discarded")
         return candidate if keep else best
 
     if config.retry_wider_maps and not maps_given and wider_maps(config) != config:
@@ -239,11 +248,11 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
             probe = dataclasses.replace(wider, iterations=config.wider_maps_steps(image_size),
                                         dc_solver="cg" if config.dc_solver == "auto" else config.dc_solver)
             best = attempt(probe, wider_data, _prior_weights(first))
-    tv_weight = _retry_tv_weight(config, best.verdict)
-    if tv_weight is not None:
-        kept = best
+    tv_retry = _retry_tv_weight(config, best.verdict)
+    if tv_retry is not None:
+        kept, (tv_weight, factor) = best, tv_retry
         best = attempt(dataclasses.replace(kept.config, lam_s=tv_weight, iterations=config.retry_steps(image_size)),
-                       lambda: (kept.data, kept.maps), _prior_weights(kept))
+                       lambda: (kept.data, kept.maps), _prior_weights(kept), factor)
     if best is not first:
         best.result.verdicts = [dataclasses.replace(
             best.verdict, reason=f"with {_describe_changes(config, best.config)} after the first run's "
