@@ -54,10 +54,11 @@ clearly worse, 0.22-0.59 (brain_8ch_256 at R 8: 0.33).
 Between the two, a stronger TV weight is tried too, but its smoother image replaces
 UnrollINR's only where it predicts the held-out samples better by the factor
 :data:`SMOOTHER_MUST_BEAT`: held-out lines at the noise level favour the image that
-predicts less there, as they favour SENSE's (:func:`judge`), so that on the brains a TV
-weight of 1.0 predicted them up to 10% better (0.90-1.00 of the 0.35 weight's loss) and
-gave a worse image, where on the 4-coil pulseq phantom it predicted them 11-16% better and
-gave a better object (bench/HISTORY.md).
+predicts less there, as they favour SENSE's (:func:`judge`). Trained with a TV weight of
+1.0 instead of 0.35, such slices of the brains in ``bench/robust.py`` scored 0.90-1.17
+times the default's held-out loss, with worse images even where it was lower (0.97), and
+near-equal ones at 0.90-0.93; the 4-coil pulseq phantom's scored 0.84-0.89 with clearly
+better objects (bench/HISTORY.md).
 
 UnrollINR's image predicts them *well* when its held-out loss is below
 :data:`GOOD_PREDICTION` times the zeros': the data leave little to the prior, and a
