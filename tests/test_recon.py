@@ -588,13 +588,13 @@ def test_a_retry_replaces_zero_filled_only_with_an_image_that_clearly_beats_zero
 
 
 def test_a_slice_that_predicts_the_held_out_samples_poorly_continues_with_stronger_tv():
-    """Raised halfway: a slightly noisy phantom (held-out loss 0.76 of the zeros' there). Left
-    alone: a clean one (well predicted) and a very noisy one (weak: above 0.85 of it, its
-    maps in doubt)."""
+    """Raised halfway: a slightly noisy phantom (held-out loss 0.76 of the zeros' there), and
+    raised again at three quarters, where it still predicts them poorly. Left alone: a clean
+    one (well predicted) and a very noisy one (weak: above 0.85 of it, its maps in doubt)."""
     from unrollinr.recon import reconstruct_prepared
 
     config = ReconConfig(iterations=100, cg_iterations=8)
-    halfway = config.iterations // 2
+    halfway, three_quarters = config.iterations // 2, 3 * config.iterations // 4
     for noise, coils, acceleration, raised in ((0.02, 4, 3, True), (0.002, 8, 2, False), (0.05, 4, 3, False)):
         full = phantom_kspace(48, coils, noise=noise, seed=1)
         mask = random_line_mask(full.shape[1:], acceleration, acs_lines=12, seed=0)
@@ -605,8 +605,15 @@ def test_a_slice_that_predicts_the_held_out_samples_poorly_continues_with_strong
         assert weights[halfway + 1] == pytest.approx(config.lam_s_poor if raised else config.lam_s, rel=0.05)
         note = f"TV weight raised to {config.lam_s_poor:g} at iteration {halfway}"
         assert (note in result.verdicts[0].reason) == raised == result.verdicts[0].tv_raised, result.verdicts[0].reason
+        again = f"TV weight raised to {config.lam_s_still_poor:g} at iteration {three_quarters}"
+        assert (again in result.verdicts[0].reason) == raised
         if raised:
-            assert result.best_iterations[0] > halfway  # the kept iterate has the new weight
+            assert weights[three_quarters] == pytest.approx(config.lam_s_poor, rel=0.05)
+            assert weights[three_quarters + 1] == pytest.approx(config.lam_s_still_poor, rel=0.05)
+            assert result.best_iterations[0] > halfway  # the kept iterate has a raised weight
+            once = dataclasses.replace(config, lam_s_still_poor=config.lam_s_poor)
+            _, result = reconstruct_prepared((full * mask)[None], mask[None], maps[None], once)
+            assert max(record["lam_s"] for record in result.history) == pytest.approx(config.lam_s_poor, rel=0.05)
             unreviewed = dataclasses.replace(config, lam_s_poor=config.lam_s)
             _, result = reconstruct_prepared((full * mask)[None], mask[None], maps[None], unreviewed)
             assert max(record["lam_s"] for record in result.history) == pytest.approx(config.lam_s, rel=0.05)
@@ -782,8 +789,8 @@ def test_a_raise_that_predicts_the_held_out_samples_worse_goes_back_to_the_itera
                       lam=0.05, lam_s=0.35)
     tracker = _BestIterates(model)
     tracker.update(0, torch.tensor([1.0, 1.0]), torch.tensor([1.5, 1.5]), patience=10)
-    review = _TvReview(model, ReconConfig(), torch.tensor([2.0, 2.0]), review_at=1)
-    review.raise_poor_slices(torch.tensor([1.5, 1.5]), tracker)  # 0.75 of the zeros' loss (2.0): both raised
+    review = _TvReview(model, ReconConfig(), torch.tensor([2.0, 2.0]), iterations=2)
+    review.raise_poor_slices(1, torch.tensor([1.5, 1.5]), tracker)  # 0.75 of the zeros' loss (2.0): both raised
     assert review.before.keys() == {0, 1} and float(model.lam_s.detach()[0]) == pytest.approx(1.0)
     with torch.no_grad():
         for prior in model.priors:
@@ -795,3 +802,28 @@ def test_a_raise_that_predicts_the_held_out_samples_worse_goes_back_to_the_itera
     assert torch.equal(torch.view_as_complex(kept["priors.1.image"]), images[1]) and tracker.best_iterations[1] == 0
     assert float(tracker.held_losses[1]) == pytest.approx(1.5)
     assert "back to iteration 0" in review.notes[1] and "back to" not in review.notes[0]
+
+
+def test_a_second_raise_goes_back_to_the_best_iterate_before_either_raise():
+    from unrollinr.model import PixelImage, UnrollINR
+    from unrollinr.training import _BestIterates, _TvReview
+
+    images = [torch.full((1, 4, 4), 1.0 + s, dtype=torch.complex64) for s in range(3)]
+    model = UnrollINR([PixelImage(image) for image in images], None, torch.ones(3, 1, 4, 4, dtype=torch.bool),
+                      lam=0.05, lam_s=0.35)
+    config = ReconConfig()
+    review = _TvReview(model, config, torch.full((3,), 2.0), iterations=8)
+    assert review.weights_at == {4: config.lam_s_poor, 6: config.lam_s_still_poor}
+    tracker = _BestIterates(model)
+    tracker.update(0, torch.ones(3), torch.tensor([1.5, 1.5, 1.5]), patience=10)
+    assert review.raise_poor_slices(4, torch.tensor([1.5, 1.5, 1.9]), tracker) == [0, 1]  # slice 2 is weak
+    tracker.update(5, torch.ones(3), torch.tensor([1.3, 1.6, 1.0]), patience=10)
+    # 0.65 and 0.8 of the zeros' loss: both still poor; slice 2, never raised, is not raised now
+    assert review.raise_poor_slices(6, torch.tensor([1.3, 1.6, 1.0]), tracker) == [0, 1]
+    assert float(model.lam_s.detach()[0]) == pytest.approx(config.lam_s_still_poor)
+    assert float(model.lam_s.detach()[2]) == pytest.approx(config.lam_s)
+    tracker.update(7, torch.ones(3), torch.tensor([1.4, 1.55, 1.0]), patience=10)
+    review.keep_the_better_prediction(tracker)
+    assert tracker.best_iterations[:2] == [5, 0]  # the better of the iterates before each raise
+    assert [float(loss) for loss in tracker.held_losses[:2]] == pytest.approx([1.3, 1.5])
+    assert "raised to 2 at iteration 6" in review.notes[0] and 2 not in review.notes

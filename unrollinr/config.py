@@ -137,8 +137,10 @@ class ReconConfig:
         Halfway through training, a slice whose image predicts the held-out samples poorly,
         but better than barely (weak: its maps in doubt), continues with the TV weight
         ``lam_s_poor`` (where above ``lam_s``): its outer k-space is barely explained, and a
-        piecewise-smooth object gains from stronger TV (:func:`unrollinr.training.fit`). It
-        goes back to its best iterate before the raise if that one predicted them better.
+        piecewise-smooth object gains from stronger TV (:func:`unrollinr.training.fit`). At
+        three quarters, a slice so raised that still predicts them poorly continues with
+        ``lam_s_still_poor`` (where above ``lam_s_poor``). It goes back to its best iterate
+        before a raise if that one predicted them better.
         ``coil_compression`` compresses to that many virtual coils first (None: off).
     Sections (:data:`SECTIONS`): the settings above fall in ``prior``, ``dc``, ``loss``,
     ``training`` and ``maps``; chain properties, ``--set`` and JSON settings accept
@@ -166,6 +168,7 @@ class ReconConfig:
     tv_log_scale: float = 0.1
     coil_l1: bool = True
     lam_s_poor: float = 1.0
+    lam_s_still_poor: float = 2.0
     retry_lam_s_good: float = 0.1
     dc_solver: str = "auto"
     cg_iterations: int = 20
@@ -216,7 +219,8 @@ class ReconConfig:
                      "espirit_thresh", "espirit_retry_thresh", "tv_log_scale"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("lam", "lam_s", "lam_s_poor", "retry_lam_s_good", "lr", "calibrationless_weight"):
+        for name in ("lam", "lam_s", "lam_s_poor", "lam_s_still_poor", "retry_lam_s_good", "lr",
+                     "calibrationless_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.espirit_sets not in (1, 2):
@@ -363,7 +367,7 @@ SECTIONS = {
               "hash_base_resolution", "hash_finest_resolution", "hidden_layers", "hidden_width", "mlp_precision"),
     "dc": ("data_consistency", "lam", "dc_solver", "cg_iterations", "cg_training_iterations", "cg_tolerance",
            "cg_warm_start", "zero_outside_maps"),
-    "loss": ("lam_s", "tv", "tv_second_order", "tv_log_scale", "coil_l1", "lam_s_poor",
+    "loss": ("lam_s", "tv", "tv_second_order", "tv_log_scale", "coil_l1", "lam_s_poor", "lam_s_still_poor",
              "retry_lam_s_good"),
     "training": ("iterations", "lr", "lr_lam", "lr_lam_s", "holdout_fraction", "refine_fraction", "patience",
                  "retry_iterations", "retry_patience", "calibrationless_fallback", "calibrationless_weight", "seed"),

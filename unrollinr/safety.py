@@ -46,10 +46,11 @@ scored 0.22-0.77 times the zeros' loss.
 An image's prediction is *poor* when its held-out loss is above :data:`POOR_PREDICTION`
 times the zeros': the outer k-space it should predict is barely explained, and a stronger
 TV weight may do better. Training raises it halfway for such a slice, unless the slice is
-weak then (:func:`unrollinr.training.fit`); a weak one whose image stays poor is retried
-with it. On ``bench/robust.py``, the first runs of the slices that a TV weight of 1.0
-instead of 0.35 clearly improved scored 0.68-1.01 times the zeros' loss; those it made
-clearly worse, 0.22-0.59 (brain_8ch_256 at R 8: 0.33).
+weak then, and again at three quarters if it is still poor (:func:`unrollinr.training.fit`);
+a weak one whose image stays poor is retried with the first raise's weight. On
+``bench/robust.py``, the first runs of the slices that a TV weight of 1.0 instead of 0.35
+clearly improved scored 0.68-1.01 times the zeros' loss; those it made clearly worse,
+0.22-0.59 (brain_8ch_256 at R 8: 0.33).
 
 Between the two, a stronger TV weight is tried too, but its smoother image replaces
 UnrollINR's only where it predicts the held-out samples better by the factor
@@ -115,7 +116,7 @@ class Verdict:
     good: bool = False  # UnrollINR returned, and it predicts held-out samples well (below GOOD_PREDICTION of zeros)
     # UnrollINR's image predicted held-out samples worse than zeros by ZERO_FILLED_MARGIN, whatever was returned
     failed: bool = False
-    tv_raised: bool = False  # the run raised the TV weight halfway, kept or not (unrollinr.training.fit)
+    tv_raised: bool = False  # the run raised the TV weight, kept or not (unrollinr.training.fit)
 
     @property
     def checked(self) -> bool:

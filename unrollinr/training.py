@@ -289,7 +289,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     iterations = config.training_iterations(max(op.image_shape[-2:]))
     refine_steps = config.refine_steps(iterations) if held_op is not None else 0
     zero_losses = None if held_samples is None else data_loss(torch.zeros_like(held_samples), held_samples)
-    review = _TvReview(model, config, zero_losses, review_at=iterations // 2)
+    review = _TvReview(model, config, zero_losses, iterations)
     retry_stop = None if held_out_bars is None or held_samples is None else _RetryStop(
         held_out_bars, config.retry_patience, iterations)
 
@@ -323,8 +323,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         if callback is not None:
             callback(iteration, x.detach())
         tracker.update(iteration, objective, held_loss, config.patience)  # the weights that gave x, before this step
-        if iteration == review.review_at and held_loss is not None:
-            raised = review.raise_poor_slices(held_loss, tracker)
+        if held_loss is not None and iteration in review.weights_at:
+            raised = review.raise_poor_slices(iteration, held_loss, tracker)
             if retry_stop is not None:
                 retry_stop.wait_after_raise(raised, iteration)
         if retry_stop is not None and held_loss is not None:
@@ -373,55 +373,67 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
 
 
 class _TvReview:
-    """Halfway through training (``review_at``), each slice whose current image predicts the
-    held-out samples poorly (above :data:`~unrollinr.safety.POOR_PREDICTION` times the
-    zeros' loss) continues with the TV weight ``config.lam_s_poor`` (where that is above
+    """Halfway through training, each slice whose current image predicts the held-out
+    samples poorly (above :data:`~unrollinr.safety.POOR_PREDICTION` times the zeros' loss)
+    continues with the TV weight ``config.lam_s_poor`` (where that is above
     ``config.lam_s``): its outer k-space is barely explained, and a piecewise-smooth object
-    gains from stronger TV. A slice that predicts them barely better than zeros (above
-    :data:`~unrollinr.safety.WEAK_PREDICTION` times their loss) is left alone: the safety
-    net doubts its coil maps, and stronger TV makes an image on wrong maps predict the
-    held-out samples as well as a right one (the GE phantom's small field of view: 1.35 with
-    TV raised on the first maps, 1.36 on the wider maps of the retry, whose image is far
-    better), which would hide the doubt. The objective that chooses a raised slice's iterate
-    weighs TV by the new weight from then on (``objective_weights``, ``(slices,)``). At the
-    end a raised slice whose kept iterate predicts the held-out samples worse than its best
-    before the raise goes back to that one (brain_16ch_96 wrapped: 1.53 against 1.41), as a
-    retry is kept only if it predicts them better. ``notes`` says, per raised slice, what
-    was done and why."""
+    gains from stronger TV. At three quarters, a slice so raised whose image still predicts
+    them poorly continues with ``config.lam_s_still_poor`` (where that is above
+    ``lam_s_poor``). A slice that predicts them barely better than zeros (above
+    :data:`~unrollinr.safety.WEAK_PREDICTION` times their loss) halfway is left alone: the
+    safety net doubts its coil maps, and stronger TV makes an image on wrong maps predict
+    the held-out samples as well as a right one (the GE phantom's small field of view: 1.35
+    with TV raised on the first maps, 1.36 on the wider maps of the retry, whose image is
+    far better), which would hide the doubt. The objective that chooses a raised slice's
+    iterate weighs TV by the new weight from then on (``objective_weights``, ``(slices,)``).
+    At the end a raised slice whose kept iterate predicts the held-out samples worse than
+    its best before a raise goes back to the better of those (brain_16ch_96 wrapped: 1.53
+    against 1.41), as a retry is kept only if it predicts them better. ``notes`` says, per
+    raised slice, what was done and why."""
 
     def __init__(self, model: UnrollINR, config: ReconConfig, zero_losses: torch.Tensor | None,
-                 review_at: int) -> None:
-        """``zero_losses`` ``(slices,)``: the zeros' held-out losses (``None``: no holdout, no review)."""
+                 iterations: int) -> None:
+        """``zero_losses`` ``(slices,)``: the zeros' held-out losses (``None``: no holdout, no
+        review); ``iterations``: the run's training steps."""
         self.model = model
-        self.lam_s_poor = config.lam_s_poor if config.tv and config.lam_s_poor > config.lam_s else None
-        self.review_at = review_at if self.lam_s_poor is not None and zero_losses is not None else -1
+        self.weights_at: dict[int, float] = {}  # the TV weight each review raises to, by iteration
+        if config.tv and zero_losses is not None and config.lam_s_poor > config.lam_s:
+            self.weights_at[iterations // 2] = config.lam_s_poor
+            if config.lam_s_still_poor > config.lam_s_poor and 3 * iterations // 4 > iterations // 2:
+                self.weights_at[3 * iterations // 4] = config.lam_s_still_poor
         self.zero_losses = zero_losses
         self.objective_weights = torch.full_like(model.log_lam_s.detach(), config.lam_s)
         self.notes: dict[int, str] = {}
         self.before: dict[int, _SliceBest] = {}
 
-    def raise_poor_slices(self, held_losses: torch.Tensor, tracker: _BestIterates) -> list[int]:
-        """Raise the TV weight of the poorly (not weakly) predicting slices that have not
-        stopped, given the current image's held-out losses ``(slices,)``; ``tracker`` starts
-        their choice of iterate afresh, and their best so far is kept aside. Returns the
-        slices raised."""
-        assert self.lam_s_poor is not None and self.zero_losses is not None
+    def raise_poor_slices(self, iteration: int, held_losses: torch.Tensor, tracker: _BestIterates) -> list[int]:
+        """At a review's ``iteration``, raise the TV weight of the slices that have not
+        stopped and predict poorly, given the current image's held-out losses ``(slices,)``:
+        at the first review those not weak, at the second those the first raised;
+        ``tracker`` starts their choice of iterate afresh, and their best before a raise
+        is kept aside. Returns the slices raised."""
+        assert self.zero_losses is not None
+        weight, first = self.weights_at[iteration], iteration == min(self.weights_at)
         raised = []
         for s, share in enumerate((held_losses / self.zero_losses).tolist()):
-            if tracker.stopped[s] or not POOR_PREDICTION < share <= WEAK_PREDICTION:
+            eligible = share <= WEAK_PREDICTION if first else s in self.notes
+            if tracker.stopped[s] or not share > POOR_PREDICTION or not eligible:
                 continue
             with torch.no_grad():
-                self.model.log_lam_s[s] = math.log(self.lam_s_poor)
-            self.objective_weights[s] = self.lam_s_poor
-            self.before[s] = tracker.restart(s)
-            self.notes[s] = (f"TV weight raised to {self.lam_s_poor:g} at iteration {self.review_at}, where the "
-                             f"held-out loss was {share:.2f} of the zeros'")
-            logger.info("slice %d of the batch: %s", s, self.notes[s])
+                self.model.log_lam_s[s] = math.log(weight)
+            self.objective_weights[s] = weight
+            before = tracker.restart(s)
+            if s not in self.before or before.held_loss < self.before[s].held_loss:
+                self.before[s] = before
+            note = (f"TV weight raised to {weight:g} at iteration {iteration}, where the held-out loss was "
+                    f"{share:.2f} of the zeros'")
+            self.notes[s] = note if first else f"{self.notes[s]}; {note}"
+            logger.info("slice %d of the batch: %s", s, note)
             raised.append(s)
         return raised
 
     def keep_the_better_prediction(self, tracker: _BestIterates) -> None:
-        """Put back in ``tracker`` the best iterate before the raise of each raised slice
+        """Put back in ``tracker`` the best iterate before a raise of each raised slice
         whose kept iterate predicts the held-out samples worse."""
         for s, before in self.before.items():
             after = float(tracker.held_losses[s])
