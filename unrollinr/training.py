@@ -416,7 +416,7 @@ class _TvReview:
         weight, first = self.weights_at[iteration], iteration == min(self.weights_at)
         raised = []
         for s, share in enumerate((held_losses / self.zero_losses).tolist()):
-            eligible = share <= WEAK_PREDICTION if first else s in self.notes
+            eligible = share <= WEAK_PREDICTION if first else s in self.before  # the second: those raised
             if tracker.stopped[s] or not share > POOR_PREDICTION or not eligible:
                 continue
             with torch.no_grad():
