@@ -18,7 +18,9 @@ Variants of each set (``--data``, default: every ``.npz`` in ``../shared/data``)
 - ``partial-fourier``: random lines at R 3 over the last 6/8 of the phase-encode lines,
   none in the first 2/8 (R about 4 in all);
 - ``low-res``: the central 80% of ky and of kx, a scan at a lower matrix (77 x 77 of 96 x
-  96: odd sizes), R 4.
+  96: odd sizes), R 4;
+- ``pe-turned``: readout and phase encoding swapped, the lines along the other axis of the
+  object (a scan prescribed with the phase encoding turned), R 8.
 
 Accelerations are capped at 12 x (phase-encode lines / 256) (4 at 96 lines), and every
 line mask keeps at least 10 ACS lines (Table I's ACS, scaled); the ``R`` column gives
@@ -66,7 +68,13 @@ from unrollinr.masks import (  # noqa: E402
 )
 from unrollinr.metrics import object_support, psnr, ssim  # noqa: E402
 from unrollinr.recon import prepare_maps, reconstruct_with_details  # noqa: E402
-from unrollinr.variants import cut_readout, lower_resolution, pe_wrap, small_fov  # noqa: E402
+from unrollinr.variants import (  # noqa: E402
+    cut_readout,
+    lower_resolution,
+    pe_wrap,
+    phase_encoding_turned,
+    small_fov,
+)
 
 MIN_ACS = 10
 PARTIAL_FOURIER = 6 / 8
@@ -149,6 +157,7 @@ VARIANTS: list[tuple[str, Callable[[np.ndarray], np.ndarray], float, str]] = [
     ("uniform", lambda k: k, 4, "uniform"),
     ("partial-fourier", lambda k: k, 3, "partial-fourier"),
     ("low-res", lower_resolution, 4, "lines"),
+    ("pe-turned", phase_encoding_turned, 8, "lines"),
 ]
 
 

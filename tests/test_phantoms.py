@@ -3,7 +3,7 @@ import torch
 
 from unrollinr.fft import ifft2c
 from unrollinr.phantoms import birdcage_maps, multicoil_kspace, phantom_volume
-from unrollinr.variants import lower_resolution
+from unrollinr.variants import lower_resolution, phase_encoding_turned
 
 
 def test_every_slice_of_a_volume_holds_object_and_neighbours_differ():
@@ -30,3 +30,11 @@ def test_a_lower_resolution_keeps_the_central_samples_about_the_centre_sample():
     assert low.shape == (2, 77, 64) and low.dtype == np.complex64
     np.testing.assert_array_equal(low[:, 77 // 2, 64 // 2], kspace[:, 48, 40])  # the centre stays the centre
     np.testing.assert_array_equal(low, kspace[:, 10:87, 8:72])
+
+
+def test_turning_the_phase_encoding_transposes_every_coil_image():
+    kspace = np.random.default_rng(1).standard_normal((2, 9, 6)).astype(np.complex64)
+    turned = phase_encoding_turned(kspace)
+    assert turned.shape == (2, 6, 9) and turned.dtype == np.complex64
+    images = ifft2c(torch.from_numpy(kspace)).numpy()
+    np.testing.assert_allclose(ifft2c(torch.from_numpy(turned)).numpy(), images.transpose(0, 2, 1), atol=1e-6)

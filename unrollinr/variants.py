@@ -1,6 +1,7 @@
 """Fully sampled k-space ``(coils, ky, kx)`` as an everyday scan's field of view would give
 it: the object cut at the field of view's edges, or wrapped onto itself; or as a scan at a
-lower matrix would. ``bench/robust.py`` and the tests check the reconstruction on them."""
+lower matrix, or with the phase encoding along the other axis, would. ``bench/robust.py``
+and the tests check the reconstruction on them."""
 
 from __future__ import annotations
 
@@ -43,3 +44,9 @@ def lower_resolution(kspace: np.ndarray, fraction: float = 0.8) -> np.ndarray:
     view scanned at a lower matrix (of odd size, as often as not)."""
     rows, columns = (centre_range(n, round(fraction * n)) for n in kspace.shape[-2:])
     return np.ascontiguousarray(kspace[..., rows, columns]).astype(np.complex64)
+
+
+def phase_encoding_turned(kspace: np.ndarray) -> np.ndarray:
+    """``(coils, kx, ky)``: readout and phase encoding swapped, the scan prescribed with its
+    phase encoding along the other axis (the image transposed)."""
+    return np.ascontiguousarray(np.swapaxes(kspace, -2, -1)).astype(np.complex64)
