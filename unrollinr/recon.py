@@ -205,7 +205,7 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
     A slice whose first run was not checked (no samples held out, or no prior) is left as
     it is, since no retry could be judged better. A retry stops early where its held-out
     loss, above the kept run's, stops falling fast enough to pass it (``retry_patience``;
-    :class:`~unrollinr.training._RetryStop`). A retry, or the calibrationless image, that
+    :class:`~unrollinr.iterates.RetryStop`). A retry, or the calibrationless image, that
     fails (out of memory, say: the wider maps' second set doubles the images) leaves the
     slice the image it has, with a warning.
     """
