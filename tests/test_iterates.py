@@ -94,3 +94,16 @@ def test_a_second_raise_goes_back_to_the_best_iterate_before_either_raise():
     assert tracker.best_iterations[:2] == [5, 0]  # the better of the iterates before each raise
     assert [float(loss) for loss in tracker.held_losses[:2]] == pytest.approx([1.3, 1.5])
     assert "raised to 2 at iteration 6" in review.notes[0] and 2 not in review.notes
+
+
+def test_a_raised_slice_that_is_weak_at_three_quarters_is_not_raised_again():
+    model = UnrollINR([PixelImage(torch.ones(1, 4, 4, dtype=torch.complex64)) for _ in range(2)], None,
+                      torch.ones(2, 1, 4, 4, dtype=torch.bool), lam=0.05, lam_s=0.35)
+    config = ReconConfig()
+    review = TvReview(model, config, torch.full((2,), 2.0), iterations=8)
+    tracker = BestIterates(model)
+    tracker.update(0, torch.ones(2), torch.tensor([1.5, 1.5]), patience=10)
+    assert review.raise_poor_slices(4, torch.tensor([1.5, 1.5]), tracker) == [0, 1]
+    # 0.7 and 0.9 of the zeros' loss: slice 1 predicts barely better than zeros, and its doubt stays visible
+    assert review.raise_poor_slices(6, torch.tensor([1.4, 1.8]), tracker) == [0]
+    assert [float(w) for w in model.lam_s.detach()] == pytest.approx([config.lam_s_still_poor, config.lam_s_poor])

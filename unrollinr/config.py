@@ -138,9 +138,9 @@ class ReconConfig:
         but better than barely (weak: its maps in doubt), continues with the TV weight
         ``lam_s_poor`` (where above ``lam_s``): its outer k-space is barely explained, and a
         piecewise-smooth object gains from stronger TV (:func:`unrollinr.training.fit`). At
-        three quarters, a slice so raised that still predicts them poorly continues with
-        ``lam_s_still_poor`` (where above ``lam_s_poor``). It goes back to its best iterate
-        before a raise if that one predicted them better.
+        three quarters, a slice so raised that still predicts them poorly, and not weakly,
+        continues with ``lam_s_still_poor`` (where above ``lam_s_poor``). It goes back to its
+        best iterate before a raise if that one predicted them better.
         ``coil_compression`` compresses to that many virtual coils first (None: off).
     Sections (:data:`SECTIONS`): the settings above fall in ``prior``, ``dc``, ``loss``,
     ``training`` and ``maps``; chain properties, ``--set`` and JSON settings accept

@@ -108,7 +108,7 @@ class TvReview:
     gains from stronger TV. At three quarters, a slice so raised whose image still predicts
     them poorly continues with ``config.lam_s_still_poor`` (where that is above
     ``lam_s_poor``). A slice that predicts them barely better than zeros (above
-    :data:`~unrollinr.safety.WEAK_PREDICTION` times their loss) halfway is left alone: the
+    :data:`~unrollinr.safety.WEAK_PREDICTION` times their loss) at a review is left alone: the
     safety net doubts its coil maps, and stronger TV makes an image on wrong maps predict
     the held-out samples as well as a right one (the GE phantom's small field of view: 1.35
     with TV raised on the first maps, 1.36 on the wider maps of the retry, whose image is
@@ -136,15 +136,15 @@ class TvReview:
 
     def raise_poor_slices(self, iteration: int, held_losses: torch.Tensor, tracker: BestIterates) -> list[int]:
         """At a review's ``iteration``, raise the TV weight of the slices that have not
-        stopped and predict poorly, given the current image's held-out losses ``(slices,)``:
-        at the first review those not weak, at the second those the first raised;
+        stopped and predict poorly but are not weak, given the current image's held-out losses
+        ``(slices,)``: at the first review any such slice, at the second those the first raised;
         ``tracker`` starts their choice of iterate afresh, and their best before a raise
         is kept aside. Returns the slices raised."""
         assert self.zero_losses is not None
         weight, first = self.weights_at[iteration], iteration == min(self.weights_at)
         raised = []
         for s, share in enumerate((held_losses / self.zero_losses).tolist()):
-            eligible = share <= WEAK_PREDICTION if first else s in self.before  # the second: those raised
+            eligible = share <= WEAK_PREDICTION and (first or s in self.before)  # the second: those raised
             if tracker.stopped[s] or not share > POOR_PREDICTION or not eligible:
                 continue
             with torch.no_grad():
