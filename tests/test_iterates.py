@@ -11,13 +11,13 @@ from unrollinr.iterates import BestIterates, RetryStop, TvReview
 from unrollinr.model import PixelImage, UnrollINR
 
 
-def _retry_stop(bars: list[float], iterations: int):
+def _retry_stop(bars: list[float], iterations: int, warm_up: int = 0):
     """A :class:`~unrollinr.iterates.RetryStop` with patience 3 over ``iterations`` steps, for
     a model of ``len(bars)`` 4 x 4 slices, and the tracker it stops slices in."""
     slices = len(bars)
     model = UnrollINR([PixelImage(torch.ones(1, 4, 4, dtype=torch.complex64)) for _ in range(slices)], None,
                       torch.ones(slices, 1, 4, 4, dtype=torch.bool), lam=0.05, lam_s=0.35)
-    return BestIterates(model), RetryStop(bars, patience=3, iterations=iterations)
+    return BestIterates(model), RetryStop(bars, patience=3, iterations=iterations, warm_up=warm_up)
 
 
 def test_a_retry_stops_where_its_held_out_loss_falls_too_slowly_to_pass_the_bar_in_the_steps_left():
@@ -29,6 +29,19 @@ def test_a_retry_stops_where_its_held_out_loss_falls_too_slowly_to_pass_the_bar_
             stop.stop_hopeless(iteration, torch.tensor(losses), tracker)
             stopped.append(tracker.stopped[0])
         assert stopped == [stops_at is not None and iteration >= stops_at for iteration in range(len(falling))]
+
+
+def test_a_fresh_retry_whose_held_out_loss_rises_before_it_falls_is_judged_after_its_warm_up():
+    rising_then_falling = [2.0, 2.1, 2.2, 2.2, 2.1, 1.9, 1.7, 1.5, 1.3, 1.1, 0.9]  # 1.0 to beat
+    stopped_at = {}
+    for warm_up in (0, 3):
+        tracker, stop = _retry_stop([1.0], 100, warm_up)
+        for iteration, loss in enumerate(rising_then_falling):
+            stop.stop_hopeless(iteration, torch.tensor([loss]), tracker)
+            if tracker.stopped[0]:
+                stopped_at[warm_up] = iteration
+                break
+    assert stopped_at == {0: 3}  # no new low under 2.0 in 3 steps; with the warm-up its lows count from step 3
 
 
 def test_a_retry_slice_whose_tv_weight_is_raised_gets_the_patience_from_the_raise():

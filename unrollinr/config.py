@@ -128,7 +128,8 @@ class ReconConfig:
         while its held-out loss is above the kept run's, once that loss has not reached a new
         low for ``retry_patience`` steps, or has not fallen fast enough over the last
         ``retry_patience`` to pass the kept run's in the steps left (counted from its own TV
-        review, below, where that raised the weight). A slice still doubtful then returns,
+        review, below, where that raised the weight, and, in a retry trained afresh, from
+        step ``retry_patience``: its warm-up). A slice still doubtful then returns,
         with ``calibrationless_fallback`` on, the root-sum-of-squares of its coil images
         reconstructed without maps under joint TV of weight ``calibrationless_weight``
         (relative to the zero-filled image's maximum), where that predicts the held-out

@@ -252,7 +252,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
         :func:`slice_seeds`. A slice given the same seed as alone gets the same image.
     held_out_bars
         For a retry: each slice's held-out loss to beat, that of the run it retries
-        (:class:`RetryStop`).
+        (:class:`RetryStop`; trained afresh, without ``initial_parameters``, its first
+        ``retry_patience`` steps are a warm-up).
     """
     prepare_process()
     start = time.perf_counter()
@@ -288,7 +289,8 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     zero_losses = None if held_samples is None else data_loss(torch.zeros_like(held_samples), held_samples)
     review = TvReview(model, config, zero_losses, iterations)
     retry_stop = None if held_out_bars is None or held_samples is None else RetryStop(
-        held_out_bars, config.retry_patience, iterations)
+        held_out_bars, config.retry_patience, iterations,
+        warm_up=config.retry_patience if initial_parameters is None else 0)
 
     def losses(measured: torch.Tensor, samples: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per slice, the loss of the image ``x``, whose samples ``measured`` predict ``samples``,
