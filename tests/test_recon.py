@@ -728,14 +728,6 @@ def test_a_retry_stops_once_its_held_out_loss_stops_falling_above_the_loss_to_be
     assert hopeless(stop) and not any(hopeless(i) for i in range(2 * patience, stop))
 
 
-
-
-
-
-
-
-
-
 def test_the_library_leaves_the_global_random_and_thread_state_alone(phantom_48):
     from unrollinr.masks import random_line_mask
 

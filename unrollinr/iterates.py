@@ -192,14 +192,14 @@ class RetryStop:
 
     def __init__(self, bars: Sequence[float], patience: int, iterations: int, warm_up: int = 0) -> None:
         self.bars, self.patience, self.iterations, self.warm_up = list(bars), patience, iterations, warm_up
-        self.raised_at = [warm_up] * len(self.bars)
+        self.patience_from = [warm_up] * len(self.bars)  # per slice: the step its patience counts from
         self.lowest_by_iteration: list[list[float]] = [[] for _ in self.bars]
 
     def wait_after_raise(self, slices: Sequence[int], iteration: int) -> None:
         """Give the ``slices`` whose TV weight was raised at ``iteration`` ``patience`` steps
         from there to reach a new low."""
         for s in slices:
-            self.raised_at[s] = iteration
+            self.patience_from[s] = iteration
 
     def stop_hopeless(self, iteration: int, held_losses: torch.Tensor, tracker: BestIterates) -> None:
         """Record the held-out losses ``(slices,)`` of ``iteration`` (called at every one, from
@@ -209,7 +209,7 @@ class RetryStop:
             previous = lowest_so_far[-1] if lowest_so_far else math.inf
             lowest = loss if loss < previous and iteration >= self.warm_up else previous  # a NaN loss is no new low
             lowest_so_far.append(lowest)
-            if tracker.stopped[s] or lowest < self.bars[s] or iteration - self.raised_at[s] < self.patience:
+            if tracker.stopped[s] or lowest < self.bars[s] or iteration - self.patience_from[s] < self.patience:
                 continue
             fall_per_step = 0.0  # where no loss was finite, nothing falls
             if math.isfinite(lowest):
