@@ -57,12 +57,16 @@ def test_the_joint_tv_weight_is_relative_to_the_data_scale(cut_phantom):
     # brain_8ch_256 cut to 128 x 128, mask seed 1: 3% better, after first maps that predicted worse than zeros
     (Verdict("unrollinr", "", 1.818, weak=True, poor=True), 1.763, True, True),
     (Verdict("unrollinr", "", 1.818, weak=True, poor=True), 1.763, False, False),
-    (Verdict("unrollinr", "", 1.5, poor=True), 1.0, True, False),  # still not doubtful
+    # not doubtful, but the first maps failed: a retry's maps that only the held-out samples
+    # accepted are compared too (brain_16ch_96 cut to 48 x 48, mask seed 8: a retry at 1.47,
+    # 22.4 dB; the calibrationless image 0.93, 32.8 dB)
+    (Verdict("unrollinr", "", 1.5, poor=True), 1.0, True, True),
+    (Verdict("unrollinr", "", 1.5, poor=True), 1.6, True, False),
     # barely better than zeros, even after maps that failed (a brain cropped to 76 x 80, mask
     # seed 1: 1.937 against 2.350 and the zeros' 2.00, and a far worse image)
     (Verdict("unrollinr", "", 2.350, weak=True, poor=True, failed=True), 1.937, True, False),
 ])
-def test_the_calibrationless_image_replaces_only_a_doubtful_image_it_clearly_beats(incumbent, loss, maps_failed,
+def test_the_calibrationless_image_replaces_an_image_in_doubt_only_where_it_beats_it(incumbent, loss, maps_failed,
                                                                                    replaced):
     verdict = calibrationless_verdict(loss, 2.0, incumbent, maps_failed=maps_failed)
     assert (verdict is not None) == replaced

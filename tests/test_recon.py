@@ -426,15 +426,20 @@ def test_a_slice_that_was_not_checked_is_not_retried(problem, unchecked, caplog)
     assert not [r for r in caplog.records if r.getMessage().startswith("retry with")]  # none could be judged better
 
 
-def test_a_rejected_slice_is_run_again_with_wider_maps_and_the_better_run_is_kept():
+def test_a_rejected_slice_is_run_again_with_wider_maps_and_the_better_run_is_kept(caplog):
     full = pe_wrap(phantom_kspace(64, 8, noise=0.002, seed=0))
     mask = random_line_mask(full.shape[1:], 2, acs_lines=12, seed=0)
     measured, reference = full * mask, reference_image(full)
     # so tight a signal subspace that no image fits the data: the first run returns zero-filled
     config = ReconConfig(iterations=60, cg_iterations=8, espirit_thresh=0.6)
-    image, result = reconstruct_with_details(measured, mask, config=config)
+    with caplog.at_level(logging.INFO, logger="unrollinr.recon"):
+        image, result = reconstruct_with_details(measured, mask, config=config)
     verdict = result.verdicts[0]
     assert verdict.returned == "unrollinr", verdict.reason
+    assert not verdict.doubtful
+    # the first maps failed, so the calibrationless image is compared with the retry's all the same
+    assert "calibrationless image: held-out loss" in caplog.text
+    assert "against unrollinr's" in caplog.text and ": not returned" in caplog.text
     assert verdict.reason.startswith("with wider coil maps (crop 0.5, threshold 0.001)"), verdict.reason
     assert "after the first run's zero-filled" in verdict.reason
     assert psnr(reference, image) > psnr(reference, zero_filled(measured)) + 5
@@ -577,12 +582,15 @@ def test_the_background_compares_the_prior_outside_every_map_with_the_zero_fille
     assert ratio.item() == pytest.approx(3 * 2**0.5, rel=1e-4)
 
 
-def test_a_retry_replaces_zero_filled_only_with_an_image_that_clearly_beats_zeros():
+def test_a_retry_replaces_an_image_whose_held_out_samples_it_predicts_better():
+    """A weak prediction replaces the zero-filled image too (the GE phantom cut to 64 x 64
+    at R 3, mask seeds 5-9: wider maps at 0.81-0.97 of the zeros' loss, 32.7-37.2 dB
+    against zero-filling's 23.5-24.8); the calibrationless image is then compared with it."""
     from unrollinr.safety import Verdict, replaces
 
     zero_filled, sense = Verdict("zero-filled", "", 2.0), Verdict("sense", "", 1.5)
-    assert not replaces(Verdict("unrollinr", "", 1.9, weak=True), zero_filled)
-    assert replaces(Verdict("unrollinr", "", 1.6), zero_filled)
+    assert replaces(Verdict("unrollinr", "", 1.9, weak=True), zero_filled)
+    assert not replaces(Verdict("unrollinr", "", 2.05, weak=True), zero_filled)
     assert replaces(Verdict("unrollinr", "", 1.45), sense)
     assert not replaces(Verdict("unrollinr", "", 1.55), sense)
 

@@ -23,7 +23,7 @@ from unrollinr.coils import (
 from unrollinr.config import ReconConfig
 from unrollinr.fft import fft2c
 from unrollinr.loss import normalized_l1_l2
-from unrollinr.safety import SMOOTHER_MUST_BEAT, Verdict, calibrationless_verdict, replaces
+from unrollinr.safety import SMOOTHER_MUST_BEAT, Verdict, calibrationless_verdict, may_fall_back_without_maps, replaces
 from unrollinr.sense import SenseOp, combine_sets, sets_in_use
 from unrollinr.training import FitResult, fit
 
@@ -259,7 +259,8 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
                                  f"{first.verdict.returned} (held-out loss {first.verdict.held_out_loss:.4f}): "
                                  f"{best.verdict.reason}")]
         best.result.seconds = seconds
-    if best.verdict.doubtful and config.calibrationless_fallback and best.result.held_out is not None:
+    if (config.calibrationless_fallback and best.result.held_out is not None
+            and may_fall_back_without_maps(best.verdict, maps_failed=first.verdict.failed)):
         try:
             _fall_back_without_maps(best, mask, best.result.held_out[0], device, maps_failed=first.verdict.failed)
         except Exception as error:  # noqa: BLE001 - the slice keeps the image it has
