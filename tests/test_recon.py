@@ -584,7 +584,7 @@ def test_the_background_compares_the_prior_outside_every_map_with_the_zero_fille
 
 def test_a_retry_replaces_an_image_whose_held_out_samples_it_predicts_better():
     """A weak prediction replaces the zero-filled image too (the GE phantom cut to 64 x 64
-    at R 3, mask seeds 5-9: wider maps at 0.81-0.97 of the zeros' loss, 32.7-37.2 dB
+    at R 3, mask seeds 5-9: wider maps at 0.81-0.97 of the zeros' loss, 33.8-38.1 dB
     against zero-filling's 23.5-24.8); the calibrationless image is then compared with it."""
     from unrollinr.safety import Verdict, replaces
 
