@@ -67,7 +67,7 @@ def test_the_joint_tv_weight_is_relative_to_the_data_scale(cut_phantom):
     (Verdict("unrollinr", "", 2.350, weak=True, poor=True, failed=True), 1.937, True, False),
 ])
 def test_the_calibrationless_image_replaces_an_image_in_doubt_only_where_it_beats_it(incumbent, loss, maps_failed,
-                                                                                   replaced):
+                                                                                     replaced):
     verdict = calibrationless_verdict(loss, 2.0, incumbent, maps_failed=maps_failed)
     assert (verdict is not None) == replaced
     if verdict is not None:
