@@ -5,7 +5,8 @@ memory traffic, not arithmetic. Layer by layer under autocast, each hidden layer
 product, then reads and writes it again for the ReLU, and autograd casts around each layer.
 Here the product and its ReLU are one oneDNN call on the CPU, the weights are cast once,
 and the backward pass is written out. The numbers equal those of the ``nn.Sequential``
-under autocast (``tests/test_mlp.py``).
+under autocast in bfloat16, and to rounding in float32, where BLAS computes the sequential
+layers' products (``tests/test_mlp.py``).
 """
 
 from __future__ import annotations
