@@ -536,6 +536,17 @@ def test_an_unrollinr_image_that_barely_beats_zeros_on_held_out_samples_is_weak(
     assert (nan_both.returned, nan_both.failed) == ("zero-filled", True)
 
 
+def test_first_maps_whose_sense_image_is_louder_than_the_data_failed():
+    from unrollinr.safety import NO_LOUDER_THAN_THE_DATA, judge
+
+    # brain_16ch_96 cut to 48 x 48 at R 3, mask seed 13: UnrollINR near the zeros, SENSE
+    # (no prior to blame) far louder than the data on the held-out line
+    sense = torch.tensor([3.7771, 2.0 * NO_LOUDER_THAN_THE_DATA * 0.99])
+    louder, quieter = judge(torch.tensor([2.1283, 2.1283]), sense, torch.tensor([2.0, 2.0]))
+    assert (louder.returned, louder.weak, louder.failed) == ("unrollinr", True, True)
+    assert (quieter.returned, quieter.weak, quieter.failed) == ("unrollinr", True, False)
+
+
 def test_sense_replaces_unrollinrs_image_only_where_it_predicts_the_held_out_samples():
     from unrollinr.safety import NO_LOUDER_THAN_THE_DATA, judge
 

@@ -30,12 +30,16 @@ calibrationless image 1.98 against UnrollINR's 2.00, and a far worse image). Whe
 maps fail it wins clearly: a brain cut to a 128 x 128 field of view, 1.76 against
 UnrollINR's 1.95, and to 48 x 48, 0.93 against the zeros' 2.00. Where the slice's first
 maps failed outright (its first UnrollINR image predicted the held-out samples worse than
-zeros, by :data:`ZERO_FILLED_MARGIN`), every map-based image of it is suspect, even a
-retry's that the held-out samples accepted, and being better is enough: the first brain
-cut to 128 x 128 on mask seed 1 (first run 2.46 against the zeros' 2.00) then scores 1.76
-against its retried UnrollINR's 1.82, 3% better, and is the better image. None of the
-slices the margin protects failed so (their first runs: 1.87-2.06). The images' PSNR:
-bench/RESULTS.md and bench/HISTORY.md.
+zeros, by :data:`ZERO_FILLED_MARGIN`, or its first SENSE image, which has no prior to
+blame, louder than the data: :data:`NO_LOUDER_THAN_THE_DATA`), every map-based image of it
+is suspect, even a retry's that the held-out samples accepted, and being better is enough:
+the first brain cut to 128 x 128 on mask seed 1 (first run 2.46 against the zeros' 2.00)
+then scores 1.76 against its retried UnrollINR's 1.82, 3% better, and is the better image;
+brain_16ch_96 cut to 48 x 48, mask seed 13 (first SENSE 3.78, UnrollINR 2.13), scores 0.82
+against the wider maps' UnrollINR's 0.87, whose second set's prior made the cut edge three
+times as bright as the object. None of the slices the margin protects failed so (their
+first runs: 1.87-2.06, and SENSE's there 2.07). The images' PSNR: bench/RESULTS.md and
+bench/HISTORY.md.
 
 UnrollINR's image is *weak* when it predicts the held-out samples barely better than
 zeros (above :data:`WEAK_PREDICTION` times their loss): with held-out lines at the noise
@@ -116,7 +120,7 @@ class Verdict:
     weak: bool = False  # UnrollINR returned, but it predicts held-out samples barely better than zeros
     poor: bool = False  # the image returned predicts held-out samples poorly (above POOR_PREDICTION of zeros)
     good: bool = False  # UnrollINR returned, and it predicts held-out samples well (below GOOD_PREDICTION of zeros)
-    # UnrollINR's image predicted held-out samples worse than zeros by ZERO_FILLED_MARGIN, whatever was returned
+    # the maps failed outright (:func:`judge`), whatever was returned
     failed: bool = False
     tv_raised: bool = False  # the run raised the TV weight, kept or not (unrollinr.training.fit)
 
@@ -158,7 +162,9 @@ def judge(unrollinr_loss: torch.Tensor, sense_loss: torch.Tensor, zero_loss: tor
         scores = f"held-out loss UnrollINR {ours:.4f}, SENSE {sense:.4f}, zeros {zeros:.4f}"
         # An image with NaN or infinite pixels predicts nothing: no comparison may prefer it.
         ours, sense = (loss if math.isfinite(loss) else math.inf for loss in (ours, sense))
-        failed = ours > ZERO_FILLED_MARGIN * zeros
+        # The maps failed outright where UnrollINR's image predicts the held-out samples worse
+        # than zeros, or SENSE's, which has no prior, is louder than the data there.
+        failed = ours > ZERO_FILLED_MARGIN * zeros or sense > NO_LOUDER_THAN_THE_DATA * zeros
         # SENSE's lower loss counts where SENSE predicts the samples, or UnrollINR's image is
         # louder than the data there (a diverged prior); else SENSE merely predicts less.
         sense_predicts = sense <= WEAK_PREDICTION * zeros or ours > NO_LOUDER_THAN_THE_DATA * zeros
@@ -208,11 +214,11 @@ def calibrationless_verdict(loss: float, zeros: float, incumbent: Verdict, *,
     """The verdict for the calibrationless image, whose held-out loss is ``loss`` (the
     zeros' is ``zeros``), where it replaces a doubtful slice's ``incumbent``: where it
     predicts the held-out samples better by the factor :data:`CLEARLY_BETTER`, or merely
-    better where the slice's first maps failed outright (``maps_failed``: its first
-    UnrollINR image predicted them worse than zeros, :attr:`Verdict.failed`), so that every
-    map-based image of it is suspect. Either way it must predict them better than zeros by
-    that factor: one barely better than zeros is no evidence that it explains the data (the
-    76 x 80 brain of :func:`judge`: 1.94 against the zeros' 2.00, and a far worse image).
+    better where the slice's first maps failed outright (``maps_failed``,
+    :attr:`Verdict.failed`), so that every map-based image of it is suspect. Either way it
+    must predict them better than zeros by that factor: one barely better than zeros is no
+    evidence that it explains the data (the 76 x 80 brain of :func:`judge`: 1.94 against the
+    zeros' 2.00, and a far worse image).
     ``None`` where it does not replace the incumbent."""
     margin = 1.0 if maps_failed else CLEARLY_BETTER
     if (not may_fall_back_without_maps(incumbent, maps_failed=maps_failed)
