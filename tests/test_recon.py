@@ -593,6 +593,49 @@ def test_the_background_compares_the_prior_outside_every_map_with_the_zero_fille
     assert ratio.item() == pytest.approx(3 * 2**0.5, rel=1e-4)
 
 
+def test_the_judge_rejects_an_image_that_invents_the_unmeasured_k_space():
+    from unrollinr.safety import LOUDEST_UNMEASURED, judge
+
+    # brain_8ch_256 cut to 128 x 128 at R 6, mask seed 4: a weak first run that passed the
+    # held-out line (2.18 against the zeros' 2.00) but was 9.4 times as loud as the data
+    # where nothing was measured (sound images: 0.23-1.93)
+    losses = dict(unrollinr_loss=torch.tensor([2.1828] * 5), sense_loss=torch.tensor([2.0485] * 4 + [2.5]),
+                  zero_loss=torch.tensor([2.0] * 5))
+    loudness = torch.tensor([9.41, 1.93, float("nan"), 9.41, 9.41])
+    sense_loudness = torch.tensor([0.52, 0.52, float("nan"), LOUDEST_UNMEASURED * 1.01, 0.52])
+    invented, sound, unknown, both_invent, sense_fails = judge(**losses, loudness=loudness,
+                                                               sense_loudness=sense_loudness)
+    assert (invented.returned, invented.failed) == ("sense", True)
+    assert invented.held_out_loss == pytest.approx(2.0485)
+    assert "louder than the data where nothing was measured" in invented.reason and "9.41 times" in invented.reason
+    assert (sound.returned, sound.weak, sound.failed) == ("unrollinr", True, False)
+    assert (unknown.returned, unknown.failed) == ("unrollinr", False)
+    # where SENSE invents it too, or does not predict the held-out samples, neither is returned
+    assert (both_invent.returned, both_invent.failed) == ("zero-filled", True)
+    assert sense_fails.returned == "zero-filled" and sense_fails.held_out_loss == pytest.approx(2.0)
+
+
+def test_the_unmeasured_loudness_compares_predicted_and_measured_outer_k_space():
+    from unrollinr.fft import ifft2c
+    from unrollinr.sense import SenseOp
+    from unrollinr.training import _unmeasured_loudness
+
+    maps = torch.ones(2, 1, 1, 8, 8, dtype=torch.complex64)
+    mask = torch.zeros(2, 8, 8, dtype=torch.bool)
+    mask[:, 3:5] = True  # the ACS rows
+    mask[:, 0] = True  # one measured outer row
+    mask[1] = True  # slice 1: nothing unmeasured
+    protected = torch.zeros_like(mask)
+    protected[:, 3:5] = True
+    kspace = torch.zeros(2, 1, 8, 8, dtype=torch.complex64)
+    kspace[:, 0, 0] = 2.0  # energy 4 on every measured outer sample
+    predicted = torch.zeros(2, 8, 8, dtype=torch.complex64)
+    predicted[:, 6] = 6.0  # energy 36 on one of the five unmeasured rows: a mean of 7.2
+    loudness = _unmeasured_loudness(ifft2c(predicted)[:, None], SenseOp(maps, mask), kspace * mask[:, None], protected)
+    assert loudness[0].item() == pytest.approx(7.2 / 4, rel=1e-5)
+    assert torch.isnan(loudness[1])
+
+
 def test_a_retry_replaces_an_image_whose_held_out_samples_it_predicts_better():
     """A weak prediction replaces the zero-filled image too (the GE phantom cut to 64 x 64
     at R 3, mask seeds 5-9: wider maps at 0.81-0.97 of the zeros' loss, 33.8-38.1 dB

@@ -337,7 +337,7 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
     review.keep_the_better_prediction(tracker)
     model.load_state_dict(tracker.best_state, strict=False)
     verdicts = _verdicts(model, config, kspace * train_op.mask.unsqueeze(1), like, tracker.held_losses, held_op,
-                         held_samples, zero_losses, data_loss)
+                         held_samples, zero_losses, data_loss, protected)
     verdicts = [dataclasses.replace(v, reason=f"{v.reason}; {review.notes[s]}", tv_raised=True)
                 if s in review.notes else v for s, v in enumerate(verdicts)]
     iterations_run = iteration + 1
@@ -374,25 +374,33 @@ def fit(op: SenseOp, kspace: torch.Tensor, config: ReconConfig, *, progress: boo
 def _verdicts(model: UnrollINR, config: ReconConfig, train_kspace: torch.Tensor, like: torch.Tensor,
               unrollinr_scores: torch.Tensor, held_op: SenseOp | None, held_samples: torch.Tensor | None,
               zero_scores: torch.Tensor | None,
-              data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[Verdict]:
-    """The safety net's verdict per slice (:mod:`unrollinr.safety`), from the held-out samples
-    and the background of UnrollINR's image (its prior where every coil map vanishes).
+              data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              protected: torch.Tensor | None) -> list[Verdict]:
+    """The safety net's verdict per slice (:mod:`unrollinr.safety`), from the held-out samples,
+    the background of UnrollINR's image (its prior where every coil map vanishes) and the
+    loudness of UnrollINR's and SENSE's images where no training sample measured k-space
+    outside the ``protected`` ACS rows ``(slices, ky, kx)`` (:func:`_unmeasured_loudness`).
 
-    SENSE is solved from the training samples ``train_kspace`` ``(slices, coils, ky, kx)``
-    as inference solves it (from zero, ``cg_iterations``), not by the training step's
-    warm-started solver, whose start is UnrollINR's last image. ``zero_scores`` ``(slices,)``
-    are the zeros' held-out losses."""
+    SENSE and UnrollINR's image are solved from the training samples ``train_kspace``
+    ``(slices, coils, ky, kx)`` as inference solves them (from zero, ``cg_iterations``), not
+    by the training step's warm-started solver, whose start is UnrollINR's last image.
+    ``zero_scores`` ``(slices,)`` are the zeros' held-out losses."""
     n_slices = like.shape[0]
-    if held_op is None or held_samples is None or zero_scores is None:
+    if held_op is None or held_samples is None or zero_scores is None or protected is None:
         return [unchecked("no samples held out")] * n_slices
     if model.dc is None:
         return [unchecked("no data-consistency step")] * n_slices
     with torch.no_grad():
-        sense = _inference_dc(config, model.dc.op, train_kspace, model.dc.column_solver)(torch.zeros_like(like),
-                                                                                          model.lam)
+        train_op = model.dc.op
+        solve = _inference_dc(config, train_op, train_kspace, model.dc.column_solver)
+        prior = model.prior(like)
+        sense = solve(torch.zeros_like(like), model.lam)
         sense_scores = data_loss(held_op.measure(sense), held_samples)
-        backgrounds = _backgrounds(model.prior(like), model.dc.op.maps, train_kspace)
-    verdicts = judge(unrollinr_scores.to(sense_scores.device), sense_scores, zero_scores, backgrounds)
+        backgrounds = _backgrounds(prior, train_op.maps, train_kspace)
+        loudness, sense_loudness = (_unmeasured_loudness(image, train_op, train_kspace, protected)
+                                    for image in (solve(prior.to(like.dtype), model.lam), sense))
+    verdicts = judge(unrollinr_scores.to(sense_scores.device), sense_scores, zero_scores, backgrounds, loudness,
+                     sense_loudness)
     for s, verdict in enumerate(verdicts):
         log = logger.info if verdict.returned == UNROLLINR else logger.warning
         log("slice %d of the batch returns %s: %s", s, verdict.returned, verdict.reason)
@@ -415,6 +423,25 @@ def _backgrounds(prior: torch.Tensor, maps: torch.Tensor, kspace: torch.Tensor) 
     measured = torch.maximum(mean(zero_filled, outside), 0.01 * mean(zero_filled, ~outside)).clamp_min(1e-30)
     return torch.where(outside.flatten(start_dim=1).any(dim=1), invented / measured,
                        torch.full_like(invented, float("nan")))
+
+
+def _unmeasured_loudness(image: torch.Tensor, op: SenseOp, kspace: torch.Tensor,
+                         protected: torch.Tensor) -> torch.Tensor:
+    """Per slice, the mean energy (summed over coils) of the coil k-space that ``image``
+    ``(slices, sets, y, x)`` predicts through ``op`` where ``op`` measures nothing, over the
+    mean energy of the measured ``kspace`` ``(slices, coils, ky, kx)``, both outside the
+    ``protected`` ACS rows ``(slices, ky, kx)`` (the outer k-space that the data share with
+    the prediction); NaN where either region is empty."""
+    outer = ~protected.to(op.mask.device)
+    unmeasured, measured = ~op.mask & outer, op.mask & outer
+
+    def mean(energy: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        return (energy * region).sum(dim=(1, 2)) / region.sum(dim=(1, 2)).clamp_min(1)
+
+    predicted = mean(op.coil_kspace(image).abs().square().sum(dim=1), unmeasured)
+    data = mean(kspace.abs().square().sum(dim=1), measured).clamp_min(1e-30)
+    both = unmeasured.any(dim=(1, 2)) & measured.any(dim=(1, 2))
+    return torch.where(both, predicted / data, torch.full_like(predicted, float("nan")))
 
 
 def _zero_filled_rss(kspace: torch.Tensor) -> torch.Tensor:
