@@ -617,6 +617,7 @@ def test_the_judge_rejects_an_image_that_invents_the_unmeasured_k_space():
     assert (unknown.returned, unknown.failed) == ("unrollinr", False)
     # where SENSE invents it too, or does not predict the held-out samples, neither is returned
     assert (both_invent.returned, both_invent.failed) == ("zero-filled", True)
+    assert "SENSE's image invented it too or predicts held-out k-space worse than zeros" in both_invent.reason
     assert sense_fails.returned == "zero-filled" and sense_fails.held_out_loss == pytest.approx(2.0)
 
 

@@ -211,9 +211,10 @@ def judge(unrollinr_loss: torch.Tensor, sense_loss: torch.Tensor, zero_loss: tor
             invented = (f"UnrollINR's image outside the coil maps is {background:.2f} times as bright as the "
                         f"zero-filled image there" if background > BRIGHTEST_BACKGROUND else
                         "UnrollINR's image is louder than the data where nothing was measured")
-            loss = sense if instead_of_ours == SENSE else zeros
-            verdicts.append(Verdict(instead_of_ours, f"{invented}: its prior invented it ({scores})", loss,
-                                    poor=loss > POOR_PREDICTION * zeros, failed=failed))
+            loss, why_not_sense = (sense, "") if instead_of_ours == SENSE else (
+                zeros, ", and SENSE's image invented it too or predicts held-out k-space worse than zeros")
+            verdicts.append(Verdict(instead_of_ours, f"{invented}: its prior invented it{why_not_sense} ({scores})",
+                                    loss, poor=loss > POOR_PREDICTION * zeros, failed=failed))
         else:
             reason = ("UnrollINR predicts held-out k-space best" if ours <= sense else
                       "neither UnrollINR nor SENSE predicts held-out k-space, and SENSE scores better only by "
