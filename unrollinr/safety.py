@@ -92,22 +92,25 @@ limit lies about 1.5 times from it and from the failures.
 
 Nor does a held-out line check what the prior puts on the outer k-space that nothing
 measured, and one line at the noise level cannot see a bright edge there. An image's
-*loudness* is the mean energy of the coil k-space it predicts where no training sample
-was measured, over that of the data where they were, both outside the ACS rows. An image
-louder than :data:`LOUDEST_UNMEASURED` invented what was not measured: UnrollINR's is
-replaced as for an invented background (by SENSE's, or by the zero-filled image where
-SENSE's is as loud or predicts the held-out samples worse than zeros), and the slice's
-maps failed outright either way. On ``bench/robust.py``, mask seeds 0 and 3 (282 runs),
-UnrollINR's images that the held-out samples accepted scored 0.23-3.35 (the GE phantom,
-whose outer k-space is mostly noise, 2.9-3.4 at R 6), weak ones up to 3.89 (the 4-coil
-pulseq phantom at R 12), and SENSE's 0.03-7.41; louder UnrollINR images came only from
-maps on a cut or wrapped field of view (4.02-273). The limit lies about 1.5 times from the
-loudest sound image and from the failure it catches: brain_8ch_256 cut to 128 x 128 at
-R 6, mask seed 4, scored 9.41 on its first run, whose far worse image than
-zero-filling's passed the held-out line (2.18 against the zeros' 2.00); its
-calibrationless image, then compared where better is enough (1.75 against a weak
-retry's 1.83), is returned, and is better than zero-filling's, where the retry's was
-worse (bench/HISTORY.md).
+*loudness* is the mean energy of the coil k-space it predicts where no training sample was
+measured, over that of the data where they were, both outside the ACS rows. Where
+UnrollINR's or SENSE's image is louder than :data:`LOUDEST_UNMEASURED`, it invented what
+was not measured, and the slice's maps failed outright (above). The image is not rejected
+for it: on a cut or wrapped field of view a sound image can be as loud (the GE phantom cut
+to 64 x 64 at R 3, mask seed 12: its wider maps' runs scored 8.27 and 6.82, and the
+second, at 0.37 of the zeros' held-out loss, is returned, far better than zero-filling's).
+On ``bench/robust.py``, mask seeds 0, 3 and 5 (425 runs), UnrollINR's images that the
+held-out samples accepted scored 0.19-3.35 (the GE phantom, whose outer k-space is mostly
+noise, 2.9-3.4 at R 6), weak ones up to 3.89 outside the small fields of view (the 4-coil
+pulseq phantom at R 12); SENSE's 0.03-7.99. Every first run louder than the limit there
+had failed on the held-out samples too. Of the first runs of small and wrapped fields of
+view over more mask seeds, three louder ones passed them: brain_16ch_96 and the GE phantom
+wrapped at R 3, mask seed 13 (17.6 and 10.0; their calibrationless images predict worse),
+and brain_8ch_256 cut to 128 x 128 at R 6, mask seed 4 (9.41), whose image, far worse than
+zero-filling's, passed the held-out line (2.18 against the zeros' 2.00). Its
+calibrationless image, then compared where better is enough (1.75 against a weak retry's
+1.83), is returned, and is better than zero-filling's, where the retry's was worse
+(bench/HISTORY.md).
 """
 
 from __future__ import annotations
@@ -177,8 +180,7 @@ def judge(unrollinr_loss: torch.Tensor, sense_loss: torch.Tensor, zero_loss: tor
     k-space, which no image at that acceleration resolves), the prediction nearest zero
     scores best, and SENSE's, which fills little of outer k-space, wins without being the
     better image (a brain cropped to 76 x 80 at R 3, mask seed 1: UnrollINR 2.45, SENSE
-    2.07, zeros 2.00, and SENSE's image far worse: bench/HISTORY.md). An image that
-    invented the unmeasured k-space (:data:`LOUDEST_UNMEASURED`) is never returned."""
+    2.07, zeros 2.00, and SENSE's image far worse: bench/HISTORY.md)."""
     verdicts = []
     unknown = torch.full_like(zero_loss, float("nan"))
     for ours, sense, zeros, background, loud, sense_loud in zip(
@@ -190,31 +192,25 @@ def judge(unrollinr_loss: torch.Tensor, sense_loss: torch.Tensor, zero_loss: tor
             scores += f"; unmeasured k-space {loud:.2f} times as loud as the data, SENSE's {sense_loud:.2f}"
         # An image with NaN or infinite pixels predicts nothing: no comparison may prefer it.
         ours, sense = (loss if math.isfinite(loss) else math.inf for loss in (ours, sense))
-        # NaN (nothing unmeasured, or nothing measured outside the ACS rows) is not loud.
-        ours_invents, sense_invents = (value > LOUDEST_UNMEASURED for value in (loud, sense_loud))
         # The maps failed outright where UnrollINR's image predicts the held-out samples worse
         # than zeros, or SENSE's, which has no prior, is louder than the data there, or either
-        # image invents the k-space that no sample measured.
+        # image invents the k-space that no sample measured (NaN, where nothing is unmeasured
+        # or nothing measured outside the ACS rows, is not loud).
         failed = (ours > ZERO_FILLED_MARGIN * zeros or sense > NO_LOUDER_THAN_THE_DATA * zeros
-                  or ours_invents or sense_invents)
+                  or loud > LOUDEST_UNMEASURED or sense_loud > LOUDEST_UNMEASURED)
         # SENSE's lower loss counts where SENSE predicts the samples, or UnrollINR's image is
         # louder than the data there (a diverged prior); else SENSE merely predicts less.
         sense_predicts = sense <= WEAK_PREDICTION * zeros or ours > NO_LOUDER_THAN_THE_DATA * zeros
-        instead_of_ours = ZERO_FILLED if sense_invents or sense > ZERO_FILLED_MARGIN * zeros else SENSE
         if min(ours, sense) > ZERO_FILLED_MARGIN * zeros:
             verdicts.append(Verdict(ZERO_FILLED, f"the coil maps do not predict held-out k-space ({scores})", zeros,
                                     poor=True, failed=failed))
-        elif sense < ours and sense_predicts and not sense_invents:
+        elif sense < ours and sense_predicts:
             verdicts.append(Verdict(SENSE, f"SENSE predicts held-out k-space better ({scores})", sense,
                                     poor=sense > POOR_PREDICTION * zeros, failed=failed))
-        elif background > BRIGHTEST_BACKGROUND or ours_invents:
-            invented = (f"UnrollINR's image outside the coil maps is {background:.2f} times as bright as the "
-                        f"zero-filled image there" if background > BRIGHTEST_BACKGROUND else
-                        "UnrollINR's image is louder than the data where nothing was measured")
-            loss, why_not_sense = (sense, "") if instead_of_ours == SENSE else (
-                zeros, ", and SENSE's image invented it too or predicts held-out k-space worse than zeros")
-            verdicts.append(Verdict(instead_of_ours, f"{invented}: its prior invented it{why_not_sense} ({scores})",
-                                    loss, poor=loss > POOR_PREDICTION * zeros, failed=failed))
+        elif background > BRIGHTEST_BACKGROUND:
+            verdicts.append(Verdict(SENSE, f"UnrollINR's image outside the coil maps is {background:.2f} times as "
+                                           f"bright as the zero-filled image there: its prior invented it ({scores})",
+                                    sense, poor=sense > POOR_PREDICTION * zeros, failed=failed))
         else:
             reason = ("UnrollINR predicts held-out k-space best" if ours <= sense else
                       "neither UnrollINR nor SENSE predicts held-out k-space, and SENSE scores better only by "
