@@ -39,8 +39,9 @@ then scores 1.76 against its retried UnrollINR's 1.82, 3% better, and is the bet
 brain_16ch_96 cut to 48 x 48, mask seed 13 (first SENSE 3.78, UnrollINR 2.13), scores 0.82
 against the wider maps' UnrollINR's 0.87, whose second set's prior made the cut edge three
 times as bright as the reference there. None of the slices the margin protects failed so
-(their first runs: 1.87-2.06, and SENSE's there 2.07). The images' PSNR: bench/RESULTS.md
-and bench/HISTORY.md.
+(their first runs: 1.87-2.06, and SENSE's there 2.07; the pulseq phantom's first image on
+mask seed 1 is 0.52 times as loud as the data where nothing was measured, below). The
+images' PSNR: bench/RESULTS.md and bench/HISTORY.md.
 
 UnrollINR's image is *weak* when it predicts the held-out samples barely better than
 zeros (above :data:`WEAK_PREDICTION` times their loss): with held-out lines at the noise
