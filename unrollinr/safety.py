@@ -184,10 +184,11 @@ def judge(unrollinr_loss: torch.Tensor, sense_loss: torch.Tensor, zero_loss: tor
     2.07, zeros 2.00, and SENSE's image far worse: bench/HISTORY.md)."""
     verdicts = []
     unknown = torch.full_like(zero_loss, float("nan"))
+    backgrounds, loudness, sense_loudness = (unknown if given is None else given
+                                             for given in (backgrounds, loudness, sense_loudness))
     for ours, sense, zeros, background, loud, sense_loud in zip(
-            unrollinr_loss.tolist(), sense_loss.tolist(), zero_loss.tolist(),
-            *((unknown if given is None else given).tolist() for given in (backgrounds, loudness, sense_loudness)),
-            strict=True):
+            unrollinr_loss.tolist(), sense_loss.tolist(), zero_loss.tolist(), backgrounds.tolist(),
+            loudness.tolist(), sense_loudness.tolist(), strict=True):
         scores = f"held-out loss UnrollINR {ours:.4f}, SENSE {sense:.4f}, zeros {zeros:.4f}"
         if not math.isnan(loud) or not math.isnan(sense_loud):
             scores += f"; unmeasured k-space {loud:.2f} times as loud as the data, SENSE's {sense_loud:.2f}"
