@@ -599,7 +599,7 @@ def test_the_background_compares_the_prior_outside_every_map_with_the_zero_fille
 
 
 def test_maps_whose_image_invents_the_unmeasured_k_space_failed_outright():
-    from unrollinr.safety import LOUDEST_UNMEASURED, judge
+    from unrollinr.safety import judge
 
     # brain_8ch_256 cut to 128 x 128 at R 6, mask seed 4: a weak first run that passed the
     # held-out line (2.18 against the zeros' 2.00) but was 9.4 times as loud as the data
