@@ -407,6 +407,12 @@ def _verdicts(model: UnrollINR, config: ReconConfig, train_kspace: torch.Tensor,
     return verdicts
 
 
+def _region_mean(values: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Per slice, the mean of real ``values`` ``(slices, y, x)`` over the boolean ``region``
+    ``(slices, y, x)``; zero where the region is empty."""
+    return (values * region).flatten(start_dim=1).sum(dim=1) / region.flatten(start_dim=1).sum(dim=1).clamp_min(1)
+
+
 def _backgrounds(prior: torch.Tensor, maps: torch.Tensor, kspace: torch.Tensor) -> torch.Tensor:
     """Per slice, the mean magnitude of the prior ``(slices, sets, y, x)`` where every coil
     map of ``maps`` ``(slices, sets, coils, y, x)`` vanishes (where UnrollINR's image is the
@@ -415,12 +421,9 @@ def _backgrounds(prior: torch.Tensor, maps: torch.Tensor, kspace: torch.Tensor) 
     more (noise-free data can leave nothing outside); NaN where the maps cover the field of view."""
     outside = maps.abs().sum(dim=(1, 2)) == 0
     zero_filled = _zero_filled_rss(kspace)
-
-    def mean(image: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-        return (image * region).flatten(start_dim=1).sum(dim=1) / region.flatten(start_dim=1).sum(dim=1).clamp_min(1)
-
-    invented = mean(torch.linalg.vector_norm(prior, dim=1), outside)
-    measured = torch.maximum(mean(zero_filled, outside), 0.01 * mean(zero_filled, ~outside)).clamp_min(1e-30)
+    invented = _region_mean(torch.linalg.vector_norm(prior, dim=1), outside)
+    measured = torch.maximum(_region_mean(zero_filled, outside),
+                             0.01 * _region_mean(zero_filled, ~outside)).clamp_min(1e-30)
     return torch.where(outside.flatten(start_dim=1).any(dim=1), invented / measured,
                        torch.full_like(invented, float("nan")))
 
@@ -432,14 +435,10 @@ def _unmeasured_loudness(image: torch.Tensor, op: SenseOp, kspace: torch.Tensor,
     mean energy of the measured ``kspace`` ``(slices, coils, ky, kx)``, both outside the
     ``protected`` ACS rows ``(slices, ky, kx)`` (the outer k-space that the data share with
     the prediction); NaN where either region is empty."""
-    outer = ~protected.to(op.mask.device)
+    outer = ~protected
     unmeasured, measured = ~op.mask & outer, op.mask & outer
-
-    def mean(energy: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-        return (energy * region).sum(dim=(1, 2)) / region.sum(dim=(1, 2)).clamp_min(1)
-
-    predicted = mean(op.coil_kspace(image).abs().square().sum(dim=1), unmeasured)
-    data = mean(kspace.abs().square().sum(dim=1), measured).clamp_min(1e-30)
+    predicted = _region_mean(op.coil_kspace(image).abs().square().sum(dim=1), unmeasured)
+    data = _region_mean(kspace.abs().square().sum(dim=1), measured).clamp_min(1e-30)
     both = unmeasured.any(dim=(1, 2)) & measured.any(dim=(1, 2))
     return torch.where(both, predicted / data, torch.full_like(predicted, float("nan")))
 
