@@ -652,6 +652,17 @@ def test_a_retry_replaces_an_image_whose_held_out_samples_it_predicts_better():
     assert not replaces(Verdict("unrollinr", "", 1.55), sense)
 
 
+def test_a_retrys_zero_filled_image_never_replaces_an_image_its_first_verdict_kept():
+    """The zero-filled image is the same in every run, and the first run's verdict kept its
+    own image against it within the margin (the 4-coil pulseq phantom at R 4, mask seed 11:
+    UnrollINR at 2.03 replaced by the zero-filled image of a wider-maps run)."""
+    from unrollinr.safety import Verdict, replaces
+
+    retry_zero_filled = Verdict("zero-filled", "", 2.0, poor=True)
+    assert not replaces(retry_zero_filled, Verdict("unrollinr", "", 2.03, weak=True))
+    assert not replaces(retry_zero_filled, Verdict("sense", "", 2.15, poor=True))
+
+
 def test_a_slice_that_predicts_the_held_out_samples_poorly_continues_with_stronger_tv():
     """Raised halfway: a slightly noisy phantom (held-out loss 0.76 of the zeros' there), and
     raised again at three quarters, where it still predicts them poorly. Left alone: a clean

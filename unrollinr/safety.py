@@ -230,8 +230,15 @@ def replaces(candidate: Verdict, incumbent: Verdict, *, factor: float = 1.0) -> 
     too (the GE phantom cut to 64 x 64 at R 3, mask seeds 5-9: wider maps at 0.81-0.97 of
     the zeros' loss, and images far better than zero-filling); where the first maps
     failed, the calibrationless image is then compared with the retry's
-    (:func:`may_fall_back_without_maps`)."""
-    return candidate.held_out_loss < factor * incumbent.held_out_loss
+    (:func:`may_fall_back_without_maps`).
+
+    A retry's zero-filled image never replaces another: it needs no coil maps, so it is the
+    same image in every run, and the incumbent's own verdict already weighed it against its
+    image with :data:`ZERO_FILLED_MARGIN` (the 4-coil pulseq phantom at R 4, mask seed 11:
+    the first run's UnrollINR image, weak at 2.03 against the zeros' 2.00, was replaced by
+    the zero-filled image its wider maps' run returned, since both their images scored
+    above 2.2)."""
+    return candidate.returned != ZERO_FILLED and candidate.held_out_loss < factor * incumbent.held_out_loss
 
 
 def may_fall_back_without_maps(incumbent: Verdict, *, maps_failed: bool) -> bool:
