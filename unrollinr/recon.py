@@ -23,7 +23,14 @@ from unrollinr.coils import (
 from unrollinr.config import ReconConfig
 from unrollinr.fft import fft2c
 from unrollinr.loss import normalized_l1_l2
-from unrollinr.safety import SMOOTHER_MUST_BEAT, Verdict, calibrationless_verdict, may_fall_back_without_maps, replaces
+from unrollinr.safety import (
+    SMOOTHER_MUST_BEAT,
+    Verdict,
+    calibrationless_verdict,
+    factor_to_beat,
+    may_fall_back_without_maps,
+    replaces,
+)
 from unrollinr.sense import SenseOp, combine_sets, sets_in_use
 from unrollinr.training import FitResult, fit
 
@@ -204,7 +211,7 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
 
     A slice whose first run was not checked (no samples held out, or no prior) is left as
     it is, since no retry could be judged better. A retry stops early where its held-out
-    loss, above the kept run's, stops falling fast enough to pass it (``retry_patience``;
+    loss, above the loss it must beat, stops falling fast enough to pass it (``retry_patience``;
     :class:`~unrollinr.iterates.RetryStop`). A retry, or the calibrationless image, that
     fails (out of memory, say: the wider maps' second set doubles the images) leaves the
     slice the image it has, with a warning.
@@ -217,14 +224,16 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
     def attempt(retry: ReconConfig, prepared: Callable[[], tuple[np.ndarray, np.ndarray]],
                 initial_parameters: Mapping[str, torch.Tensor] | None = None, factor: float = 1.0) -> _Run:
         """Run ``retry`` on the k-space and maps that ``prepared()`` gives; the better of it
-        and ``best`` (the retry must beat ``factor`` times its held-out loss). A retry that
-        fails (out of memory, say) leaves ``best``: it is optional."""
+        and ``best`` (the retry must beat ``factor`` times its held-out loss, or
+        :func:`~unrollinr.safety.factor_to_beat`'s). A retry that fails (out of memory, say)
+        leaves ``best``: it is optional."""
         nonlocal seconds
+        to_beat = factor_to_beat(best.verdict, factor)
         try:
             data, maps = prepared()
             images, retry_result = reconstruct_prepared(data[None], mask[None], maps[None], retry, device=device,
                                                         progress=False, initial_parameters=initial_parameters,
-                                                        held_out_bars=[factor * best.verdict.held_out_loss])
+                                                        held_out_bars=[to_beat * best.verdict.held_out_loss])
         except Exception as error:  # noqa: BLE001 - the slice keeps the run it has
             logger.warning("retry with %s failed, the %s image kept: %s: %s", _describe_changes(config, retry),
                            best.verdict.returned, type(error).__name__, error)
@@ -235,7 +244,7 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
         logger.info("retry with %s (%d steps, DC solver %s) returns %s, held-out loss %.4f against %.4f%s: %s",
                     _describe_changes(config, retry), retry.training_iterations(image_size), retry.dc_solver,
                     candidate.verdict.returned, candidate.verdict.held_out_loss, best.verdict.held_out_loss,
-                    "" if factor == 1.0 else f" (to beat by the factor {factor:g})", "kept" if keep else "discarded")
+                    "" if to_beat == 1.0 else f" (to beat by the factor {to_beat:g})", "kept" if keep else "discarded")
         return candidate if keep else best
 
     if config.retry_wider_maps and not maps_given and wider_maps(config) != config:

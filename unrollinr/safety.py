@@ -237,8 +237,23 @@ def replaces(candidate: Verdict, incumbent: Verdict, *, factor: float = 1.0) -> 
     image with :data:`ZERO_FILLED_MARGIN` (the 4-coil pulseq phantom at R 4, mask seed 11:
     the first run's UnrollINR image, weak at 2.03 against the zeros' 2.00, was replaced by
     the zero-filled image its wider maps' run returned, since both their images scored
-    above 2.2)."""
-    return candidate.returned != ZERO_FILLED and candidate.held_out_loss < factor * incumbent.held_out_loss
+    above 2.2). Conversely, a retry's image replaces the zero-filled image where its own
+    verdict kept it, within that margin, and found nothing failed (:attr:`Verdict.failed`):
+    the retry's image passes the test a first run's passes, and the zero-filled image's
+    lower loss is the margin's chance (the GE phantom wrapped at R 3, mask seed 7: the
+    wider maps' image at 2.07 against the zeros' 2.00, and far better than zero-filling)."""
+    if candidate.returned == ZERO_FILLED:
+        return False
+    if incumbent.returned == ZERO_FILLED and not candidate.failed:
+        factor = factor_to_beat(incumbent, factor)
+    return candidate.held_out_loss < factor * incumbent.held_out_loss
+
+
+def factor_to_beat(incumbent: Verdict, factor: float = 1.0) -> float:
+    """The factor of the ``incumbent``'s held-out loss that a retry's image must be below to
+    replace it (where nothing failed in the retry's run: :func:`replaces`): ``factor``, or
+    :data:`ZERO_FILLED_MARGIN` for the zero-filled image."""
+    return ZERO_FILLED_MARGIN if incumbent.returned == ZERO_FILLED else factor
 
 
 def may_fall_back_without_maps(incumbent: Verdict, *, maps_failed: bool) -> bool:
