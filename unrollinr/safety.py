@@ -240,8 +240,9 @@ def replaces(candidate: Verdict, incumbent: Verdict, *, factor: float = 1.0) -> 
     above 2.2). Conversely, a retry's image replaces the zero-filled image where its own
     verdict kept it, within that margin, and found nothing failed (:attr:`Verdict.failed`):
     the retry's image passes the test a first run's passes, and the zero-filled image's
-    lower loss is the margin's chance (the GE phantom wrapped at R 3, mask seed 7: the
-    wider maps' image at 2.07 against the zeros' 2.00, and far better than zero-filling)."""
+    lower loss is the margin's chance (wrapped at R 3, the GE phantom on mask seed 7 and
+    brain_16ch_96 on seed 14: the wider maps' images at 2.07 and 2.18 against the zeros'
+    2.00, and far better than zero-filling; bench/HISTORY.md)."""
     if candidate.returned == ZERO_FILLED:
         return False
     if incumbent.returned == ZERO_FILLED and not candidate.failed:
