@@ -228,12 +228,13 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
         :func:`~unrollinr.safety.factor_to_beat`'s). A retry that fails (out of memory, say)
         leaves ``best``: it is optional."""
         nonlocal seconds
-        to_beat = factor_to_beat(best.verdict, factor)
+        # the most the run may need to beat: whether it failed is known only at its end
+        bar = factor_to_beat(best.verdict, factor) * best.verdict.held_out_loss
         try:
             data, maps = prepared()
             images, retry_result = reconstruct_prepared(data[None], mask[None], maps[None], retry, device=device,
                                                         progress=False, initial_parameters=initial_parameters,
-                                                        held_out_bars=[to_beat * best.verdict.held_out_loss])
+                                                        held_out_bars=[bar])
         except Exception as error:  # noqa: BLE001 - the slice keeps the run it has
             logger.warning("retry with %s failed, the %s image kept: %s: %s", _describe_changes(config, retry),
                            best.verdict.returned, type(error).__name__, error)
@@ -241,6 +242,7 @@ def _retry(kspace: np.ndarray, mask: np.ndarray, device: torch.device, first: _R
         seconds += retry_result.seconds
         candidate = _Run(images[0], retry_result, retry, data, maps)
         keep = replaces(candidate.verdict, best.verdict, factor=factor)
+        to_beat = factor_to_beat(best.verdict, factor, failed=candidate.verdict.failed)
         logger.info("retry with %s (%d steps, DC solver %s) returns %s, held-out loss %.4f against %.4f%s: %s",
                     _describe_changes(config, retry), retry.training_iterations(image_size), retry.dc_solver,
                     candidate.verdict.returned, candidate.verdict.held_out_loss, best.verdict.held_out_loss,

@@ -243,18 +243,15 @@ def replaces(candidate: Verdict, incumbent: Verdict, *, factor: float = 1.0) -> 
     lower loss is the margin's chance (wrapped at R 3, the GE phantom on mask seed 7 and
     brain_16ch_96 on seed 14: the wider maps' images at 2.07 and 2.18 against the zeros'
     2.00, and far better than zero-filling; bench/HISTORY.md)."""
-    if candidate.returned == ZERO_FILLED:
-        return False
-    if incumbent.returned == ZERO_FILLED and not candidate.failed:
-        factor = factor_to_beat(incumbent, factor)
-    return candidate.held_out_loss < factor * incumbent.held_out_loss
+    return (candidate.returned != ZERO_FILLED and candidate.held_out_loss
+            < factor_to_beat(incumbent, factor, failed=candidate.failed) * incumbent.held_out_loss)
 
 
-def factor_to_beat(incumbent: Verdict, factor: float = 1.0) -> float:
+def factor_to_beat(incumbent: Verdict, factor: float = 1.0, *, failed: bool = False) -> float:
     """The factor of the ``incumbent``'s held-out loss that a retry's image must be below to
-    replace it (where nothing failed in the retry's run: :func:`replaces`): ``factor``, or
-    :data:`ZERO_FILLED_MARGIN` for the zero-filled image."""
-    return ZERO_FILLED_MARGIN if incumbent.returned == ZERO_FILLED else factor
+    replace it (:func:`replaces`): ``factor``, or :data:`ZERO_FILLED_MARGIN` for the
+    zero-filled image where nothing ``failed`` in the retry's run."""
+    return ZERO_FILLED_MARGIN if incumbent.returned == ZERO_FILLED and not failed else factor
 
 
 def may_fall_back_without_maps(incumbent: Verdict, *, maps_failed: bool) -> bool:
