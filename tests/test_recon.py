@@ -675,6 +675,7 @@ def test_a_retrys_image_its_own_verdict_kept_replaces_the_zero_filled_image_unle
     assert replaces(Verdict("unrollinr", "", within, weak=True), zero_filled)
     assert replaces(Verdict("sense", "", within, poor=True), zero_filled)
     assert not replaces(Verdict("unrollinr", "", within, weak=True, failed=True), zero_filled)
+    assert replaces(Verdict("unrollinr", "", 1.9, weak=True, failed=True), zero_filled)  # a failed run beats it
     assert not replaces(Verdict("unrollinr", "", beyond, weak=True), zero_filled)
     assert not replaces(Verdict("unrollinr", "", within, weak=True), Verdict("sense", "", 2.05, poor=True))
 
